@@ -1,0 +1,23 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+
+
+def golden(name):
+    return os.path.join(GOLDEN, name)
+
+
+@pytest.fixture(scope="session")
+def mae_io():
+    return np.load(golden("mae_tiny_io.npz"))
+
+
+@pytest.fixture(scope="session")
+def vit_io():
+    return np.load(golden("vit_tiny_io.npz"))

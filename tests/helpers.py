@@ -1,0 +1,53 @@
+"""Tiny models in the golden configuration (img 32, patch 4, dim 64, depth 2, 4 heads; decoder 32-d, 2 blocks)."""
+import numpy as np
+
+from layer import LayerNorm
+from models_mae import MaskedAutoencoderViT
+from models_vit import VisionTransformer
+from util.checkpoint import load_checkpoint, load_model_weights
+
+from conftest import golden
+
+
+def tiny_mae(norm_pix_loss=True, load=True):
+    model = MaskedAutoencoderViT(32, 4, 3, 64, 2, 4, 32, 2, 4, 4.0, LayerNorm, norm_pix_loss)
+    if load:
+        load_model_weights(model, load_checkpoint(golden("mae_tiny.pth"))["model"], "mae_tiny.pth")
+    return model
+
+
+def tiny_vit(global_pool=True, img_size=32, num_classes=10):
+    return VisionTransformer(global_pool=global_pool, img_size=img_size, patch_size=4, num_classes=num_classes,
+                             embed_dim=64, depth=2, num_heads=4)
+
+
+def to_torch_layout(name, array):
+    """Paddle Linear weights are [in, out]; PyTorch's are [out, in]."""
+    return array.T if array.ndim == 2 and name.endswith(".weight") else array
+
+
+def max_abs(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def head_before_step(features, vit_io, lr=1e-3, weight_decay=0.05, eps=1e-8):
+    """The 48px head that produced golden logits48 and loss48, in PyTorch layout.
+
+    golden head_weight48 / head_bias48 hold the head AFTER the one AdamW step of vit_tiny_48_adamw_step.npz
+    (they equal its head.* entries). The first AdamW step moves each entry by lr * g / (|g| + eps) after
+    decoupled decay, so the head before it is recovered exactly by a fixed point on the cross-entropy
+    gradient of `features` (the fc_norm output): a wrong forward pass still shows in logits and loss.
+    """
+    F = np.asarray(features, np.float64)
+    y = vit_io["labels48"]
+    W1, b1 = vit_io["head_weight48"].astype(np.float64), vit_io["head_bias48"].astype(np.float64)
+    W, b = W1, b1
+    for _ in range(5):
+        z = F @ W.T + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        gW, gb = p.T @ F / len(y), p.sum(0) / len(y)
+        W = (W1 + lr * gW / (np.abs(gW) + eps)) / (1 - lr * weight_decay)
+        b = b1 + lr * gb / (np.abs(gb) + eps)
+    return W.astype(np.float32), b.astype(np.float32)

@@ -1,0 +1,259 @@
+"""Checkpoint reading and writing without executing pickled code.
+
+Reads this project's ``.pd`` files (written by ``paddle.save``) and the official PyTorch ``.pth`` files
+(torch zip format) with restricted unpicklers that only rebuild arrays and plain containers. PyTorch
+tensors come back as numpy arrays in PyTorch layout; ``torch_to_paddle`` maps a model state_dict to Paddle.
+"""
+import argparse
+import collections
+import io
+import os
+import pickle
+import types
+import warnings
+import zipfile
+
+import numpy as np
+import paddle
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+_TORCH_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+}
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.dtype = _TORCH_DTYPES[name]
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    if not size:
+        return storage[offset].copy()
+    strides = [s * storage.itemsize for s in stride]
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=strides).copy()
+
+
+def _rebuild_parameter(data, *unused):
+    return data
+
+
+def _np_reconstruct():
+    from numpy._core import multiarray
+    return multiarray
+
+
+class _Namespace(types.SimpleNamespace):
+    """Stands in for argparse.Namespace in a checkpoint's saved args."""
+
+
+def _common_globals():
+    multiarray = _np_reconstruct()
+    allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "tuple"): tuple,
+        ("builtins", "list"): list,
+        ("builtins", "set"): set,
+        ("builtins", "slice"): slice,
+        ("argparse", "Namespace"): _Namespace,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): lambda s, enc="latin1": s.encode(enc),
+    }
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod, "scalar")] = multiarray.scalar
+    for name in ("float64", "float32", "int64", "int32", "bool_"):
+        allowed[("numpy", name)] = getattr(np, name)
+    return allowed
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file, path, extra=None):
+        super().__init__(file)
+        self.path = path
+        self.allowed = _common_globals()
+        self.allowed.update(extra or {})
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise CheckpointError(f"{self.path}: refusing to load, its pickle asks for '{module}.{name}' "
+                              "(only tensors and plain containers are allowed)")
+
+
+class _TorchUnpickler(_SafeUnpickler):
+    def __init__(self, file, path, archive, prefix):
+        extra = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+                 ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+                 ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+                 ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
+        for storage in _TORCH_DTYPES:
+            extra[("torch", storage)] = _StorageType(storage)
+            extra[("torch.storage", storage)] = _StorageType(storage)
+        super().__init__(file, path, extra)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise CheckpointError(f"{self.path}: unsupported persistent id {pid!r}")
+        storage_type, key = pid[1], pid[2]
+        if key not in self.storages:
+            raw = self.archive.read(f"{self.prefix}/data/{key}")
+            if storage_type.dtype == "bfloat16":
+                bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
+                self.storages[key] = bits.view(np.float32)
+            else:
+                self.storages[key] = np.frombuffer(raw, storage_type.dtype)
+        return self.storages[key]
+
+
+def _read_torch(path):
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pkl:
+            raise CheckpointError(f"{path}: zip file without data.pkl is not a PyTorch checkpoint")
+        prefix = pkl[0][: -len("data.pkl")].rstrip("/")
+        byteorder = f"{prefix}/byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        return _TorchUnpickler(io.BytesIO(archive.read(pkl[0])), path, archive, prefix).load()
+
+
+def _unwrap(obj):
+    """paddle.save stores each tensor as (name, ndarray); return plain arrays, dicts and lists."""
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+        return obj[1]
+    if isinstance(obj, dict):
+        return type(obj)((k, _unwrap(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_unwrap(v) for v in obj]
+    return obj
+
+
+def load_file(path):
+    """Read a ``.pd`` or PyTorch ``.pth`` checkpoint. Returns (object, is_torch); tensors are numpy arrays."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_torch(path), True
+        with open(path, "rb") as f:
+            return _unwrap(_SafeUnpickler(f, path).load()), False
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, foreign or corrupt file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def torch_to_paddle(state_dict):
+    """Official PyTorch state_dict -> Paddle: transpose Linear weights, rename BatchNorm stats."""
+    out = collections.OrderedDict()
+    for k, v in state_dict.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.endswith(".weight") and v.ndim == 2:
+            v = np.ascontiguousarray(v.T)
+        k = k.replace("running_mean", "_mean").replace("running_var", "_variance")
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path):
+    """Read a checkpoint as a dict whose 'model' is a Paddle-layout state_dict of numpy arrays.
+
+    A bare state_dict is wrapped as {'model': ...}. PyTorch files are converted and marked 'torch': True.
+    """
+    ckpt, is_torch = load_file(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    if "model" not in ckpt:
+        if ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
+            ckpt = {"model": ckpt}
+        else:
+            raise CheckpointError(f"{path}: no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:10]))})")
+    ckpt = dict(ckpt)
+    if is_torch:
+        ckpt["model"] = torch_to_paddle(ckpt["model"])
+        ckpt["torch"] = True
+    if isinstance(ckpt.get("args"), _Namespace):
+        ckpt["args"] = argparse.Namespace(**vars(ckpt["args"]))
+    return ckpt
+
+
+def check_state_dict(model, state_dict, path, allow_missing=(), ignore_unexpected=False):
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and k not in allow_missing]
+    unexpected = [] if ignore_unexpected else [k for k in state_dict if k not in own]
+    shaped = [f"{k} {list(np.shape(state_dict[k]))} vs model {list(own[k].shape)}"
+              for k in own if k in state_dict and list(np.shape(state_dict[k])) != list(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if shaped:
+        problems.append("shape mismatch: " + ", ".join(shaped))
+    if problems:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_model_weights(model, state_dict, path, allow_missing=()):
+    """Strictly load state_dict into model (keys in allow_missing may be absent; extra keys are ignored
+    only when allow_missing is given, as for --finetune)."""
+    check_state_dict(model, state_dict, path, allow_missing, ignore_unexpected=bool(allow_missing))
+    own = model.state_dict()
+    with warnings.catch_warnings():  # keys absent on purpose were checked above
+        warnings.filterwarnings("ignore", message="Skip loading")
+        model.set_state_dict({k: v for k, v in state_dict.items() if k in own})
+
+
+def to_numpy(obj):
+    if isinstance(obj, paddle.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return type(obj)((k, to_numpy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_numpy(v) for v in obj)
+    return obj
+
+
+def save_file(obj, path):
+    """paddle.save through a temporary file in the same folder, then an atomic rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        paddle.save(to_numpy(obj), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_pretrained(model, path):
+    """Start fine-tuning or linear probing from a pre-trained (or fine-tuned) checkpoint.
+
+    Drops a head of another shape and interpolates pos_embed to the model's grid; decoder and other
+    extra keys are ignored. The only keys the model may miss are the head and, with global pooling, fc_norm.
+    Returns the list of keys left at their initial values.
+    """
+    from util.pos_embed import interpolate_pos_embed
+
+    state_dict = dict(load_checkpoint(path)["model"])
+    own = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in state_dict and k in own and list(np.shape(state_dict[k])) != list(own[k].shape):
+            print(f"Removing key {k} from pretrained checkpoint")
+            del state_dict[k]
+    interpolate_pos_embed(model, state_dict)
+    allowed = {k for k in own if k.startswith("head.") or (k.startswith("fc_norm.") and model.global_pool)}
+    load_model_weights(model, state_dict, path, allow_missing=allowed)
+    return sorted(k for k in own if k not in state_dict)

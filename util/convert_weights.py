@@ -1,0 +1,25 @@
+"""Convert an official MAE PyTorch checkpoint to this project's format.
+
+    python -m util.convert_weights SRC.pth DST.pd
+"""
+import argparse
+import sys
+
+from util.checkpoint import CheckpointError, load_checkpoint, save_file
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="official .pth checkpoint (torch zip format)")
+    parser.add_argument("dst", help="output .pd file, {'model': state_dict}")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.src)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    save_file({"model": ckpt["model"]}, args.dst)
+    print(f"wrote {args.dst}: {len(ckpt['model'])} tensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Model construction by name, for the scripts and for code written against the official repo."""
+import models_mae
+import models_vit
+
+MODELS = models_mae.MODELS + models_vit.MODELS
+
+
+def create_model(name, **kwargs):
+    """Build a model by factory name; an unknown name raises ValueError listing the valid ones."""
+    for module in (models_mae, models_vit):
+        if name in module.MODELS:
+            return getattr(module, name)(**kwargs)
+    raise ValueError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
