@@ -8,6 +8,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 
+from util.misc import configure_cpu  # noqa: E402
+
+configure_cpu()
+
 
 def golden(name):
     return os.path.join(GOLDEN, name)

@@ -51,3 +51,19 @@ def head_before_step(features, vit_io, lr=1e-3, weight_decay=0.05, eps=1e-8):
         W = (W1 + lr * gW / (np.abs(gW) + eps)) / (1 - lr * weight_decay)
         b = b1 + lr * gb / (np.abs(gb) + eps)
     return W.astype(np.float32), b.astype(np.float32)
+
+
+def run_script(*argv, timeout=600, env=None):
+    """Run a project script or module with this interpreter from the repo root; returns CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def state_of(path):
+    """Model state_dict of a checkpoint file as numpy arrays."""
+    return load_checkpoint(path)["model"]

@@ -257,3 +257,60 @@ def load_pretrained(model, path):
     allowed = {k for k in own if k.startswith("head.") or (k.startswith("fc_norm.") and model.global_pool)}
     load_model_weights(model, state_dict, path, allow_missing=allowed)
     return sorted(k for k in own if k not in state_dict)
+
+
+def optimizer_state(optimizer, model):
+    """Optimizer accumulators keyed by structured parameter name (Paddle's own keys depend on creation order)."""
+    names = {p.name: n for n, p in model.named_parameters()}
+    state = {}
+    for acc, per_param in optimizer._accumulators.items():
+        for pname, value in per_param.items():
+            state.setdefault(names[pname], {})[acc] = value.numpy()
+    return {"state": state}
+
+
+def _torch_adam_state(opt_sd, optimizer, names, path):
+    """PyTorch (Adam/AdamW) optimizer state -> accumulators, matching parameters by their order in the groups."""
+    ours = [p for g in optimizer._param_groups for p in g["params"]]
+    theirs = [i for g in opt_sd.get("param_groups", []) for i in g["params"]]
+    if len(ours) != len(theirs):
+        raise CheckpointError(f"{path}: optimizer holds {len(theirs)} parameters, this run's optimizer {len(ours)}")
+    state = {}
+    for p, i in zip(ours, theirs):
+        s = opt_sd.get("state", {}).get(i)
+        if not s:
+            continue
+        if "exp_avg" not in s:
+            raise CheckpointError(f"{path}: optimizer state is not Adam's (keys: {', '.join(s)})")
+        step = float(np.asarray(s["step"]))
+        m, v = s["exp_avg"], s["exp_avg_sq"]
+        if m.ndim == 2 and tuple(m.shape) != tuple(p.shape):
+            m, v = m.T, v.T
+        state[names[p.name]] = {
+            "moment1": m, "moment2": v,
+            "beta1_pow_acc": np.array([optimizer._beta1 ** step], np.float32),
+            "beta2_pow_acc": np.array([optimizer._beta2 ** step], np.float32)}
+    return state
+
+
+def load_optimizer_state(optimizer, model, ckpt, path):
+    """Restore accumulators saved by optimizer_state, or converted from an official PyTorch checkpoint."""
+    params = dict(model.named_parameters())
+    names = {p.name: n for n, p in params.items()}
+    opt_sd = ckpt["optimizer"]
+    state = _torch_adam_state(opt_sd, optimizer, names, path) if ckpt.get("torch") else opt_sd.get("state", {})
+    unknown = [n for n in state if n not in params]
+    if unknown:
+        raise CheckpointError(f"{path}: optimizer state for parameters this model lacks: {', '.join(unknown)}")
+    managed = {p.name for g in optimizer._param_groups for p in (g["params"] if isinstance(g, dict) else [g])}
+    targets = [params[n] for n in state if params[n].name in managed]
+    optimizer._create_accumulators(paddle.static.default_main_program().global_block(), targets)
+    for p in targets:
+        for acc, value in state[names[p.name]].items():
+            if acc not in optimizer._accumulators:
+                raise CheckpointError(f"{path}: optimizer state '{acc}' does not belong to {type(optimizer).__name__}")
+            target = optimizer._accumulators[acc][p.name]
+            if list(np.shape(value)) != list(target.shape):
+                raise CheckpointError(f"{path}: optimizer state {names[p.name]}/{acc} has shape "
+                                      f"{list(np.shape(value))}, expected {list(target.shape)}")
+            target.set_value(np.asarray(value, dtype=np.float32))

@@ -11,3 +11,10 @@ def create_model(name, **kwargs):
         if name in module.MODELS:
             return getattr(module, name)(**kwargs)
     raise ValueError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
+
+
+def default_img_size(name):
+    """The input size a factory builds for by default (no weights are allocated)."""
+    import paddle
+    with paddle.LazyGuard():
+        return create_model(name).patch_embed.img_size[0]

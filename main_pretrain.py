@@ -1,0 +1,100 @@
+"""MAE pre-training: single process, or many with `python -m paddle.distributed.launch`."""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import paddle
+
+import models_mae
+import util.misc as misc
+from engine_pretrain import NonFiniteLossError, train_one_epoch
+from util.args import add_common_args, effective_lr, ratio, resolve
+from util.checkpoint import CheckpointError
+from util.datasets import DataError, ImageFolder, train_loader
+from util.lr_decay import param_groups_weight_decay
+from util.transforms import pretrain_transform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE pre-training", add_help=True)
+    add_common_args(parser)
+    parser.add_argument("--mask_ratio", default=0.75, type=ratio, help="fraction of patches removed")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="use (per-patch) normalized pixels as targets for computing loss")
+    parser.set_defaults(norm_pix_loss=False, save_freq=20)
+    return parser
+
+
+def create_optimizer(model, args):
+    """AdamW(betas 0.9/0.95, eps 1e-8) on timm's weight-decay groups: [no decay (1-D, biases), decay]."""
+    param_groups = param_groups_weight_decay(model, args.weight_decay)
+    optimizer = paddle.optimizer.AdamW(learning_rate=args.lr, parameters=param_groups, beta1=0.9, beta2=0.95,
+                                       epsilon=1e-8)
+    print("AdamW(betas=(0.9, 0.95), eps=1e-8): " + ", ".join(
+        f"{len(g['params'])} params with weight_decay {g['weight_decay']}" for g in param_groups))
+    return optimizer
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    return resolve(parser, parser.parse_args(argv), models_mae.MODELS)
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(f"{args}".replace(", ", ",\n"))
+    misc.seed_everything(args.seed + misc.get_rank())
+
+    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=pretrain_transform(args.input_size))
+    print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
+    data_loader_train = train_loader(dataset_train, args)
+
+    if misc.is_main_process():
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+    log_writer = None
+    if misc.is_main_process() and args.log_dir:
+        from visualdl import LogWriter
+        os.makedirs(args.log_dir, exist_ok=True)
+        log_writer = LogWriter(logdir=args.log_dir)
+
+    model = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    model_without_ddp = model
+    print(f"Model = {model_without_ddp}")
+    effective_lr(args)
+    if args.distributed:
+        model = paddle.DataParallel(model)
+
+    optimizer = create_optimizer(model_without_ddp, args)
+    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        misc.seed_everything(args.seed + misc.get_rank(), epoch)
+        data_loader_train.batch_sampler.set_epoch(epoch)  # also in a single process (the official forgot)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args)
+        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        misc.log_stats(args, log_stats)
+        if log_writer is not None:
+            log_writer.flush()
+
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except (DataError, CheckpointError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, force=True)
+        sys.exit(1)

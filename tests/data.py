@@ -1,0 +1,26 @@
+"""Small ImageFolder datasets written by the tests: real PNG files of several modes."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def make_image_folder(root, classes=2, per_class=12, size=32, split="train", seed=0, modes=True):
+    """root/split/class_k/img_i.png with smooth colour patterns; one grayscale and one RGBA image if modes."""
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c in range(classes):
+        folder = os.path.join(root, split, f"class_{c}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            f = rng.uniform(1, 4, size=3)
+            phase = rng.uniform(0, 6.28, size=3)
+            img = np.stack([np.sin(f[k] * (xx if (c + k) % 2 else yy) * 6.28 + phase[k]) for k in range(3)], -1)
+            img = ((img * 0.5 + 0.5) * 255).astype(np.uint8)
+            pil = Image.fromarray(img)
+            if modes and c == 0 and i == 0:
+                pil = pil.convert("L")
+            elif modes and c == 0 and i == 1:
+                pil = pil.convert("RGBA")
+            pil.save(os.path.join(folder, f"img_{i}.png"))
+    return root

@@ -1,0 +1,114 @@
+"""Command-line flags shared by the training scripts, with validation."""
+import argparse
+
+import paddle
+
+
+def positive_int(value):
+    v = int(value)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return v
+
+
+def non_negative_int(value):
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def non_negative_float(value):
+    v = float(value)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def ratio(value):
+    v = float(value)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return v
+
+
+def device(value):
+    v = "gpu" if value == "cuda" else value.replace("cuda", "gpu")
+    if v.split(":")[0] not in ("cpu", "gpu"):
+        raise argparse.ArgumentTypeError(f"must be cpu or gpu, got {value}")
+    return v
+
+
+def add_common_args(parser):
+    """Flags of main_pretrain, main_finetune and main_linprobe (defaults as the official main_pretrain)."""
+    parser.add_argument("--batch_size", default=64, type=positive_int,
+                        help="batch size per process (effective batch = batch_size * accum_iter * processes)")
+    parser.add_argument("--epochs", default=400, type=positive_int)
+    parser.add_argument("--accum_iter", default=1, type=positive_int,
+                        help="accumulate gradients over this many iterations before a step")
+    parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL")
+    parser.add_argument("--input_size", default=None, type=positive_int,
+                        help="image size; default: the model's own (224 for the official models)")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    parser.add_argument("--lr", type=non_negative_float, default=None, metavar="LR",
+                        help="absolute learning rate; default blr * effective batch / 256")
+    parser.add_argument("--blr", type=non_negative_float, default=1e-3, metavar="LR",
+                        help="base learning rate: absolute_lr = base_lr * total_batch_size / 256")
+    parser.add_argument("--min_lr", type=non_negative_float, default=0.0, metavar="LR",
+                        help="lower lr bound for cyclic schedulers that hit 0")
+    parser.add_argument("--warmup_epochs", type=non_negative_int, default=40, metavar="N")
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str,
+                        help="dataset root with train/ (and val/) in ImageFolder layout")
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt; '' = none")
+    parser.add_argument("--log_dir", default="./output_dir", help="VisualDL log folder; '' = none")
+    parser.add_argument("--device", default="gpu" if paddle.is_compiled_with_cuda() else "cpu", type=device,
+                        help="cpu or gpu (default: gpu when Paddle is built with CUDA)")
+    parser.add_argument("--no_amp", action="store_true", help="train in float32 on GPU (AMP is never used on CPU)")
+    parser.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
+                        help="autocast dtype on GPU; float16 uses the dynamic loss scaler")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="resume from checkpoint (.pd, or an official .pth)")
+    parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N")
+    parser.add_argument("--num_workers", default=10, type=non_negative_int)
+    parser.add_argument("--pin_mem", action="store_true",
+                        help="pass batches through shared memory (faster with workers)")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--save_freq", default=1, type=positive_int, help="save a checkpoint every N epochs")
+    parser.add_argument("--print_freq", default=20, type=positive_int, help="log every N iterations")
+    # accepted for command-line compatibility with the official scripts; paddle.distributed.launch sets these
+    parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", default=-1, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve(parser, args, model_names):
+    """Check flag combinations, fill the model's input size; parser.error (exit 2) on a bad combination."""
+    from util.factory import create_model, default_img_size
+
+    if args.model not in model_names:
+        parser.error(f"argument --model: unknown model '{args.model}'; valid models: {', '.join(model_names)}")
+    if args.input_size is None:
+        args.input_size = default_img_size(args.model)
+    with paddle.LazyGuard():
+        try:
+            create_model(args.model, img_size=args.input_size)
+        except ValueError as e:
+            parser.error(f"argument --input_size: {e}")
+    if args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}")
+    return args
+
+
+def effective_lr(args):
+    """lr = blr * batch_size * accum_iter * world_size / 256 unless --lr is given; prints both."""
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
+    print(f"actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}")
+    print(f"effective batch size: {eff_batch_size}")
+    return eff_batch_size
