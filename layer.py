@@ -8,9 +8,9 @@ import paddle.nn.functional as F
 
 
 def xavier_uniform_(param, fan_in, fan_out):
-    """PyTorch xavier_uniform_ with explicit fans (Paddle's 4-D rule differs)."""
+    """PyTorch xavier_uniform_ with explicit fans (Paddle's rule for 4-D weights differs)."""
     bound = math.sqrt(6.0 / (fan_in + fan_out))
-    param.set_value(paddle.uniform(param.shape, param.dtype, -bound, bound))
+    nn.init.uniform_(param, -bound, bound)
 
 
 def trunc_normal_(param, std=0.02, a=-2.0, b=2.0):
@@ -19,21 +19,21 @@ def trunc_normal_(param, std=0.02, a=-2.0, b=2.0):
 
 
 def normal_(param, std):
-    param.set_value(paddle.normal(0.0, std, param.shape).astype(param.dtype))
+    nn.init.normal_(param, 0.0, std)
 
 
 def zeros_(param):
-    param.set_value(paddle.zeros(param.shape, param.dtype))
+    nn.init.zeros_(param)
 
 
 def ones_(param):
-    param.set_value(paddle.ones(param.shape, param.dtype))
+    nn.init.ones_(param)
 
 
 def conv_default_bias_(bias, fan_in):
     """PyTorch's Conv2d default bias init U(+-1/sqrt(fan_in)); Paddle's default is zero."""
     bound = 1.0 / math.sqrt(fan_in)
-    bias.set_value(paddle.uniform(bias.shape, bias.dtype, -bound, bound))
+    nn.init.uniform_(bias, -bound, bound)
 
 
 LayerNorm = partial(nn.LayerNorm, epsilon=1e-6)

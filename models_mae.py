@@ -44,10 +44,9 @@ class MaskedAutoencoderViT(nn.Layer):
 
     def initialize_weights(self):
         grid = self.patch_embed.grid_size[0]
-        self.pos_embed.set_value(paddle.to_tensor(
-            get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True), "float32").unsqueeze(0))
-        self.decoder_pos_embed.set_value(paddle.to_tensor(
-            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True), "float32").unsqueeze(0))
+        for pos_embed in (self.pos_embed, self.decoder_pos_embed):
+            table = get_2d_sincos_pos_embed(pos_embed.shape[-1], grid, cls_token=True)
+            nn.initializer.Assign(table[None].astype("float32"))(pos_embed)
         w = self.patch_embed.proj.weight  # xavier on the [D, C*p*p] view, as the official
         xavier_uniform_(w, fan_in=w.shape[1] * w.shape[2] * w.shape[3], fan_out=w.shape[0])
         normal_(self.cls_token, std=0.02)
