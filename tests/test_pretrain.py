@@ -149,6 +149,39 @@ def test_pretrain_end_to_end_and_resume(dataset, tmp_path):
         assert max_abs(a[k], b[k]) < 1e-6, k
     assert json.loads(open(os.path.join(resumed, "log.txt")).read())["train_loss"] == logs[1]["train_loss"]
 
+    # the same epoch-0 checkpoint in the official PyTorch format resumes to the same result
+    pth = str(tmp_path / "checkpoint-0.pth")
+    _save_as_official(os.path.join(straight, "checkpoint-0.pd"), pth)
+    from_pth = str(tmp_path / "from_pth")
+    out = run_script(*_pretrain_args(dataset, from_pth, "--resume", pth))
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = state_of(os.path.join(from_pth, "checkpoint-1.pd"))
+    for k in a:
+        assert max_abs(a[k], c[k]) < 1e-6, k
+
+
+def _save_as_official(pd_path, pth_path):
+    """Write a checkpoint of ours as the official main_pretrain would have saved it (torch AdamW state)."""
+    import math
+    from torch_format import save_pth
+    from util.factory import create_model
+    ckpt = paddle.load(pd_path, return_numpy=True)
+    with paddle.LazyGuard():
+        model = create_model("mae_vit_tiny_patch4")
+    names = {p.name: n for n, p in model.named_parameters()}
+    order = [names[p.name] for g in param_groups_weight_decay(model, 0.05) for p in g["params"]]
+    state = {}
+    for i, name in enumerate(order):
+        acc = ckpt["optimizer"]["state"][name]
+        step = round(math.log(float(acc["beta1_pow_acc"][0])) / math.log(0.9)) - 1  # Paddle holds beta^(t+1)
+        state[i] = {"step": np.array(float(step), np.float32), "exp_avg": to_torch_layout(name, acc["moment1"]),
+                    "exp_avg_sq": to_torch_layout(name, acc["moment2"])}
+    groups = [{"params": list(range(39)), "weight_decay": 0.0, "lr": 0.0},
+              {"params": list(range(39, len(order))), "weight_decay": 0.05, "lr": 0.0}]
+    model_sd = {k: np.ascontiguousarray(to_torch_layout(k, v)) for k, v in ckpt["model"].items()}
+    save_pth({"model": model_sd, "optimizer": {"state": state, "param_groups": groups}, "epoch": 0,
+              "scaler": {}, "args": argparse.Namespace(**ckpt["args"])}, pth_path)
+
 
 @pytest.mark.slow
 def test_pretrain_distributed_two_cpu_processes(dataset, tmp_path):

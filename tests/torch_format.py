@@ -60,7 +60,7 @@ def save_pth(obj, path, name="archive"):
 
         def wrap(o):
             if isinstance(o, np.ndarray):
-                t = _Tensor(np.ascontiguousarray(o), str(len(storages)), utils._rebuild_tensor_v2)
+                t = _Tensor(np.require(o, requirements="C"), str(len(storages)), utils._rebuild_tensor_v2)
                 storages.append(t.array)
                 return t
             if isinstance(o, dict):

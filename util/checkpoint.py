@@ -284,12 +284,12 @@ def _torch_adam_state(opt_sd, optimizer, names, path):
             raise CheckpointError(f"{path}: optimizer state is not Adam's (keys: {', '.join(s)})")
         step = float(np.asarray(s["step"]))
         m, v = s["exp_avg"], s["exp_avg_sq"]
-        if m.ndim == 2 and tuple(m.shape) != tuple(p.shape):
+        if m.ndim == 2 and names[p.name].endswith(".weight"):  # Linear: PyTorch [out, in]
             m, v = m.T, v.T
         state[names[p.name]] = {
             "moment1": m, "moment2": v,
-            "beta1_pow_acc": np.array([optimizer._beta1 ** step], np.float32),
-            "beta2_pow_acc": np.array([optimizer._beta2 ** step], np.float32)}
+            "beta1_pow_acc": np.array([optimizer._beta1 ** (step + 1)], np.float32),  # Paddle: beta^(t+1) after t steps
+            "beta2_pow_acc": np.array([optimizer._beta2 ** (step + 1)], np.float32)}
     return state
 
 
