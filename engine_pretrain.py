@@ -7,10 +7,6 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None):
     model.train()
     metric_logger = misc.MetricLogger(delimiter="  ")
@@ -29,7 +25,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
             loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {data_iter_step}, "
+            raise misc.NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {data_iter_step}, "
                                      "stopping training")
 
         loss = loss / accum_iter

@@ -3,17 +3,15 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
 import paddle
 
 import models_mae
 import util.misc as misc
-from engine_pretrain import NonFiniteLossError, train_one_epoch
+from engine_pretrain import train_one_epoch
 from util.args import add_common_args, effective_lr, ratio, resolve
-from util.checkpoint import CheckpointError
-from util.datasets import DataError, ImageFolder, train_loader
+from util.datasets import ImageFolder, train_loader
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
 
@@ -56,11 +54,7 @@ def main(args):
     if misc.is_main_process():
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
-    log_writer = None
-    if misc.is_main_process() and args.log_dir:
-        from visualdl import LogWriter
-        os.makedirs(args.log_dir, exist_ok=True)
-        log_writer = LogWriter(logdir=args.log_dir)
+    log_writer = misc.create_log_writer(args)
 
     model = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
     model_without_ddp = model
@@ -93,8 +87,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = parse_args()
-    try:
-        main(args)
-    except (DataError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr, force=True)
-        sys.exit(1)
+    misc.run(main, args)

@@ -160,11 +160,17 @@ def mae_vit_tiny_patch4_dec128d4b(**kwargs):
     return _mae(192, 12, 3, 128, 4, 4, {"patch_size": 4, "img_size": 32, **kwargs})
 
 
+def mae_vit_micro_patch4_dec32d2b(**kwargs):
+    """64-d, 2 blocks, 4 heads for 32x32 inputs, 32-d 2-block decoder: the configuration of tests/golden."""
+    return _mae(64, 2, 4, 32, 2, 4, {"patch_size": 4, "img_size": 32, **kwargs})
+
+
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
 mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
 mae_vit_small_patch4 = mae_vit_small_patch4_dec256d4b
 mae_vit_tiny_patch4 = mae_vit_tiny_patch4_dec128d4b
+mae_vit_micro_patch4 = mae_vit_micro_patch4_dec32d2b
 
 MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
-          "mae_vit_small_patch4", "mae_vit_tiny_patch4")
+          "mae_vit_small_patch4", "mae_vit_tiny_patch4", "mae_vit_micro_patch4")

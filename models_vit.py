@@ -92,4 +92,10 @@ def vit_tiny_patch4(**kwargs):
     return _vit(192, 12, 3, {"patch_size": 4, "img_size": 32, **kwargs})
 
 
-MODELS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_small_patch4", "vit_tiny_patch4")
+def vit_micro_patch4(**kwargs):
+    """64-d, 2 blocks, 4 heads for 32x32 inputs: the configuration of tests/golden."""
+    return _vit(64, 2, 4, {"patch_size": 4, "img_size": 32, **kwargs})
+
+
+MODELS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_small_patch4", "vit_tiny_patch4",
+          "vit_micro_patch4")

@@ -194,13 +194,17 @@ def check_state_dict(model, state_dict, path, allow_missing=(), ignore_unexpecte
     unexpected = [] if ignore_unexpected else [k for k in state_dict if k not in own]
     shaped = [f"{k} {list(np.shape(state_dict[k]))} vs model {list(own[k].shape)}"
               for k in own if k in state_dict and list(np.shape(state_dict[k])) != list(own[k].shape)]
+    def listing(items, limit=8):
+        more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
     problems = []
     if missing:
-        problems.append("missing keys: " + ", ".join(missing))
+        problems.append("missing keys: " + listing(missing))
     if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
+        problems.append("unexpected keys: " + listing(unexpected))
     if shaped:
-        problems.append("shape mismatch: " + ", ".join(shaped))
+        problems.append("shape mismatch: " + listing(shaped))
     if problems:
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
 
@@ -238,17 +242,21 @@ def save_file(obj, path):
             os.remove(tmp)
 
 
-def load_pretrained(model, path):
+def load_pretrained(model, path, fc_norm_from_norm=False):
     """Start fine-tuning or linear probing from a pre-trained (or fine-tuned) checkpoint.
 
     Drops a head of another shape and interpolates pos_embed to the model's grid; decoder and other
     extra keys are ignored. The only keys the model may miss are the head and, with global pooling, fc_norm.
-    Returns the list of keys left at their initial values.
+    With fc_norm_from_norm a missing fc_norm starts from the encoder's final norm. Returns the list of keys
+    left at their initial values.
     """
     from util.pos_embed import interpolate_pos_embed
 
     state_dict = dict(load_checkpoint(path)["model"])
     own = model.state_dict()
+    if fc_norm_from_norm and "fc_norm.weight" in own and "fc_norm.weight" not in state_dict and "norm.weight" in state_dict:
+        print("fc_norm starts from the encoder's final norm")
+        state_dict["fc_norm.weight"], state_dict["fc_norm.bias"] = state_dict["norm.weight"], state_dict["norm.bias"]
     for k in ("head.weight", "head.bias"):
         if k in state_dict and k in own and list(np.shape(state_dict[k])) != list(own[k].shape):
             print(f"Removing key {k} from pretrained checkpoint")

@@ -136,3 +136,25 @@ def train_loader(dataset, args):
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")
     return build_loader(dataset, sampler, args.num_workers, args.pin_mem)
+
+
+def classification_loaders(args, train_transform, eval_transform):
+    """ImageFolder train/ and val/ loaders; val is sequential on every rank unless --dist_eval splits it."""
+    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=train_transform)
+    dataset_val = ImageFolder(os.path.join(args.data_path, "val"), transform=eval_transform)
+    for ds in (dataset_train, dataset_val):
+        if len(ds.classes) > args.nb_classes:
+            raise DataError(f"{ds.root}: {len(ds.classes)} class folders but --nb_classes is {args.nb_classes}")
+    print(f"Dataset: {len(dataset_train)} train images in {dataset_train.root}, "
+          f"{len(dataset_val)} val images in {dataset_val.root}")
+    if args.dist_eval:
+        if len(dataset_val) % args.world_size != 0:
+            print("Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. "
+                  "This will slightly alter validation results as extra duplicate entries are added to achieve "
+                  "equal num of samples per-process.")
+        sampler_val = paddle.io.DistributedBatchSampler(dataset_val, args.batch_size, num_replicas=args.world_size,
+                                                        rank=args.rank, shuffle=True, drop_last=False)
+    else:
+        sampler_val = paddle.io.BatchSampler(dataset_val, shuffle=False, batch_size=args.batch_size, drop_last=False)
+    return (train_loader(dataset_train, args),
+            build_loader(dataset_val, sampler_val, args.num_workers, args.pin_mem))

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -13,6 +14,19 @@ import paddle
 import paddle.distributed as dist
 
 from util import checkpoint
+from util.datasets import DataError
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def run(main, args):
+    """Run a script's main; data, checkpoint and numeric faults end with a one-line error and exit 1."""
+    try:
+        main(args)
+    except (DataError, checkpoint.CheckpointError, NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
 
 
 class SmoothedValue:
@@ -270,6 +284,15 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
         print("With optim & sched!")
+
+
+def create_log_writer(args):
+    """VisualDL writer on rank 0 when --log_dir is set."""
+    if not (is_main_process() and args.log_dir):
+        return None
+    from visualdl import LogWriter
+    os.makedirs(args.log_dir, exist_ok=True)
+    return LogWriter(logdir=args.log_dir)
 
 
 def log_stats(args, stats):

@@ -3,7 +3,7 @@ import math
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -102,6 +102,20 @@ class ToNormalizedArray:
         return (x - self.mean) / self.std
 
 
+class ColorJitter:
+    """Brightness, contrast and saturation factors uniform in [max(0, 1 - v), 1 + v], in random order."""
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0):
+        self.ops = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                    (ImageEnhance.Color, saturation)]
+
+    def __call__(self, img):
+        for enhance, v in random.sample(self.ops, len(self.ops)):
+            if v > 0:
+                img = enhance(img).enhance(random.uniform(max(0.0, 1.0 - v), 1.0 + v))
+        return img
+
+
 def pretrain_transform(input_size):
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
     return Compose([RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation="bicubic"),
@@ -112,3 +126,31 @@ def eval_transform(input_size):
     """Resize to input_size / crop_pct (crop_pct 224/256 up to 224 px, else 1), bicubic, centre crop."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return Compose([Resize(int(input_size / crop_pct)), CenterCrop(input_size), ToNormalizedArray()])
+
+
+def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel",
+                       recount=1):
+    """timm create_transform(is_training=True) as the official fine-tuning calls it: random resized crop
+    (0.08-1, bicubic), flip, RandAugment (or colour jitter when aa is off), normalize, random erasing."""
+    from util.auto_augment import rand_augment_transform
+    from util.random_erasing import RandomErasing
+
+    tfl = [RandomResizedCrop(input_size, scale=(0.08, 1.0), interpolation="bicubic"), RandomHorizontalFlip()]
+    if aa:
+        aa_params = dict(translate_const=int(input_size * 0.45),
+                         img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
+                         interpolation=Image.BICUBIC)
+        tfl.append(rand_augment_transform(aa, aa_params))
+    elif color_jitter is not None:
+        tfl.append(ColorJitter(color_jitter, color_jitter, color_jitter))
+    tfl.append(ToNormalizedArray())
+    if reprob > 0:
+        tfl.append(RandomErasing(reprob, mode=remode, max_count=recount))
+    return Compose(tfl)
+
+
+def linprobe_transform(input_size):
+    """The official linear-probing augmentation: one-draw random resized crop (bicubic) and flip."""
+    from util.crop import RandomResizedCrop as LinprobeCrop
+
+    return Compose([LinprobeCrop(input_size, interpolation="bicubic"), RandomHorizontalFlip(), ToNormalizedArray()])

@@ -1,0 +1,122 @@
+"""Fine-tuning a pre-trained MAE encoder for classification (and --eval)."""
+import argparse
+import os
+
+import paddle
+
+import models_vit
+import util.misc as misc
+from engine_finetune import fit
+from layer import trunc_normal_
+from util.args import add_common_args, effective_lr, non_negative_float, positive_int, resolve
+from util.checkpoint import load_pretrained
+from util.datasets import classification_loaders
+from util.losses import build_criterion
+from util.lr_decay import param_groups_lrd
+from util.mixup import Mixup
+from util.transforms import eval_transform, finetune_transform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=True)
+    add_common_args(parser)
+    parser.set_defaults(epochs=50, model="vit_large_patch16", blr=1e-3, min_lr=1e-6, warmup_epochs=5, save_freq=1)
+    parser.add_argument("--drop_path", type=non_negative_float, default=0.1, metavar="PCT",
+                        help="drop path rate")
+    parser.add_argument("--clip_grad", type=non_negative_float, default=None, metavar="NORM",
+                        help="clip gradient norm (default: no clipping)")
+    parser.add_argument("--layer_decay", type=non_negative_float, default=0.75,
+                        help="layer-wise lr decay from ELECTRA/BEiT")
+    parser.add_argument("--color_jitter", type=non_negative_float, default=None, metavar="PCT",
+                        help="color jitter factor (enabled only when not using auto augment)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='RandAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" turns it off')
+    parser.add_argument("--smoothing", type=non_negative_float, default=0.1, help="label smoothing")
+    parser.add_argument("--reprob", type=non_negative_float, default=0.25, metavar="PCT",
+                        help="random erase prob")
+    parser.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
+                        help="random erase mode")
+    parser.add_argument("--recount", type=positive_int, default=1, help="random erase count")
+    parser.add_argument("--resplit", action="store_true", default=False,
+                        help="accepted for compatibility; unused, as in the official code")
+    parser.add_argument("--mixup", type=non_negative_float, default=0, help="mixup alpha, mixup enabled if > 0")
+    parser.add_argument("--cutmix", type=non_negative_float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    parser.add_argument("--mixup_prob", type=non_negative_float, default=1.0,
+                        help="probability of performing mixup or cutmix when either/both is enabled")
+    parser.add_argument("--mixup_switch_prob", type=non_negative_float, default=0.5,
+                        help="probability of switching to cutmix when both mixup and cutmix enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch"],
+                        help="how to apply mixup/cutmix params (per batch)")
+    parser.add_argument("--finetune", default="", help="start from this checkpoint (.pd or official .pth)")
+    parser.add_argument("--global_pool", action="store_true")
+    parser.set_defaults(global_pool=True)
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="use the class token instead of global pool for classification")
+    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="split evaluation over the processes (recommended during training for speed)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = resolve(parser, parser.parse_args(argv), models_vit.MODELS)
+    if args.aa and args.aa.lower() == "none":
+        args.aa = None
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
+        parser.error(f"argument --batch_size: mixup/cutmix needs an even batch size, got {args.batch_size}")
+    return args
+
+
+def create_optimizer(model, args):
+    """AdamW (default betas 0.9/0.999) on layer-wise lr decay groups; lr_scale rides in each group."""
+    param_groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=args.layer_decay)
+    return paddle.optimizer.AdamW(learning_rate=args.lr, parameters=param_groups)
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(f"{args}".replace(", ", ",\n"))
+    misc.seed_everything(args.seed + misc.get_rank())
+
+    train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount)
+    loaders = classification_loaders(args, train_tf, eval_transform(args.input_size))
+    if misc.is_main_process() and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None:
+        print("Mixup is activated!")
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+    model = getattr(models_vit, args.model)(num_classes=args.nb_classes, drop_path_rate=args.drop_path,
+                                            global_pool=args.global_pool, img_size=args.input_size)
+    if args.finetune and not args.eval:
+        print(f"Load pre-trained checkpoint from: {args.finetune}")
+        print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
+        trunc_normal_(model.head.weight, std=2e-5)
+    model_without_ddp = model
+    n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
+    print(f"Model = {model_without_ddp}")
+    print(f"number of params (M): {n_parameters / 1.e6:.2f}")
+    effective_lr(args)
+    if args.distributed:
+        model = paddle.DataParallel(model)
+
+    optimizer = create_optimizer(model_without_ddp, args)
+    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    criterion = build_criterion(mixup_fn, args.smoothing)
+    print(f"criterion = {criterion}")
+    fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn, args.clip_grad)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    misc.run(main, args)

@@ -1,0 +1,87 @@
+"""Linear probing of a pre-trained MAE encoder: BatchNorm (no affine) + Linear head trained with LARS."""
+import argparse
+import os
+
+import paddle
+import paddle.nn as nn
+
+import models_vit
+import util.misc as misc
+from engine_finetune import fit
+from layer import trunc_normal_
+from util.args import add_common_args, effective_lr, positive_int, resolve
+from util.checkpoint import load_pretrained
+from util.datasets import classification_loaders
+from util.lars import LARS
+from util.losses import CrossEntropyLoss
+from util.transforms import eval_transform, linprobe_transform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE linear probing for image classification", add_help=True)
+    add_common_args(parser)
+    parser.set_defaults(batch_size=512, epochs=90, model="vit_large_patch16", weight_decay=0.0, blr=0.1,
+                        min_lr=0.0, warmup_epochs=10, save_freq=1)
+    parser.add_argument("--finetune", default="", help="start from this checkpoint (.pd or official .pth)")
+    parser.add_argument("--global_pool", action="store_true",
+                        help="mean of the patch tokens through fc_norm, which starts from the encoder's final norm")
+    parser.set_defaults(global_pool=False)
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="use the class token instead of global pool for classification (default)")
+    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="split evaluation over the processes (recommended during training for speed)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    return resolve(parser, parser.parse_args(argv), models_vit.MODELS)
+
+
+def build_model(args):
+    """ViT whose head is BatchNorm1D(affine off, eps 1e-6) + Linear; only the Linear is trained."""
+    model = getattr(models_vit, args.model)(num_classes=args.nb_classes, global_pool=args.global_pool,
+                                            img_size=args.input_size)
+    if args.finetune and not args.eval:
+        print(f"Load pre-trained checkpoint from: {args.finetune}")
+        print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune, fc_norm_from_norm=True)}")
+        trunc_normal_(model.head.weight, std=0.01)  # MoCo v3
+    model.head = nn.Sequential(
+        nn.BatchNorm1D(model.head.weight.shape[0], weight_attr=False, bias_attr=False, epsilon=1e-6), model.head)
+    for p in model.parameters():
+        p.stop_gradient = True
+    for p in model.head.parameters():
+        p.stop_gradient = False
+    return model
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(f"{args}".replace(", ", ",\n"))
+    misc.seed_everything(args.seed + misc.get_rank())
+
+    loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
+    if misc.is_main_process() and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    model = build_model(args)
+    model_without_ddp = model
+    n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
+    print(f"Model = {model_without_ddp}")
+    print(f"number of params (M): {n_parameters / 1.e6:.2f}")
+    effective_lr(args)
+    if args.distributed:
+        model = paddle.DataParallel(model)
+
+    optimizer = LARS(model_without_ddp.head.parameters(), learning_rate=args.lr, weight_decay=args.weight_decay)
+    print(optimizer)
+    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    fit(args, model, model_without_ddp, optimizer, loss_scaler, CrossEntropyLoss(), loaders)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    misc.run(main, args)

@@ -1,0 +1,102 @@
+"""Mixup / CutMix on a batch tensor with smoothed soft targets (timm 0.3.2 semantics, 'batch' mode)."""
+import numpy as np
+import paddle
+
+
+def one_hot(x, num_classes, on_value=1.0, off_value=0.0):
+    y = paddle.full([x.shape[0], num_classes], off_value, dtype="float32")
+    return paddle.put_along_axis(y, x.reshape([-1, 1]).astype("int64"), paddle.to_tensor(on_value, "float32"), 1)
+
+
+def mixup_target(target, num_classes, lam=1.0, smoothing=0.0):
+    """lam * smoothed one-hot(target) + (1 - lam) * smoothed one-hot(target flipped along the batch)."""
+    off_value = smoothing / num_classes
+    on_value = 1.0 - smoothing + off_value
+    y1 = one_hot(target, num_classes, on_value, off_value)
+    y2 = one_hot(target.flip(0), num_classes, on_value, off_value)
+    return y1 * lam + y2 * (1.0 - lam)
+
+
+def rand_bbox(img_shape, lam, margin=0.0):
+    """Box of side ratio sqrt(1 - lam) with a uniform centre, clipped to the image."""
+    ratio = np.sqrt(1 - lam)
+    img_h, img_w = img_shape[-2:]
+    cut_h, cut_w = int(img_h * ratio), int(img_w * ratio)
+    margin_y, margin_x = int(margin * cut_h), int(margin * cut_w)
+    cy = np.random.randint(0 + margin_y, img_h - margin_y)
+    cx = np.random.randint(0 + margin_x, img_w - margin_x)
+    yl, yh = np.clip(cy - cut_h // 2, 0, img_h), np.clip(cy + cut_h // 2, 0, img_h)
+    xl, xh = np.clip(cx - cut_w // 2, 0, img_w), np.clip(cx + cut_w // 2, 0, img_w)
+    return int(yl), int(yh), int(xl), int(xh)
+
+
+def rand_bbox_minmax(img_shape, minmax):
+    """Box whose sides are uniform fractions of the image in [min, max)."""
+    img_h, img_w = img_shape[-2:]
+    cut_h = np.random.randint(int(img_h * minmax[0]), int(img_h * minmax[1]))
+    cut_w = np.random.randint(int(img_w * minmax[0]), int(img_w * minmax[1]))
+    yl = np.random.randint(0, img_h - cut_h)
+    xl = np.random.randint(0, img_w - cut_w)
+    return int(yl), int(yl + cut_h), int(xl), int(xl + cut_w)
+
+
+def cutmix_bbox_and_lam(img_shape, lam, ratio_minmax=None, correct_lam=True):
+    if ratio_minmax is not None:
+        yl, yu, xl, xu = rand_bbox_minmax(img_shape, ratio_minmax)
+    else:
+        yl, yu, xl, xu = rand_bbox(img_shape, lam)
+    if correct_lam or ratio_minmax is not None:
+        lam = 1.0 - (yu - yl) * (xu - xl) / float(img_shape[-2] * img_shape[-1])
+    return (yl, yu, xl, xu), lam
+
+
+class Mixup:
+    """Per batch: with prob `prob`, mix; with both alphas > 0, CutMix with prob `switch_prob`, else Mixup.
+    lam ~ Beta(alpha, alpha); CutMix corrects lam to the pasted area. The partner of each sample is the
+    batch reversed. Targets are label-smoothed one-hots mixed with the same lam."""
+
+    def __init__(self, mixup_alpha=1.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5,
+                 mode="batch", correct_lam=True, label_smoothing=0.1, num_classes=1000):
+        if mode != "batch":
+            raise ValueError(f"mixup mode '{mode}' is not supported; use 'batch'")
+        if cutmix_minmax is not None:
+            if len(cutmix_minmax) != 2:
+                raise ValueError(f"cutmix_minmax needs two values, got {cutmix_minmax}")
+            cutmix_alpha = 1.0  # as timm: minmax forces cutmix
+        if not (mixup_alpha > 0 or cutmix_alpha > 0):
+            raise ValueError("one of mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax is required")
+        self.mixup_alpha, self.cutmix_alpha, self.cutmix_minmax = mixup_alpha, cutmix_alpha, cutmix_minmax
+        self.mix_prob, self.switch_prob = prob, switch_prob
+        self.label_smoothing, self.num_classes = label_smoothing, num_classes
+        self.mode, self.correct_lam = mode, correct_lam
+        self.mixup_enabled = True
+
+    def _params_per_batch(self):
+        lam, use_cutmix = 1.0, False
+        if self.mixup_enabled and np.random.rand() < self.mix_prob:
+            if self.mixup_alpha > 0.0 and self.cutmix_alpha > 0.0:
+                use_cutmix = np.random.rand() < self.switch_prob
+                alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+            elif self.mixup_alpha > 0.0:
+                alpha = self.mixup_alpha
+            else:
+                use_cutmix, alpha = True, self.cutmix_alpha
+            lam = float(np.random.beta(alpha, alpha))
+        return lam, use_cutmix
+
+    def _mix_batch(self, x):
+        lam, use_cutmix = self._params_per_batch()
+        if lam == 1.0:
+            return x, 1.0
+        if use_cutmix:
+            (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(x.shape, lam, self.cutmix_minmax, self.correct_lam)
+            x = x.clone()
+            x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+            return x, lam
+        return x * lam + x.flip(0) * (1.0 - lam), lam
+
+    def __call__(self, x, target):
+        if x.shape[0] % 2 != 0:
+            raise ValueError(f"mixup/cutmix needs an even batch size, got {x.shape[0]}")
+        x, lam = self._mix_batch(x)
+        return x, mixup_target(target, self.num_classes, lam, self.label_smoothing)
