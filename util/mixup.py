@@ -90,8 +90,9 @@ class Mixup:
             return x, 1.0
         if use_cutmix:
             (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(x.shape, lam, self.cutmix_minmax, self.correct_lam)
-            x = x.clone()
-            x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+            if yh > yl and xh > xl:
+                x = x.clone()
+                x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
             return x, lam
         return x * lam + x.flip(0) * (1.0 - lam), lam
 

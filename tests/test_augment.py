@@ -1,0 +1,256 @@
+"""Augmentations and criteria against timm's documented behaviour: statistics over many draws and
+fixed-seed properties."""
+import math
+import random
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from util import auto_augment as aa
+from util.crop import RandomResizedCrop as LinprobeCrop
+from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
+from util.mixup import Mixup, mixup_target
+from util.random_erasing import RandomErasing
+from util.transforms import RandomResizedCrop, eval_transform, finetune_transform
+
+
+def _photo(size=64, seed=0):
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.stack([(xx * 4 + rng.randint(0, 40)) % 256, (yy * 3) % 256, ((xx + yy) * 2) % 256], -1)
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def test_rand_augment_config_of_the_official_recipe():
+    tf = finetune_transform(224)
+    ra = next(t for t in tf.transforms if isinstance(t, aa.RandAugment))
+    assert ra.num_layers == 2
+    assert [op.name for op in ra.ops] == aa.RAND_INCREASING_TRANSFORMS
+    for op in ra.ops:
+        assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 9, 0.5)
+        assert op.kwargs == {"fillcolor": (124, 116, 104), "resample": Image.BICUBIC}
+        assert op.hparams["translate_const"] == 100
+    plain = aa.rand_augment_transform("rand-m7-n3", {})
+    assert plain.num_layers == 3 and [op.name for op in plain.ops] == aa.RAND_TRANSFORMS
+    with pytest.raises(ValueError, match="rand-"):
+        aa.rand_augment_transform("original", {})
+
+
+def test_magnitude_is_gaussian_and_clipped():
+    op = aa.AugmentOp("Rotate", prob=1.0, magnitude=9, hparams={"magnitude_std": 0.5})
+    seen = []
+    op.level_fn = lambda level, _: seen.append(level) or (0.0,)
+    random.seed(0)
+    for _ in range(4000):
+        op(_photo(8))
+    seen = np.array(seen)
+    assert seen.max() <= 10.0 and seen.min() >= 0.0
+    assert abs(seen.mean() - 8.98) < 0.03  # N(9, 0.5) clipped at 10 moves the mean a little
+    assert 0.02 < (seen == 10.0).mean() < 0.04  # P(N(9, .5) > 10) = 0.023
+
+
+def test_level_to_argument_mappings():
+    random.seed(1)
+    assert {abs(aa._rotate_arg(9, {})[0]) for _ in range(10)} == {27.0}
+    assert {aa._rotate_arg(10, {})[0] for _ in range(50)} == {30.0, -30.0}
+    assert aa._posterize_increasing_arg(10, {}) == (0,) and aa._posterize_increasing_arg(0, {}) == (4,)
+    assert aa._solarize_increasing_arg(9, {}) == (256 - 230,)
+    assert aa._solarize_add_arg(10, {}) == (110,)
+    assert {round(v, 6) for v in (aa._enhance_increasing_arg(10, {})[0] for _ in range(50))} == {0.1, 1.9}
+    assert abs(aa._shear_arg(10, {})[0]) == pytest.approx(0.3)
+    assert abs(aa._translate_rel_arg(10, {})[0]) == pytest.approx(0.45)
+
+
+def test_every_op_runs_and_posterize_zero_bits_is_black():
+    img = _photo(32)
+    for name in aa.OPS:
+        out = aa.AugmentOp(name, prob=1.0, magnitude=9, hparams={"translate_const": 14})(img)
+        assert out.size == img.size and out.mode == "RGB", name
+    black = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
+    assert np.asarray(black).max() == 0
+    shifted = aa.translate_x_rel(img, 0.5, fillcolor=(124, 116, 104), resample=Image.BICUBIC)
+    assert tuple(np.asarray(shifted)[5, -1]) == (124, 116, 104)  # vacated area is the fill colour
+
+
+def test_op_probability_is_one_half():
+    op = aa.AugmentOp("Invert", prob=0.5, magnitude=9)
+    img = _photo(8)
+    random.seed(2)
+    applied = np.mean([not np.array_equal(np.asarray(op(img)), np.asarray(img)) for _ in range(2000)])
+    assert abs(applied - 0.5) < 0.04
+
+
+def test_rand_augment_fixed_seed_is_reproducible():
+    tf = finetune_transform(32)
+
+    def draw():
+        random.seed(5)
+        np.random.seed(5)
+        return tf(_photo(48))
+
+    a, b = draw(), draw()
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
+
+
+def test_random_resized_crop_statistics_and_fallback():
+    random.seed(0)
+    crop = RandomResizedCrop(16, scale=(0.2, 1.0))
+    img = _photo(100)
+    areas, ratios = [], []
+    for _ in range(3000):
+        top, left, h, w = crop.get_params(img)
+        assert 0 <= top <= 100 - h and 0 <= left <= 100 - w
+        areas.append(h * w / 1e4)
+        ratios.append(w / h)
+    assert min(areas) > 0.19 and max(areas) <= 1.0
+    assert abs(np.mean(np.log(ratios))) < 0.02  # log-uniform around 1
+    impossible = RandomResizedCrop(16, scale=(2.0, 3.0))  # never fits: centre crop of the whole (ratio-clamped)
+    assert impossible.get_params(_photo(100)) == (0, 0, 100, 100)
+    wide = Image.new("RGB", (300, 100))
+    assert impossible.get_params(wide) == (0, 83, 100, 133)  # width clamped to 4/3 of the height
+    assert crop(img).size == (16, 16)
+
+
+def test_linprobe_crop_is_one_draw_clamped():
+    random.seed(0)
+    crop = LinprobeCrop(8, scale=(1.0, 1.0), ratio=(4.0, 4.0))
+    top, left, h, w = crop.get_params(_photo(40))
+    assert (w, h) == (40, 20) and left == 0  # w = 80 clamped to the image, h = 20
+
+
+def test_eval_transform_sizes():
+    assert eval_transform(224).transforms[0].size == 256
+    assert eval_transform(448).transforms[0].size == 448
+    assert eval_transform(32).transforms[0].size == 36
+    out = eval_transform(32)(Image.new("RGB", (60, 40)))
+    assert out.shape == (3, 32, 32)
+
+
+def test_random_erasing_statistics():
+    random.seed(0)
+    np.random.seed(0)
+    re = RandomErasing(0.25, mode="pixel", max_count=1)
+    erased, areas = 0, []
+    for _ in range(2000):
+        x = np.full((3, 40, 40), 7.0, np.float32)
+        re(x)
+        hit = x[0] != 7.0
+        if hit.any():
+            erased += 1
+            areas.append(hit.mean())
+            assert np.allclose(x[:, hit][1:].std(), 1.0, atol=0.5) or hit.sum() < 30
+    assert abs(erased / 2000 - 0.25) < 0.03
+    assert min(areas) >= 0.015 and max(areas) <= 1 / 3 + 0.02
+    x = np.ones((3, 20, 20), np.float32)
+    random.seed(3)
+    RandomErasing(1.0, mode="const")(x)
+    assert (x == 0).any() and set(np.unique(x)) == {0.0, 1.0}
+    x = np.ones((3, 20, 20), np.float32)
+    RandomErasing(1.0, mode="rand")(x)
+    erased = x[:, x[0] != 1.0]
+    assert erased.size and np.all(erased == erased[:, :1])  # one colour per channel
+    with pytest.raises(ValueError):
+        RandomErasing(mode="noise")
+
+
+def test_random_erasing_count():
+    """count is uniform in [1, max_count]; each box then gets area / count."""
+    class Counting(RandomErasing):
+        def _pixels(self, chan, h, w):
+            self.calls += 1
+            return super()._pixels(chan, h, w)
+
+    random.seed(0)
+    re = Counting(1.0, mode="pixel", min_area=0.01, max_area=0.02, max_count=3)
+    counts = []
+    for _ in range(600):
+        re.calls = 0
+        re(np.zeros((1, 64, 64), np.float32))
+        counts.append(re.calls)
+    assert sorted(set(counts)) == [1, 2, 3] and all(abs(counts.count(c) / 600 - 1 / 3) < 0.06 for c in (1, 2, 3))
+
+
+def _batch():
+    x = paddle.to_tensor(np.arange(4 * 3 * 8 * 8, dtype=np.float32).reshape([4, 3, 8, 8]))
+    return x, paddle.to_tensor([0, 1, 2, 3])
+
+
+def test_mixup_only():
+    np.random.seed(0)
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=5)
+    x, y = _batch()
+    out, target = mix(x, y)
+    t = target.numpy()
+    lam = (t[0, 0] - 0.02) / 0.9  # on = 0.92, off = 0.02: target[0, 0] = lam * 0.92 + (1 - lam) * 0.02
+    assert np.allclose(out.numpy(), lam * x.numpy() + (1 - lam) * x.numpy()[::-1], atol=1e-3)
+    assert np.allclose(t.sum(1), 1.0) and np.allclose(t[0, 3], (1 - lam) * 0.9 + 0.02, atol=1e-6)
+
+
+def test_cutmix_box_and_lambda():
+    np.random.seed(1)
+    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=4)
+    x, y = _batch()
+    out, target = mix(x, y)
+    changed = (out.numpy() != x.numpy())[0, 0]
+    lam = target.numpy()[0, 0]
+    assert changed.sum() == pytest.approx((1 - lam) * 64)  # lam corrected to the pasted area
+    ys, xs = np.nonzero(changed)
+    assert np.array_equal(out.numpy()[0][:, ys, xs], x.numpy()[3][:, ys, xs])
+
+
+def test_switch_prob_and_mix_prob():
+    np.random.seed(0)
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, num_classes=4)
+    draws = [mix._params_per_batch()[1] for _ in range(2000)]
+    assert abs(np.mean(draws) - 0.5) < 0.04
+    never = Mixup(mixup_alpha=0.8, prob=0.0, label_smoothing=0.1, num_classes=4)
+    x, y = _batch()
+    out, target = never(x, y)
+    assert np.array_equal(out.numpy(), x.numpy())
+    assert np.allclose(target.numpy(), mixup_target(y, 4, 1.0, 0.1).numpy())
+    assert np.allclose(target.numpy()[0], [0.925, 0.025, 0.025, 0.025])
+
+
+def test_cutmix_minmax_box_sizes():
+    np.random.seed(0)
+    mix = Mixup(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=[0.25, 0.5], label_smoothing=0.0, num_classes=4)
+    assert mix.cutmix_alpha == 1.0
+    for _ in range(50):
+        x, y = _batch()
+        out, target = mix(x, y)
+        area = 1 - target.numpy()[0, 0]
+        assert 0.25 * 0.25 - 1e-6 <= area <= 0.5 * 0.5
+
+
+def test_mixup_errors():
+    with pytest.raises(ValueError, match="even batch"):
+        Mixup(mixup_alpha=1.0, num_classes=3)(paddle.zeros([3, 3, 4, 4]), paddle.to_tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="mixup_alpha > 0"):
+        Mixup(mixup_alpha=0.0, cutmix_alpha=0.0)
+    with pytest.raises(ValueError, match="batch"):
+        Mixup(mode="elem")
+
+
+def test_criteria():
+    logits = paddle.to_tensor(np.random.RandomState(0).randn(6, 5).astype(np.float32))
+    labels = paddle.to_tensor([0, 1, 2, 3, 4, 0])
+    ce = paddle.nn.functional.cross_entropy(logits, labels).item()
+    assert SoftTargetCrossEntropy()(logits, mixup_target(labels, 5)).item() == pytest.approx(ce, rel=1e-6)
+    logp = paddle.nn.functional.log_softmax(logits, -1).numpy()
+    nll = -logp[np.arange(6), labels.numpy()]
+    expected = (0.9 * nll + 0.1 * -logp.mean(1)).mean()
+    assert LabelSmoothingCrossEntropy(0.1)(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    mix = Mixup(mixup_alpha=0.8, num_classes=5)
+    assert isinstance(build_criterion(mix, 0.1), SoftTargetCrossEntropy)
+    assert isinstance(build_criterion(None, 0.1), LabelSmoothingCrossEntropy)
+    assert build_criterion(None, 0.0)(logits, labels).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_lam_distribution_is_beta():
+    np.random.seed(0)
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, num_classes=4)
+    lams = np.array([mix._params_per_batch()[0] for _ in range(4000)])
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.25 / (2 * 0.8 + 1)) < 0.01
+    assert math.isclose(np.median(lams), 0.5, abs_tol=0.03)
