@@ -3,7 +3,6 @@ import argparse
 import os
 
 import paddle
-import paddle.nn as nn
 
 import models_vit
 import util.misc as misc
@@ -48,8 +47,7 @@ def build_model(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune, fc_norm_from_norm=True)}")
         trunc_normal_(model.head.weight, std=0.01)  # MoCo v3
-    model.head = nn.Sequential(
-        nn.BatchNorm1D(model.head.weight.shape[0], weight_attr=False, bias_attr=False, epsilon=1e-6), model.head)
+    models_vit.add_bn_head(model)
     for p in model.parameters():
         p.stop_gradient = True
     for p in model.head.parameters():

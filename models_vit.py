@@ -65,6 +65,13 @@ class VisionTransformer(nn.Layer):
         return self.head(self.forward_features(x))
 
 
+def add_bn_head(model):
+    """Linear-probing head: BatchNorm1D without affine parameters (eps 1e-6) before the Linear head."""
+    model.head = nn.Sequential(
+        nn.BatchNorm1D(model.head.weight.shape[0], weight_attr=False, bias_attr=False, epsilon=1e-6), model.head)
+    return model
+
+
 def _vit(embed_dim, depth, num_heads, kwargs):
     return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
                              qkv_bias=True, norm_layer=LayerNorm, **kwargs)

@@ -167,9 +167,14 @@ def configure_cpu():
                 os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     except OSError:
         pass
+    paddle.base.core.set_num_threads(cpu_threads())
+
+
+def cpu_threads():
+    """This process's share of the cores available to it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")))
-    paddle.base.core.set_num_threads(max(1, cores // max(1, local_procs)))
+    return max(1, cores // max(1, local_procs))
 
 
 def init_distributed_mode(args):

@@ -1,0 +1,62 @@
+"""Export a classifier for deployment: Paddle Inference (paddle.jit.save) and, optionally, ONNX.
+
+    python main_export.py --model vit_base_patch16 --resume mae_finetuned_vit_base.pth --output export/vit_base
+    python main_infer.py --exported export/vit_base --img_path cat.jpg
+
+Writes OUTPUT.json + OUTPUT.pdiparams (the static program and weights; input [batch, 3, size, size],
+ImageNet-normalised, output logits) and OUTPUT.info.json (model name, input size, classes). With --onnx,
+also OUTPUT.onnx through paddle2onnx (pip install paddle2onnx).
+"""
+import argparse
+import json
+import os
+import sys
+
+import paddle
+
+import models_vit
+from util.args import positive_int
+from util.checkpoint import CheckpointError
+from util.classifier import classifier_from_checkpoint
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Export an MAE classifier", add_help=True)
+    parser.add_argument("--model", default="vit_base_patch16", choices=models_vit.MODELS)
+    parser.add_argument("--resume", required=True, help="classifier checkpoint (.pd, or an official fine-tuned .pth)")
+    parser.add_argument("--output", required=True, help="output path prefix, e.g. export/vit_base")
+    parser.add_argument("--input_size", default=None, type=positive_int)
+    parser.add_argument("--onnx", action="store_true", help="also write OUTPUT.onnx with paddle2onnx")
+    return parser
+
+
+def export(args):
+    paddle.set_device("cpu")
+    model = classifier_from_checkpoint(args.model, args.resume, args.input_size)
+    size = model.patch_embed.img_size[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
+    paddle.jit.save(model, args.output, input_spec=spec)
+    with open(args.output + ".info.json", "w", encoding="utf-8") as f:
+        json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
+                   "source": os.path.abspath(args.resume)}, f, indent=1)
+    print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info.json")
+    if args.onnx:
+        try:
+            import paddle2onnx
+        except ImportError:
+            sys.exit("error: --onnx needs paddle2onnx (pip install paddle2onnx)")
+        paddle2onnx.export(args.output + ".json", args.output + ".pdiparams", args.output + ".onnx")
+        print(f"wrote {args.output}.onnx")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        export(args)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

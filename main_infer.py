@@ -1,0 +1,113 @@
+"""Classify images with a fine-tuned (or linear-probing) checkpoint, or with an exported model.
+
+    python main_infer.py --model vit_base_patch16 --resume mae_finetuned_vit_base.pth --img_path cat.jpg
+    python main_infer.py --exported export/vit_base --img_path photos/ --json
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import paddle
+
+import models_vit
+from util.args import device, positive_int
+from util.checkpoint import CheckpointError
+from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
+from util.datasets import DataError
+from util.misc import configure_cpu, cpu_threads
+from util.transforms import eval_transform
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE image classification inference", add_help=True)
+    parser.add_argument("--img_path", nargs="+", required=True, help="image files and/or folders of images")
+    parser.add_argument("--model", default="vit_base_patch16", choices=models_vit.MODELS)
+    parser.add_argument("--resume", default="", help="classifier checkpoint (.pd, or an official fine-tuned .pth)")
+    parser.add_argument("--exported", default="", help="path prefix of a model written by main_export.py")
+    parser.add_argument("--input_size", default=None, type=positive_int,
+                        help="default: the size the checkpoint was trained at")
+    parser.add_argument("--topk", default=5, type=positive_int)
+    parser.add_argument("--class_names", default="", help="text file with one class name per line")
+    parser.add_argument("--data_path", default="", help="take class names from this dataset's class folders")
+    parser.add_argument("--batch_size", default=16, type=positive_int)
+    parser.add_argument("--json", action="store_true", help="one JSON object per image")
+    parser.add_argument("--device", default="gpu" if paddle.is_compiled_with_cuda() else "cpu", type=device)
+    return parser
+
+
+class ExportedModel:
+    """A model saved by main_export.py, run with Paddle Inference."""
+
+    def __init__(self, prefix, use_gpu):
+        info_path = prefix + ".info.json"
+        for path in (prefix + ".json", prefix + ".pdiparams", info_path):
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: exported model file not found")
+        with open(info_path, encoding="utf-8") as f:
+            self.info = json.load(f)
+        config = paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")
+        if use_gpu:
+            config.enable_use_gpu(256, 0)
+        else:
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(cpu_threads())
+        self.predictor = paddle.inference.create_predictor(config)
+
+    def __call__(self, x):
+        inp = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        inp.reshape(list(x.shape))
+        inp.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
+        self.predictor.run()
+        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
+
+
+def predict(args):
+    """Top-k (ids, probabilities) per image, and the class names."""
+    paddle.set_device(args.device)
+    if args.device == "cpu":
+        configure_cpu()
+    paths = image_paths(args.img_path)
+    if args.exported:
+        model = ExportedModel(args.exported, args.device.startswith("gpu"))
+        input_size, num_classes = model.info["input_size"], model.info["num_classes"]
+        forward = model
+    else:
+        if not args.resume:
+            raise CheckpointError("--resume or --exported is required")
+        model = classifier_from_checkpoint(args.model, args.resume, args.input_size)
+        input_size, num_classes = model.patch_embed.img_size[0], model.num_classes
+
+        def forward(x):
+            with paddle.no_grad():
+                return model(paddle.to_tensor(x)).numpy()
+
+    names = class_names(args.class_names, args.data_path, num_classes)
+    batch = load_batch(paths, eval_transform(input_size))
+    logits = np.concatenate([forward(batch[i:i + args.batch_size]) for i in range(0, len(batch), args.batch_size)])
+    logits = logits - logits.max(1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    k = min(args.topk, num_classes)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return paths, top, np.take_along_axis(probs, top, 1), names
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        paths, top, probs, names = predict(args)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    for path, ids, p in zip(paths, top, probs):
+        if args.json:
+            print(json.dumps({"path": path, "topk_ids": ids.tolist(), "topk_names": [names[i] for i in ids],
+                              "topk_probs": [round(float(v), 6) for v in p]}))
+        else:
+            print(path)
+            for rank, (i, v) in enumerate(zip(ids, p), 1):
+                print(f"  {rank}. {names[i]} ({i}): {v:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A classifier rebuilt from its checkpoint, and the inputs and class names of inference."""
+import os
+
+import numpy as np
+import paddle
+
+import models_vit
+from util.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from util.datasets import IMG_EXTENSIONS, DataError, load_image
+from util.pos_embed import interpolate_pos_embed
+
+IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+
+
+def classifier_from_checkpoint(model_name, path, input_size=None):
+    """Build `model_name` with the head, pooling and input size the checkpoint was trained with
+    (a fine-tuned or linear-probing checkpoint of ours, or an official fine-tuned .pth)."""
+    state = dict(load_checkpoint(path)["model"])
+    probe = "head.1.weight" in state
+    head = state.get("head.1.weight" if probe else "head.weight")
+    if head is None:
+        raise CheckpointError(f"{path}: no classifier head (head.weight); is it a pre-training checkpoint?")
+    with paddle.LazyGuard():
+        patch = getattr(models_vit, model_name)(num_classes=1).patch_embed.patch_size[0]
+    if "pos_embed" not in state:
+        raise CheckpointError(f"{path}: no pos_embed")
+    native = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    model = getattr(models_vit, model_name)(num_classes=int(head.shape[1]), global_pool="fc_norm.weight" in state,
+                                            img_size=input_size or native)
+    if probe:
+        models_vit.add_bn_head(model)
+    interpolate_pos_embed(model, state)
+    load_model_weights(model, state, path)
+    model.eval()
+    return model
+
+
+def class_names(path=None, data_path=None, num_classes=1000):
+    """Names from a text file (one per line), the class folders of a dataset, or ImageNet's for 1000 classes."""
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: class names file not found")
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    elif data_path:
+        root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: dataset folder not found")
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    elif num_classes == 1000:
+        return class_names(IMAGENET_CLASSES)
+    else:
+        return [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise DataError(f"{path or data_path}: {len(names)} class names for a {num_classes}-class model")
+    return names
+
+
+def image_paths(paths):
+    """Files as given, and the images inside folders (sorted); a missing path is an error."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += sorted(os.path.join(p, n) for n in os.listdir(p) if n.lower().endswith(IMG_EXTENSIONS))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise DataError(f"{p}: image not found")
+    if not out:
+        raise DataError(f"no images in {', '.join(paths)}")
+    return out
+
+
+def load_batch(paths, transform):
+    """Decode and transform every image first, so that a bad file stops the run before any output."""
+    return np.stack([transform(load_image(p)) for p in paths])
