@@ -4,7 +4,7 @@
     python main_infer.py --exported export/vit_base --img_path cat.jpg
 
 Writes OUTPUT.json + OUTPUT.pdiparams (the static program and weights; input [batch, 3, size, size],
-ImageNet-normalised, output logits) and OUTPUT.info.json (model name, input size, classes). With --onnx,
+ImageNet-normalised, output logits) and OUTPUT.info (JSON: model name, input size, classes). With --onnx,
 also OUTPUT.onnx through paddle2onnx (pip install paddle2onnx).
 """
 import argparse
@@ -37,10 +37,10 @@ def export(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     paddle.jit.save(model, args.output, input_spec=spec)
-    with open(args.output + ".info.json", "w", encoding="utf-8") as f:
+    with open(args.output + ".info", "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
                    "source": os.path.abspath(args.resume)}, f, indent=1)
-    print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info.json")
+    print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:
         try:
             import paddle2onnx

@@ -4,6 +4,7 @@
     python main_infer.py --exported export/vit_base --img_path photos/ --json
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,11 +38,24 @@ def get_args_parser():
     return parser
 
 
+@contextlib.contextmanager
+def native_stdout_to_stderr():
+    """Paddle Inference's passes print to the C-level stdout; keep stdout for results (--json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class ExportedModel:
     """A model saved by main_export.py, run with Paddle Inference."""
 
     def __init__(self, prefix, use_gpu):
-        info_path = prefix + ".info.json"
+        info_path = prefix + ".info"
         for path in (prefix + ".json", prefix + ".pdiparams", info_path):
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: exported model file not found")
@@ -53,13 +67,15 @@ class ExportedModel:
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_threads())
-        self.predictor = paddle.inference.create_predictor(config)
+        with native_stdout_to_stderr():
+            self.predictor = paddle.inference.create_predictor(config)
 
     def __call__(self, x):
         inp = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         inp.reshape(list(x.shape))
         inp.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
-        self.predictor.run()
+        with native_stdout_to_stderr():
+            self.predictor.run()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
 

@@ -4,7 +4,6 @@ Reads this project's ``.pd`` files (written by ``paddle.save``) and the official
 (torch zip format) with restricted unpicklers that only rebuild arrays and plain containers. PyTorch
 tensors come back as numpy arrays in PyTorch layout; ``torch_to_paddle`` maps a model state_dict to Paddle.
 """
-import argparse
 import collections
 import io
 import os
@@ -182,8 +181,8 @@ def load_checkpoint(path):
     if is_torch:
         ckpt["model"] = torch_to_paddle(ckpt["model"])
         ckpt["torch"] = True
-    if isinstance(ckpt.get("args"), _Namespace):
-        ckpt["args"] = argparse.Namespace(**vars(ckpt["args"]))
+    if isinstance(ckpt.get("args"), types.SimpleNamespace):
+        ckpt["args"] = vars(ckpt["args"])  # saved args are a dict, as in this project's checkpoints
     return ckpt
 
 

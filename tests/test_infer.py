@@ -1,0 +1,155 @@
+"""Inference, reconstruction pictures and export, with bad input."""
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+from conftest import ROOT, golden
+from helpers import run_script
+from models_vit import vit_micro_patch4
+from util.checkpoint import load_checkpoint, load_model_weights
+from util.datasets import load_image
+from util.transforms import eval_transform
+
+CAT = os.path.join(ROOT, "demo", "chelsea.png")
+VIT = golden("vit_tiny_gp.pth")  # an official-format fine-tuned classifier, 10 classes
+
+
+def _by_hand(path):
+    model = vit_micro_patch4(num_classes=10, global_pool=True)
+    load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
+    model.eval()
+    x = paddle.to_tensor(eval_transform(32)(load_image(path))[None])
+    probs = paddle.nn.functional.softmax(model(x), -1).numpy()[0]
+    top = np.argsort(-probs)[:5]
+    return top.tolist(), probs[top]
+
+
+def test_top5_equals_transform_and_model_by_hand():
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ids, probs = _by_hand(CAT)
+    assert result["path"] == CAT and result["topk_ids"] == ids
+    assert np.allclose(result["topk_probs"], probs, atol=1e-5)
+    assert result["topk_names"] == [str(i) for i in ids]
+
+
+def test_folder_text_output_and_class_names(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"thing {i}" for i in range(10)))
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path",
+                     os.path.join(ROOT, "demo"), "--class_names", str(names), "--topk", "3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert sum(line.endswith((".png", ".jpg")) for line in lines) == 3
+    assert sum(line.strip().startswith(("1.", "2.", "3.")) for line in lines) == 9
+    assert "thing" in lines[1]
+    bad = tmp_path / "few.txt"
+    bad.write_text("a\nb\n")
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT,
+                     "--class_names", str(bad))
+    assert out.returncode == 1 and "2 class names for a 10-class model" in out.stderr and out.stdout == ""
+
+
+def test_imagenet_class_names_ship():
+    from util.classifier import class_names
+    names = class_names(num_classes=1000)
+    assert len(names) == 1000 and names[0].startswith("tench") and names[281].startswith("tabby")
+
+
+def test_odd_image_modes_are_classified(tmp_path):
+    rgb = load_image(CAT).resize((40, 40))
+    cmyk = tmp_path / "cmyk.jpg"
+    rgb.convert("CMYK").save(cmyk)
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    palette = tmp_path / "palette.png"
+    rgb.convert("P").save(palette)
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--json", "--img_path",
+                     str(cmyk), str(deep), str(palette))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len([json.loads(line) for line in out.stdout.strip().splitlines()]) == 3
+
+
+@pytest.mark.parametrize("case", ["missing", "not_image", "truncated"])
+def test_bad_images_are_named_and_nothing_is_printed(tmp_path, case):
+    path = tmp_path / "x.png"
+    if case == "not_image":
+        path.write_text("hello")
+    elif case == "truncated":
+        path.write_bytes(open(CAT, "rb").read()[:2000])
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, str(path))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {path}")
+
+
+def test_wrong_checkpoints():
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", golden("mae_tiny.pth"),
+                     "--img_path", CAT)
+    assert out.returncode == 1 and "mae_tiny.pth: no classifier head" in out.stderr
+    out = run_script("main_infer.py", "--model", "vit_tiny_patch4", "--resume", VIT, "--img_path", CAT)
+    assert out.returncode == 1 and "vit_tiny_gp.pth does not fit" in out.stderr.strip().splitlines()[-1]
+
+
+def _panels(path, size=32):
+    grid = np.asarray(Image.open(path))
+    return [grid[:, i * size:(i + 1) * size] for i in range(4)]
+
+
+def test_visualisation_png(tmp_path):
+    out_png = str(tmp_path / "recon.png")
+    args = ["main_visualize.py", "--model", "mae_vit_micro_patch4", "--resume", golden("mae_tiny.pth"),
+            "--norm_pix_loss", "--img_path", CAT, os.path.join(ROOT, "demo", "coffee.png"), "--output", out_png]
+    out = run_script(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "un-normalised with the mean and std of nearby visible patches" in out.stdout
+    grid = Image.open(out_png)
+    assert grid.size == (4 * 32, 2 * 32) and grid.mode == "RGB"
+    original, masked, recon, both = _panels(out_png)
+    patches = masked[:32].reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(64, 16, 3)
+    blank = np.all(patches == np.array([123, 116, 103]), axis=(1, 2))  # x * (1 - mask) = 0: the ImageNet mean
+    assert blank.sum() == 48  # 75% of 64 patches removed
+    orig = original[:32].reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(64, 16, 3)
+    assert np.abs(patches[~blank].astype(int) - orig[~blank]).max() <= 1  # visible patches kept
+    again = str(tmp_path / "again.png")
+    run_script(*args[:-1], again)
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(grid))  # same seed, same mask
+    other = str(tmp_path / "other.png")
+    run_script(*args[:-1], other, "--seed", "7")
+    assert not np.array_equal(_panels(other)[1], masked)
+
+
+def test_visualisation_refuses_encoder_only(tmp_path):
+    from util.checkpoint import save_file
+    state = {k: v for k, v in load_checkpoint(golden("mae_tiny.pth"))["model"].items() if not k.startswith("decoder")}
+    enc = str(tmp_path / "encoder_only.pd")
+    save_file({"model": state}, enc)
+    out_png = tmp_path / "r.png"
+    out = run_script("main_visualize.py", "--model", "mae_vit_micro_patch4", "--resume", enc, "--img_path", CAT,
+                     "--output", str(out_png))
+    assert out.returncode == 1 and "no decoder weights" in out.stderr and not out_png.exists()
+
+
+def test_export_parity(tmp_path):
+    prefix = str(tmp_path / "export" / "vit_micro")
+    out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", VIT, "--output", prefix)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.load(open(prefix + ".info"))
+    assert (info["input_size"], info["num_classes"]) == (32, 10)
+    model = vit_micro_patch4(num_classes=10, global_pool=True)
+    load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
+    model.eval()
+    x = np.random.RandomState(0).randn(3, 3, 32, 32).astype(np.float32)
+    ref = model(paddle.to_tensor(x)).numpy()
+    loaded = paddle.jit.load(prefix)
+    assert np.abs(loaded(paddle.to_tensor(x)).numpy() - ref).max() <= 1e-5
+    import main_infer
+    assert np.abs(main_infer.ExportedModel(prefix, use_gpu=False)(x) - ref).max() <= 1e-5
+    out = run_script("main_infer.py", "--exported", prefix, "--img_path", CAT, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip())["topk_ids"] == _by_hand(CAT)[0]
