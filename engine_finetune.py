@@ -11,7 +11,8 @@ import util.misc as misc
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
-                    log_writer=None, args=None):
+                    log_writer=None, args=None, start_iter=0):
+    """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
     model.train()
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -21,7 +22,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
     if log_writer is not None:
         print(f"log_dir: {args.log_dir}")
 
-    for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header)):
+    batches = metric_logger.log_every(data_loader, args.print_freq, header)
+    for data_iter_step, (samples, targets) in enumerate(batches, start=start_iter):
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
         if mixup_fn is not None:
@@ -49,9 +51,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
             log_writer.add_scalar(tag="loss", value=loss_value_reduce, step=epoch_1000x)
             log_writer.add_scalar(tag="lr", value=max_lr, step=epoch_1000x)
+        if update and misc.STOP.requested():
+            misc.STOP.iteration = data_iter_step + 1
+            break
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
+    misc.report_faults(data_loader, loss_scaler, epoch)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
@@ -102,10 +108,13 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
     for epoch in range(args.start_epoch, args.epochs):
         misc.seed_everything(args.seed + misc.get_rank(), epoch)
         data_loader_train.batch_sampler.set_epoch(epoch)
+        start_iter = args.start_iter if epoch == args.start_epoch else 0
+        data_loader_train.skip_batches(start_iter)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, epoch, loss_scaler, max_norm,
-                                      mixup_fn, log_writer=log_writer, args=args)
-        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+                                      mixup_fn, log_writer=log_writer, args=args, start_iter=start_iter)
+        if misc.stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
+            return None
+        misc.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler)
         test_stats = evaluate(data_loader_val, model, args)
         print(f"Accuracy of the network on the {n_val} test images: {test_stats['acc1']:.1f}%")
         if test_stats["acc1"] > max_accuracy and args.output_dir:

@@ -7,7 +7,8 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 
 
-def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None):
+def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0):
+    """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
     model.train()
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -17,7 +18,8 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
     if log_writer is not None:
         print(f"log_dir: {args.log_dir}")
 
-    for data_iter_step, (samples, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header)):
+    batches = metric_logger.log_every(data_loader, args.print_freq, header)
+    for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
 
@@ -43,7 +45,11 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
             epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
             log_writer.add_scalar(tag="train_loss", value=loss_value_reduce, step=epoch_1000x)
             log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
+        if update and misc.STOP.requested():
+            misc.STOP.iteration = data_iter_step + 1
+            break
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
+    misc.report_faults(data_loader, loss_scaler, epoch)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

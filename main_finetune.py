@@ -8,7 +8,7 @@ import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import add_common_args, effective_lr, non_negative_float, positive_int, resolve
+from util.args import add_common_args, check_dist_eval, effective_lr, non_negative_float, positive_int, resolve
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
 from util.losses import build_criterion
@@ -80,6 +80,7 @@ def create_optimizer(model, args):
 
 def main(args):
     misc.init_distributed_mode(args)
+    check_dist_eval(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(f"{args}".replace(", ", ",\n"))
     misc.seed_everything(args.seed + misc.get_rank())

@@ -72,10 +72,13 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         misc.seed_everything(args.seed + misc.get_rank(), epoch)
         data_loader_train.batch_sampler.set_epoch(epoch)  # also in a single process (the official forgot)
+        start_iter = args.start_iter if epoch == args.start_epoch else 0
+        data_loader_train.skip_batches(start_iter)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args)
-        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-            misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+                                      log_writer=log_writer, args=args, start_iter=start_iter)
+        if misc.stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
+            return
+        misc.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         misc.log_stats(args, log_stats)
         if log_writer is not None:

@@ -53,7 +53,7 @@ def test_finetune_eval_linprobe_eval(dataset, pretrained, tmp_path):
     assert "Position interpolate from 8x8 to 12x12" in out.stdout and "Mixup is activated!" in out.stdout
     assert "criterion = SoftTargetCrossEntropy()" in out.stdout
     assert sorted(f for f in os.listdir(ft) if f.endswith(".pd")) == \
-        ["checkpoint-0.pd", "checkpoint-1.pd", "checkpoint-best.pd"]
+        ["checkpoint-0.pd", "checkpoint-1.pd", "checkpoint-best.pd", "checkpoint-last.pd"]
     logs = [json.loads(line) for line in open(os.path.join(ft, "log.txt"))]
     assert [list(r) for r in logs] == [["train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch",
                                         "n_parameters"]] * 2

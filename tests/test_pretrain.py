@@ -113,7 +113,8 @@ def test_pretrain_end_to_end_and_resume(dataset, tmp_path):
     out = run_script(*_pretrain_args(dataset, straight))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "effective batch size: 8" in out.stdout and "actual lr: 3.13e-05" in out.stdout
-    assert sorted(f for f in os.listdir(straight) if f.endswith(".pd")) == ["checkpoint-0.pd", "checkpoint-1.pd"]
+    assert sorted(f for f in os.listdir(straight) if f.endswith(".pd")) == \
+        ["checkpoint-0.pd", "checkpoint-1.pd", "checkpoint-last.pd"]
     logs = [json.loads(line) for line in open(os.path.join(straight, "log.txt"))]
     assert [list(r) for r in logs] == [["train_lr", "train_loss", "epoch"]] * 2
     assert [r["epoch"] for r in logs] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in logs)
@@ -133,7 +134,7 @@ def test_pretrain_end_to_end_and_resume(dataset, tmp_path):
     out = run_script(*_pretrain_args(dataset, resumed, "--resume", os.path.join(straight, "checkpoint-0.pd")))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "With optim & sched!" in out.stdout
-    assert sorted(f for f in os.listdir(resumed) if f.endswith(".pd")) == ["checkpoint-1.pd"]
+    assert sorted(f for f in os.listdir(resumed) if f.endswith(".pd")) == ["checkpoint-1.pd", "checkpoint-last.pd"]
     a, b = state_of(os.path.join(straight, "checkpoint-1.pd")), state_of(os.path.join(resumed, "checkpoint-1.pd"))
     for k in a:
         assert max_abs(a[k], b[k]) < 1e-6, k

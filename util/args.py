@@ -1,5 +1,6 @@
 """Command-line flags shared by the training scripts, with validation."""
 import argparse
+import sys
 
 import paddle
 
@@ -68,6 +69,13 @@ def add_common_args(parser):
                         help="autocast dtype on GPU; float16 uses the dynamic loss scaler")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint (.pd, or an official .pth)")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="without --resume, continue from the newest checkpoint in --output_dir (default)")
+    parser.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="replace unreadable images by other samples (logged once, counted per epoch) "
+                             "instead of stopping with the file's name")
     parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N")
     parser.add_argument("--num_workers", default=10, type=non_negative_int)
     parser.add_argument("--pin_mem", action="store_true",
@@ -99,7 +107,17 @@ def resolve(parser, args, model_names):
             parser.error(f"argument --input_size: {e}")
     if args.warmup_epochs > args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}")
+    if getattr(args, "eval", False) and not args.resume:
+        parser.error("--eval needs --resume CHECKPOINT (the model to evaluate)")
     return args
+
+
+def check_dist_eval(args):
+    """After distributed init: --dist_eval needs several processes (exit 2, as a flag error)."""
+    if args.dist_eval and args.world_size == 1:
+        sys.stderr.write("error: --dist_eval splits evaluation over processes; launch with "
+                         "python -m paddle.distributed.launch, or drop it in a single process\n")
+        sys.exit(2)
 
 
 def effective_lr(args):

@@ -1,6 +1,7 @@
 """ImageFolder datasets, image decoding with clear errors, and data loaders."""
 import os
 import random
+import signal
 
 import numpy as np
 import paddle
@@ -56,76 +57,103 @@ class ImageFolder(paddle.io.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    defer_errors = False  # set in loader workers: a bad file is reported by the main process (see CheckedLoader)
-
     def __getitem__(self, index):
-        path, target = self.samples[index]
-        try:
-            img = load_image(path)
-        except DataError:
-            if not self.defer_errors:
-                raise
-            img, _ = self[(index + 1) % len(self)]  # any sample of the right shape; the label marks the error
-            return img, np.int64(-1 - index)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, np.int64(target)
+        """(image, label, bad): bad is -1, or the index of an unreadable file replaced by the next readable
+        sample, so that the loader (also across worker processes) can report or skip it."""
+        for offset in range(min(len(self), 100)):
+            i = (index + offset) % len(self)
+            path, target = self.samples[i]
+            try:
+                img = load_image(path)
+            except DataError:
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, np.int64(target), np.int64(-1 if offset == 0 else index)
+        raise DataError(f"{self.samples[index][0]} and the {min(len(self), 100) - 1} files after it are unreadable")
 
 
 def _collate(batch):
-    imgs, targets = zip(*batch)
-    return np.stack(imgs), np.stack(targets)
+    imgs, targets, bad = zip(*batch)
+    return np.stack(imgs), np.stack(targets), np.stack(bad)
 
 
-class InProcessLoader:
-    """Batches built in the calling process (num_workers 0): errors surface at once, nothing can hang."""
+class _Skippable:
+    """A batch sampler whose next pass leaves out its first `skip` batches (resuming inside an epoch)."""
 
-    def __init__(self, dataset, batch_sampler):
-        self.dataset, self.batch_sampler = dataset, batch_sampler
+    def __init__(self, batch_sampler):
+        self.batch_sampler, self.skip = batch_sampler, 0
+
+    def set_epoch(self, epoch):
+        self.batch_sampler.set_epoch(epoch)
 
     def __len__(self):
         return len(self.batch_sampler)
 
     def __iter__(self):
-        for indices in self.batch_sampler:
-            imgs, targets = _collate([self.dataset[i] for i in indices])
-            yield paddle.to_tensor(imgs), paddle.to_tensor(targets)
+        skip, self.skip = self.skip, 0
+        for i, indices in enumerate(self.batch_sampler):
+            if i >= skip:
+                yield indices
 
 
 def _seed_worker(worker_id):
-    """Workers fork with the parent's (per-epoch seeded) state: give each its own stream."""
+    """Workers fork with the parent's (per-epoch seeded) state: give each its own stream. They ignore
+    SIGINT (Ctrl-C reaches the whole process group) so that the main process can finish its iteration
+    and save (see misc.StopSignal); the loader itself ends them with SIGTERM."""
     seed = (random.getrandbits(31) + worker_id * 7919) % (2 ** 31)
     random.seed(seed)
     np.random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class CheckedLoader:
-    """paddle.io.DataLoader with workers, where an exception inside a worker only surfaces as a generic
-    SystemError: workers mark a bad sample by a negative label and this loader raises its DataError here."""
+class Loader:
+    """Batches of (images, labels) from a batch sampler: built in this process with num_workers 0 (an error
+    surfaces at once, nothing can hang), else by paddle.io.DataLoader workers. An unreadable file stops the
+    run with its path, or with skip_bad is replaced by another sample, logged once and counted."""
 
-    def __init__(self, dataset, batch_sampler, num_workers, pin_mem):
-        dataset.defer_errors = True
-        self.dataset, self.batch_sampler = dataset, batch_sampler
-        self.loader = paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                           collate_fn=_collate, worker_init_fn=_seed_worker, use_shared_memory=pin_mem)
+    def __init__(self, dataset, batch_sampler, num_workers=0, pin_mem=True, skip_bad=False):
+        self.dataset, self.skip_bad = dataset, skip_bad
+        self.batch_sampler = _Skippable(batch_sampler)
+        self.bad_files, self.skipped = set(), 0
+        self.loader = None
+        if num_workers > 0:
+            self.loader = paddle.io.DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=num_workers,
+                                               collate_fn=_collate, worker_init_fn=_seed_worker,
+                                               use_shared_memory=pin_mem)
 
     def __len__(self):
-        return len(self.loader)
+        return len(self.batch_sampler)
+
+    def skip_batches(self, n):
+        """Leave out the first n batches of the next pass."""
+        self.batch_sampler.skip = n
+
+    def _batches(self):
+        if self.loader is not None:
+            for imgs, targets, bad in self.loader:
+                yield imgs, targets, bad.numpy()
+        else:
+            for indices in self.batch_sampler:
+                imgs, targets, bad = _collate([self.dataset[i] for i in indices])
+                yield paddle.to_tensor(imgs), paddle.to_tensor(targets), bad
 
     def __iter__(self):
-        for imgs, targets in self.loader:
-            bad = np.flatnonzero(targets.numpy() < 0)
-            if bad.size:
-                path = self.dataset.samples[-1 - int(targets.numpy()[bad[0]])][0]
-                load_image(path)  # raises the DataError naming the file
-                raise DataError(f"{path}: could not be read in a data loader worker")
+        self.skipped = 0
+        for imgs, targets, bad in self._batches():
+            for index in bad[bad >= 0]:
+                path = self.dataset.samples[int(index)][0]
+                if not self.skip_bad:
+                    load_image(path)  # raises the DataError naming the file
+                    raise DataError(f"{path}: could not be read in a data loader worker")
+                self.skipped += 1
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    try:
+                        load_image(path)
+                    except DataError as e:
+                        print(f"skipping unreadable image: {e}")
             yield imgs, targets
-
-
-def build_loader(dataset, batch_sampler, num_workers, pin_mem=True):
-    if num_workers == 0:
-        return InProcessLoader(dataset, batch_sampler)
-    return CheckedLoader(dataset, batch_sampler, num_workers, pin_mem)
 
 
 def train_loader(dataset, args):
@@ -135,7 +163,7 @@ def train_loader(dataset, args):
     if len(sampler) == 0:
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")
-    return build_loader(dataset, sampler, args.num_workers, args.pin_mem)
+    return Loader(dataset, sampler, args.num_workers, args.pin_mem, args.skip_bad_images)
 
 
 def classification_loaders(args, train_transform, eval_transform):
@@ -157,4 +185,4 @@ def classification_loaders(args, train_transform, eval_transform):
     else:
         sampler_val = paddle.io.BatchSampler(dataset_val, shuffle=False, batch_size=args.batch_size, drop_last=False)
     return (train_loader(dataset_train, args),
-            build_loader(dataset_val, sampler_val, args.num_workers, args.pin_mem))
+            Loader(dataset_val, sampler_val, args.num_workers, args.pin_mem, args.skip_bad_images))

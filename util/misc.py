@@ -5,7 +5,9 @@ import json
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 
@@ -191,6 +193,8 @@ def init_distributed_mode(args):
     else:
         args.distributed, args.rank, args.world_size = False, 0, 1
     setup_for_distributed(args.rank == 0)
+    if threading.current_thread() is threading.main_thread():
+        STOP.install()
 
 
 def seed_everything(seed, epoch=0):
@@ -262,33 +266,133 @@ def autocast(args):
     return paddle.amp.auto_cast(enable=amp_enabled(args), dtype=args.amp_dtype, level="O1")
 
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, tag=None):
-    """Rank 0 writes {output_dir}/checkpoint-{tag or epoch}.pd: model, optimizer, epoch, scaler, args."""
-    if not is_main_process():
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, tag=None, iteration=0):
+    """Rank 0 writes {output_dir}/checkpoint-{tag or epoch}.pd: model, optimizer, epoch (the last complete
+    one), iteration (batches done in the next epoch, when stopped inside it), scaler, args."""
+    if not (args.output_dir and is_main_process()):
         return
     path = os.path.join(args.output_dir, f"checkpoint-{tag if tag is not None else epoch}.pd")
     checkpoint.save_file({
         "model": model_without_ddp.state_dict(),
         "optimizer": checkpoint.optimizer_state(optimizer, model_without_ddp),
         "epoch": epoch,
+        "iteration": iteration,
         "scaler": loss_scaler.state_dict(),
         "args": vars(args),
     }, path)
 
 
+def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler):
+    """checkpoint-{epoch}.pd every --save_freq epochs and at the end; checkpoint-last.pd every epoch."""
+    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
+        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+    save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, tag="last")
+
+
+def newest_checkpoint(output_dir):
+    """The newest readable training checkpoint in output_dir (a corrupt one is reported and passed over)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None, None
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.endswith(".pd")]
+    for name in sorted(names, key=lambda n: os.path.getmtime(os.path.join(output_dir, n)), reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            ckpt = checkpoint.load_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            print(f"Warning: skipping unreadable checkpoint: {e}")
+            continue
+        if "optimizer" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+    return None, None
+
+
 def load_model(args, model_without_ddp, optimizer, loss_scaler):
-    """--resume: load the model strictly; with optimizer and epoch (and not --eval), continue training."""
-    if not args.resume:
+    """--resume (or, with --auto_resume, the newest checkpoint in --output_dir): load the model strictly;
+    with optimizer and epoch (and not --eval), continue training where it stopped."""
+    args.start_iter = 0
+    ckpt = None
+    if args.resume:
+        ckpt = checkpoint.load_checkpoint(args.resume)
+    elif getattr(args, "auto_resume", False) and not getattr(args, "eval", False):
+        args.resume, ckpt = newest_checkpoint(args.output_dir)
+        if ckpt is not None:
+            print(f"Auto-resume from {args.resume}")
+    if ckpt is None:
         return
-    ckpt = checkpoint.load_checkpoint(args.resume)
     checkpoint.load_model_weights(model_without_ddp, ckpt["model"], args.resume)
     print(f"Resume checkpoint {args.resume}")
     if "optimizer" in ckpt and "epoch" in ckpt and not getattr(args, "eval", False):
         checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, args.resume)
         args.start_epoch = int(ckpt["epoch"]) + 1
+        args.start_iter = int(ckpt.get("iteration", 0))
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
-        print("With optim & sched!")
+        print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
+                                       if args.start_iter else ""))
+        truncate_log(args, args.start_epoch)
+
+
+def truncate_log(args, start_epoch):
+    """Drop log.txt lines of epochs that will run again, so that every epoch appears once."""
+    path = os.path.join(args.output_dir, "log.txt") if args.output_dir else ""
+    if not (path and os.path.isfile(path) and is_main_process()):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def report_faults(data_loader, loss_scaler, epoch):
+    """Per-epoch count of skipped unreadable images and of AMP steps skipped for non-finite gradients."""
+    if getattr(data_loader, "skipped", 0):
+        print(f"Skipped {data_loader.skipped} unreadable image(s) in epoch {epoch}")
+    if loss_scaler.skipped_steps:
+        print(f"AMP: {loss_scaler.skipped_steps} step(s) skipped for non-finite gradients so far (scale lowered)")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (as SLURM and Kubernetes send before killing a job) ask training to stop at the
+    next optimizer step; all ranks agree through an all-reduce. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.iteration = None
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"Received {signal.Signals(signum).name}: stopping after this iteration", force=True)
+
+    def requested(self):
+        flag = 1.0 if self.signum is not None else 0.0
+        if get_world_size() > 1:
+            t = paddle.to_tensor([flag])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = t.item()
+        return flag > 0
+
+
+STOP = StopSignal()
+
+
+def stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
+    """After an epoch loop that a signal broke off: save checkpoint-last.pd with the position and report."""
+    if STOP.iteration is None:
+        return False
+    save_model(args, epoch - 1, model_without_ddp, optimizer, loss_scaler, tag="last", iteration=STOP.iteration)
+    where = os.path.join(args.output_dir, "checkpoint-last.pd") if args.output_dir else "nowhere (no --output_dir)"
+    print(f"Stopped in epoch {epoch} after iteration {STOP.iteration}; saved {where}. "
+          "Run the same command again to continue from there.")
+    return True
 
 
 def create_log_writer(args):
