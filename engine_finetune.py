@@ -22,7 +22,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
     if log_writer is not None:
         print(f"log_dir: {args.log_dir}")
 
-    batches = metric_logger.log_every(data_loader, args.print_freq, header)
+    batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, targets) in enumerate(batches, start=start_iter):
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)

@@ -18,7 +18,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
     if log_writer is not None:
         print(f"log_dir: {args.log_dir}")
 
-    batches = metric_logger.log_every(data_loader, args.print_freq, header)
+    batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)

@@ -120,10 +120,17 @@ class Block(nn.Layer):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.recompute = False  # recompute activations in the backward pass (memory for time)
 
-    def forward(self, x):
+    def _forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x):
+        if self.recompute and self.training:
+            from paddle.distributed.fleet.utils import recompute
+            return recompute(self._forward, x)
+        return self._forward(x)
 
 
 def drop_path_schedule(drop_path_rate, depth):

@@ -17,7 +17,7 @@ step() { echo; echo "=== $* ==="; }
 
 step "1/6 pre-train mae_vit_micro_patch4 for $PE epochs"
 python main_pretrain.py --model mae_vit_micro_patch4 --norm_pix_loss --mask_ratio 0.75 --epochs "$PE" \
-    --warmup_epochs 2 --blr 2e-3 --save_freq 1000 "${COMMON[@]}" --output_dir "$OUT/pretrain" --log_dir "$OUT/pretrain"
+    --warmup_epochs $((PE < 2 ? PE : 2)) --blr 2e-3 --save_freq 1000 "${COMMON[@]}" --output_dir "$OUT/pretrain" --log_dir "$OUT/pretrain"
 PRETRAINED="$OUT/pretrain/checkpoint-$((PE - 1)).pd"
 
 step "2/6 reconstructions of validation images"

@@ -112,8 +112,9 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable, print_freq, header=""):
-        i = 0
+    def log_every(self, iterable, print_freq, header="", start=0):
+        """Yield from iterable, printing every print_freq iterations (counted from start, when resuming)."""
+        i = start
         start_time = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
@@ -132,7 +133,7 @@ class MetricLogger:
             i += 1
             end = time.time()
         total = time.time() - start_time
-        print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)")
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n - start, 1):.4f} s / it)")
 
 
 def setup_for_distributed(is_master):

@@ -1,0 +1,174 @@
+"""Fault injection: kills, preemption signals, corrupt checkpoints, bad image files, bad flags."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import util.misc as misc
+from conftest import ROOT
+from data import make_image_folder
+from helpers import run_script
+
+
+def _args(data, out, *extra):
+    return ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--batch_size", "4",
+            "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--output_dir", out, "--log_dir", "",
+            "--print_freq", "1", "--device", "cpu", "--save_freq", "100", *extra]
+
+
+def _epochs(out):
+    return [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.txt"))]
+
+
+def _start(argv):
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_epochs(out, n, proc, timeout=120):
+    path = os.path.join(out, "log.txt")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(path) and len(open(path).readlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the epoch in time")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=2, per_class=20)
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes(dataset, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _start(_args(dataset, out))
+    _wait_for_epochs(out, 1, proc)
+    time.sleep(0.5)  # inside epoch 1
+    proc.kill()
+    proc.wait()
+    assert _epochs(out) == [0] and os.path.isfile(os.path.join(out, "checkpoint-last.pd"))
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Auto-resume from" in res.stdout and "checkpoint-last.pd" in res.stdout
+    assert _epochs(out) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _start(_args(dataset, out))
+    _wait_for_epochs(out, 1, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Received SIGTERM" in stdout and "Stopped in epoch 1 after iteration" in stdout
+    ckpt = paddle.load(os.path.join(out, "checkpoint-last.pd"))
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < 10
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"Continuing epoch 1 at iteration {ckpt['iteration']}" in res.stdout
+    first = re.search(r"Epoch: \[1\]  \[\s*(\d+)/10\]", res.stdout)
+    assert int(first.group(1)) == ckpt["iteration"]  # the batches already done are not repeated
+    assert _epochs(out) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back(dataset, tmp_path):
+    out = str(tmp_path / "out")
+    res = run_script(*_args(dataset, out, "--epochs", "2", "--save_freq", "1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = os.path.join(out, "checkpoint-last.pd")
+    open(last, "wb").write(open(last, "rb").read()[:1000])  # truncated, and the newest file
+    os.utime(last, (time.time() + 5, time.time() + 5))
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipping unreadable checkpoint" in res.stdout and "Auto-resume from" in res.stdout
+    assert "checkpoint-1.pd" in res.stdout.split("Auto-resume from")[1].splitlines()[0]
+    assert _epochs(out) == [0, 1, 2]
+
+
+def _bad_dataset(root):
+    make_image_folder(root, classes=2, per_class=6)
+    folder = os.path.join(root, "train", "class_1")
+    good = Image.open(os.path.join(folder, "img_0.png")).convert("RGB")
+    good.convert("CMYK").save(os.path.join(folder, "cmyk.jpg"))
+    good.convert("P").save(os.path.join(folder, "palette.png"))
+    good.convert("RGBA").save(os.path.join(folder, "rgba.png"))
+    Image.fromarray(np.asarray(good.convert("L"), np.uint16) * 257).save(os.path.join(folder, "deep.png"))
+    good.save(os.path.join(folder, "full.jpg"))
+    data = open(os.path.join(folder, "full.jpg"), "rb").read()
+    bad = {"truncated.jpg": data[: len(data) // 2], "empty.png": b"", "text.png": b"not an image"}
+    for name, content in bad.items():
+        open(os.path.join(folder, name), "wb").write(content)
+    return [os.path.join(folder, n) for n in bad]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_bad_files_fail_fast_or_are_skipped(tmp_path, workers):
+    root = str(tmp_path / "d")
+    bad = _bad_dataset(root)
+    args = _args(root, str(tmp_path / "o"), "--epochs", "1", "--num_workers", workers)
+    start = time.time()
+    res = run_script(*args, timeout=120)
+    assert res.returncode == 1 and time.time() - start < 60
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and any(b in last for b in bad), last
+    res = run_script(*args[:-4], "--num_workers", workers, "--skip_bad_images", "--output_dir",
+                     str(tmp_path / "o2"), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Skipped 3 unreadable image(s) in epoch 0" in res.stdout
+    assert sum("skipping unreadable image" in line for line in res.stdout.splitlines()) == 3
+
+
+def test_non_finite_loss_names_epoch_and_iteration():
+    import argparse
+    from engine_pretrain import train_one_epoch
+
+    class Exploding(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.w = self.create_parameter([1])
+
+        def forward(self, x, mask_ratio):
+            return self.w.sum() * float("nan"), None, None
+
+    model = Exploding()
+    opt = paddle.optimizer.AdamW(parameters=model.parameters())
+    args = argparse.Namespace(accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=1, epochs=2, mask_ratio=0.75,
+                              print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="")
+    with pytest.raises(misc.NonFiniteLossError, match="Loss is nan at epoch 3, iteration 0"):
+        train_one_epoch(model, [(paddle.zeros([2, 3, 4, 4]), None)], opt, 3, misc.NativeScalerWithGradNormCount(False),
+                        args=args)
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("main_finetune.py", ["--eval"], "--eval needs --resume"),
+    ("main_linprobe.py", ["--eval"], "--eval needs --resume"),
+    ("main_pretrain.py", ["--accum_iter", "0"], "--accum_iter: must be >= 1"),
+    ("main_finetune.py", ["--model", "vit_tiny_patch4", "--input_size", "50"], "not divisible by patch_size"),
+    ("main_pretrain.py", ["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10 is larger than --epochs 5"),
+])
+def test_bad_flag_combinations(script, flags, message):
+    res = run_script(script, *flags)
+    assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr
+
+
+def test_dist_eval_in_one_process(tmp_path):
+    root = make_image_folder(str(tmp_path / "d"), classes=2, per_class=2)
+    make_image_folder(root, classes=2, per_class=2, split="val")
+    res = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--dist_eval", "--data_path", root,
+                     "--nb_classes", "2", "--device", "cpu", "--output_dir", "")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --dist_eval")
