@@ -91,9 +91,15 @@ class Attention(nn.Layer):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
-        q, k, v = qkv.unbind(2)  # each [B, N, H, hd]: the fused-attention layout
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
+        if x.place.is_gpu_place():  # fused (flash) attention, layout [B, N, H, hd]
+            q, k, v = qkv.unbind(2)
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
+        else:  # on CPU the fused op falls back to slower plain math
+            q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
+            attn = F.softmax((q @ k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
+            attn = F.dropout(attn, self.attn_drop, training=self.training)
+            x = (attn @ v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(x.reshape([B, N, C])))
 
 

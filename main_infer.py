@@ -67,6 +67,7 @@ class ExportedModel:
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_threads())
+            config.enable_onednn()
         with native_stdout_to_stderr():
             self.predictor = paddle.inference.create_predictor(config)
 
