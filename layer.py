@@ -91,7 +91,7 @@ class Attention(nn.Layer):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
-        if x.place.is_gpu_place():  # fused (flash) attention, layout [B, N, H, hd]
+        if paddle.get_device().startswith("gpu"):  # fused (flash) attention, layout [B, N, H, hd]
             q, k, v = qkv.unbind(2)
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)

@@ -45,8 +45,9 @@ def test_folder_text_output_and_class_names(tmp_path):
                      os.path.join(ROOT, "demo"), "--class_names", str(names), "--topk", "3")
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert sum(line.endswith((".png", ".jpg")) for line in lines) == 3
-    assert sum(line.strip().startswith(("1.", "2.", "3.")) for line in lines) == 9
+    n = len([f for f in os.listdir(os.path.join(ROOT, "demo")) if f.endswith((".png", ".jpg"))])
+    assert sum(line.endswith((".png", ".jpg")) for line in lines) == n >= 3
+    assert sum(line.strip().startswith(("1.", "2.", "3.")) for line in lines) == 3 * n
     assert "thing" in lines[1]
     bad = tmp_path / "few.txt"
     bad.write_text("a\nb\n")
