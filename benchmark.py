@@ -18,7 +18,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import paddle
 
 import models_mae
@@ -194,9 +193,7 @@ def main(argv=None):
             args.model = args.model or "vit_base_patch16"
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
-        if args.recompute:
-            for blk in model.blocks:
-                blk.recompute = True
+        misc.set_recompute(model, args.recompute)
         result["model"] = args.model
         x = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
         y = paddle.randint(0, 1000, [args.batch_size])

@@ -43,22 +43,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
         if update:
             optimizer.clear_grad()
 
-        metric_logger.update(loss=loss_value)
-        max_lr = max(lr_sched.group_lrs(optimizer))
-        metric_logger.update(lr=max_lr)
-        loss_value_reduce = misc.all_reduce_mean(loss_value)
-        if log_writer is not None and update:
-            epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
-            log_writer.add_scalar(tag="loss", value=loss_value_reduce, step=epoch_1000x)
-            log_writer.add_scalar(tag="lr", value=max_lr, step=epoch_1000x)
-        if update and misc.STOP.requested():
-            misc.STOP.iteration = data_iter_step + 1
+        if misc.log_step(metric_logger, log_writer, loss_value, max(lr_sched.group_lrs(optimizer)), data_iter_step,
+                         len(data_loader), epoch, update):
             break
-
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    misc.report_faults(data_loader, loss_scaler, epoch)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return misc.end_epoch(metric_logger, data_loader, loss_scaler, epoch)
 
 
 def accuracy(output, target, topk=(1,)):

@@ -1,7 +1,6 @@
 """One epoch of MAE pre-training."""
 import math
 
-import paddle
 
 import util.lr_sched as lr_sched
 import util.misc as misc
@@ -36,20 +35,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         if update:
             optimizer.clear_grad()
 
-        metric_logger.update(loss=loss_value)
-        lr = optimizer.get_lr()
-        metric_logger.update(lr=lr)
-        loss_value_reduce = misc.all_reduce_mean(loss_value)
-        if log_writer is not None and update:
-            # x axis in 1000ths of an epoch, so that runs with different batch sizes line up
-            epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
-            log_writer.add_scalar(tag="train_loss", value=loss_value_reduce, step=epoch_1000x)
-            log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
-        if update and misc.STOP.requested():
-            misc.STOP.iteration = data_iter_step + 1
+        if misc.log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
+                         epoch, update, loss_tag="train_loss"):
             break
-
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    misc.report_faults(data_loader, loss_scaler, epoch)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return misc.end_epoch(metric_logger, data_loader, loss_scaler, epoch)

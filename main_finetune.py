@@ -8,7 +8,8 @@ import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import add_common_args, check_dist_eval, effective_lr, non_negative_float, positive_int, resolve
+from util.args import (add_classification_args, add_common_args, check_dist_eval, effective_lr, non_negative_float,
+                       positive_int, resolve)
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
 from util.losses import build_criterion
@@ -49,15 +50,7 @@ def get_args_parser():
                         help="probability of switching to cutmix when both mixup and cutmix enabled")
     parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch"],
                         help="how to apply mixup/cutmix params (per batch)")
-    parser.add_argument("--finetune", default="", help="start from this checkpoint (.pd or official .pth)")
-    parser.add_argument("--global_pool", action="store_true")
-    parser.set_defaults(global_pool=True)
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="use the class token instead of global pool for classification")
-    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
-    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
-    parser.add_argument("--dist_eval", action="store_true", default=False,
-                        help="split evaluation over the processes (recommended during training for speed)")
+    add_classification_args(parser, global_pool=True)
     return parser
 
 
@@ -103,6 +96,7 @@ def main(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
         trunc_normal_(model.head.weight, std=2e-5)
+    misc.set_recompute(model, args.recompute)
     model_without_ddp = model
     n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
     print(f"Model = {model_without_ddp}")

@@ -8,7 +8,7 @@ import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import add_common_args, check_dist_eval, effective_lr, positive_int, resolve
+from util.args import add_classification_args, add_common_args, check_dist_eval, effective_lr, resolve
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
 from util.lars import LARS
@@ -21,16 +21,7 @@ def get_args_parser():
     add_common_args(parser)
     parser.set_defaults(batch_size=512, epochs=90, model="vit_large_patch16", weight_decay=0.0, blr=0.1,
                         min_lr=0.0, warmup_epochs=10, save_freq=1)
-    parser.add_argument("--finetune", default="", help="start from this checkpoint (.pd or official .pth)")
-    parser.add_argument("--global_pool", action="store_true",
-                        help="mean of the patch tokens through fc_norm, which starts from the encoder's final norm")
-    parser.set_defaults(global_pool=False)
-    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="use the class token instead of global pool for classification (default)")
-    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
-    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
-    parser.add_argument("--dist_eval", action="store_true", default=False,
-                        help="split evaluation over the processes (recommended during training for speed)")
+    add_classification_args(parser, global_pool=False)
     return parser
 
 

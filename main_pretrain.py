@@ -1,7 +1,6 @@
 """MAE pre-training: single process, or many with `python -m paddle.distributed.launch`."""
 import argparse
 import datetime
-import json
 import os
 import time
 
@@ -57,6 +56,7 @@ def main(args):
     log_writer = misc.create_log_writer(args)
 
     model = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    misc.set_recompute(model, args.recompute)
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")
     effective_lr(args)

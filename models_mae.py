@@ -1,5 +1,4 @@
 """Masked autoencoder with a ViT encoder and a light ViT decoder (He et al., 2021)."""
-from functools import partial
 
 import paddle
 import paddle.nn as nn

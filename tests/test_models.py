@@ -13,6 +13,7 @@ from helpers import head_before_step, max_abs, tiny_mae, tiny_vit, to_torch_layo
 from layer import Attention, DropPath, drop_path_schedule
 from util.checkpoint import load_pretrained
 from util.factory import create_model
+from util.misc import set_recompute
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
 TOL = 1e-5
@@ -45,8 +46,10 @@ def test_pred_and_loss(mae_io, norm_pix_loss, key):
     assert abs(loss.item() - float(mae_io[key])) < TOL
 
 
-def test_gradients_of_every_parameter(mae_io):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradients_of_every_parameter(mae_io, recompute):
     model = tiny_mae()
+    set_recompute(model, recompute)
     loss, _, _ = model(paddle.to_tensor(mae_io["imgs"]), float(mae_io["mask_ratio"]),
                        noise=paddle.to_tensor(mae_io["noise"]))
     loss.backward()

@@ -67,6 +67,8 @@ def add_common_args(parser):
     parser.add_argument("--no_amp", action="store_true", help="train in float32 on GPU (AMP is never used on CPU)")
     parser.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
                         help="autocast dtype on GPU; float16 uses the dynamic loss scaler")
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute block activations in the backward pass: less memory (ViT-L/H), more time")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint (.pd, or an official .pth)")
     parser.add_argument("--auto_resume", action="store_true",
@@ -90,6 +92,21 @@ def add_common_args(parser):
     parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
     return parser
+
+
+def add_classification_args(parser, global_pool):
+    """Flags main_finetune and main_linprobe share: the starting checkpoint, pooling, classes, evaluation."""
+    parser.add_argument("--finetune", default="", help="start from this checkpoint (.pd or official .pth)")
+    parser.add_argument("--global_pool", action="store_true",
+                        help="classify the mean of the patch tokens (through fc_norm)" + (" (default)" if global_pool
+                                                                                          else ""))
+    parser.set_defaults(global_pool=global_pool)
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="classify the class token" + ("" if global_pool else " (default)"))
+    parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
+    parser.add_argument("--eval", action="store_true", help="perform evaluation only")
+    parser.add_argument("--dist_eval", action="store_true", default=False,
+                        help="split evaluation over the processes (recommended during training for speed)")
 
 
 def resolve(parser, args, model_names):

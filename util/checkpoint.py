@@ -253,7 +253,8 @@ def load_pretrained(model, path, fc_norm_from_norm=False):
 
     state_dict = dict(load_checkpoint(path)["model"])
     own = model.state_dict()
-    if fc_norm_from_norm and "fc_norm.weight" in own and "fc_norm.weight" not in state_dict and "norm.weight" in state_dict:
+    if fc_norm_from_norm and "fc_norm.weight" in own and "fc_norm.weight" not in state_dict \
+            and "norm.weight" in state_dict:
         print("fc_norm starts from the encoder's final norm")
         state_dict["fc_norm.weight"], state_dict["fc_norm.bias"] = state_dict["norm.weight"], state_dict["norm.bias"]
     for k in ("head.weight", "head.bias"):

@@ -38,9 +38,8 @@ class LARS:
                 dp = dp + self.weight_decay * p
                 param_norm, update_norm = paddle.linalg.norm(p), paddle.linalg.norm(dp)
                 one = paddle.ones_like(param_norm)
-                q = paddle.where(param_norm > 0.0,
-                                 paddle.where(update_norm > 0.0, self.trust_coefficient * param_norm / update_norm, one),
-                                 one)
+                trust = self.trust_coefficient * param_norm / update_norm
+                q = paddle.where(param_norm > 0.0, paddle.where(update_norm > 0.0, trust, one), one)
                 dp = dp * q
             self._create_accumulators(None, [p])
             mu = self._accumulators["momentum"][p.name]

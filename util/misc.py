@@ -259,6 +259,13 @@ class NativeScalerWithGradNormCount:
             self._scaler.load_state_dict(state_dict)
 
 
+def set_recompute(model, enabled):
+    """Activation recomputation in every transformer block of the model (encoder and decoder)."""
+    for layer in model.sublayers():
+        if hasattr(layer, "recompute"):
+            layer.recompute = enabled
+
+
 def amp_enabled(args):
     return args.device.startswith("gpu") and not args.no_amp
 
@@ -345,6 +352,30 @@ def truncate_log(args, start_epoch):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
+
+
+def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, loss_tag="loss"):
+    """Meters and VisualDL scalars of one iteration; True when a stop signal ends the epoch here."""
+    metric_logger.update(loss=loss_value)
+    metric_logger.update(lr=lr)
+    loss_value_reduce = all_reduce_mean(loss_value)
+    if log_writer is not None and update:
+        # x axis in 1000ths of an epoch, so that runs with different batch sizes line up
+        epoch_1000x = int((step / steps + epoch) * 1000)
+        log_writer.add_scalar(tag=loss_tag, value=loss_value_reduce, step=epoch_1000x)
+        log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
+    if update and STOP.requested():
+        STOP.iteration = step + 1
+        return True
+    return False
+
+
+def end_epoch(metric_logger, data_loader, loss_scaler, epoch):
+    """Average the meters over ranks, print them and the fault counts; the epoch's stats."""
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    report_faults(data_loader, loss_scaler, epoch)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
 def report_faults(data_loader, loss_scaler, epoch):
