@@ -154,3 +154,18 @@ def test_export_parity(tmp_path):
     out = run_script("main_infer.py", "--exported", prefix, "--img_path", CAT, "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip())["topk_ids"] == _by_hand(CAT)[0]
+
+
+def test_onnx_export_matches(tmp_path):
+    pytest.importorskip("paddle2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    prefix = str(tmp_path / "m")
+    out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", VIT, "--output", prefix, "--onnx")
+    assert out.returncode == 0, out.stderr[-2000:]
+    x = np.random.RandomState(0).randn(2, 3, 32, 32).astype(np.float32)
+    session = ort.InferenceSession(prefix + ".onnx")
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    model = vit_micro_patch4(num_classes=10, global_pool=True)
+    load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
+    model.eval()
+    assert np.abs(got - model(paddle.to_tensor(x)).numpy()).max() <= 1e-5
