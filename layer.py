@@ -97,7 +97,7 @@ class Attention(nn.Layer):
                 q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
         else:  # on CPU the fused op falls back to slower plain math
             q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
-            attn = F.softmax((q @ k.transpose([0, 1, 3, 2])) * self.scale, axis=-1)
+            attn = F.softmax((q * self.scale) @ k.transpose([0, 1, 3, 2]), axis=-1)  # scale the smaller operand
             attn = F.dropout(attn, self.attn_drop, training=self.training)
             x = (attn @ v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(x.reshape([B, N, C])))
