@@ -100,7 +100,7 @@ def train_args(args):
 def bench_train(args, model, x, y):
     import builtins
     targs = train_args(args)
-    scaler = misc.NativeScalerWithGradNormCount(misc.amp_enabled(args) and args.amp_dtype == "float16")
+    scaler = misc.create_loss_scaler(args)
     if args.job == "pretrain":
         import main_pretrain
         from engine_pretrain import train_one_epoch

@@ -1,5 +1,4 @@
 """One epoch of MAE pre-training."""
-import math
 
 
 import util.lr_sched as lr_sched
@@ -9,13 +8,8 @@ import util.misc as misc
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0):
     """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
     model.train()
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    header = f"Epoch: [{epoch}]"
+    metric_logger, header = misc.train_logger(epoch, optimizer, log_writer, args)
     accum_iter = args.accum_iter
-    optimizer.clear_grad()
-    if log_writer is not None:
-        print(f"log_dir: {args.log_dir}")
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
@@ -25,9 +19,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         with misc.autocast(args):
             loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise misc.NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {data_iter_step}, "
-                                     "stopping training")
+        misc.check_loss(loss_value, epoch, data_iter_step)
 
         loss = loss / accum_iter
         update = (data_iter_step + 1) % accum_iter == 0

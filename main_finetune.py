@@ -1,6 +1,5 @@
 """Fine-tuning a pre-trained MAE encoder for classification (and --eval)."""
 import argparse
-import os
 
 import paddle
 
@@ -8,8 +7,8 @@ import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import (add_classification_args, add_common_args, check_dist_eval, effective_lr, non_negative_float,
-                       positive_int, resolve)
+from util.args import (add_classification_args, add_common_args, check_dist_eval, non_negative_float, positive_int,
+                       resolve)
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
 from util.losses import build_criterion
@@ -72,16 +71,11 @@ def create_optimizer(model, args):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
+    misc.start_run(args)
     check_dist_eval(args)
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(f"{args}".replace(", ", ",\n"))
-    misc.seed_everything(args.seed + misc.get_rank())
 
     train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount)
     loaders = classification_loaders(args, train_tf, eval_transform(args.input_size))
-    if misc.is_main_process() and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None:
@@ -98,15 +92,10 @@ def main(args):
         trunc_normal_(model.head.weight, std=2e-5)
     misc.set_recompute(model, args.recompute)
     model_without_ddp = model
-    n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
-    print(f"Model = {model_without_ddp}")
-    print(f"number of params (M): {n_parameters / 1.e6:.2f}")
-    effective_lr(args)
-    if args.distributed:
-        model = paddle.DataParallel(model)
+    model = misc.wrap_model(args, model)
 
     optimizer = create_optimizer(model_without_ddp, args)
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    loss_scaler = misc.create_loss_scaler(args)
     criterion = build_criterion(mixup_fn, args.smoothing)
     print(f"criterion = {criterion}")
     fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn, args.clip_grad)

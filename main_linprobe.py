@@ -1,14 +1,12 @@
 """Linear probing of a pre-trained MAE encoder: BatchNorm (no affine) + Linear head trained with LARS."""
 import argparse
-import os
 
-import paddle
 
 import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import add_classification_args, add_common_args, check_dist_eval, effective_lr, resolve
+from util.args import add_classification_args, add_common_args, check_dist_eval, resolve
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
 from util.lars import LARS
@@ -47,28 +45,17 @@ def build_model(args):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
+    misc.start_run(args)
     check_dist_eval(args)
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(f"{args}".replace(", ", ",\n"))
-    misc.seed_everything(args.seed + misc.get_rank())
 
     loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
-    if misc.is_main_process() and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
 
-    model = build_model(args)
-    model_without_ddp = model
-    n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
-    print(f"Model = {model_without_ddp}")
-    print(f"number of params (M): {n_parameters / 1.e6:.2f}")
-    effective_lr(args)
-    if args.distributed:
-        model = paddle.DataParallel(model)
+    model_without_ddp = build_model(args)
+    model = misc.wrap_model(args, model_without_ddp)
 
     optimizer = LARS(model_without_ddp.head.parameters(), learning_rate=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    loss_scaler = misc.create_loss_scaler(args)
     fit(args, model, model_without_ddp, optimizer, loss_scaler, CrossEntropyLoss(), loaders)
 
 

@@ -9,7 +9,7 @@ import paddle
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.args import add_common_args, effective_lr, ratio, resolve
+from util.args import add_common_args, ratio, resolve
 from util.datasets import ImageFolder, train_loader
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
@@ -41,30 +41,21 @@ def parse_args(argv=None):
 
 
 def main(args):
-    misc.init_distributed_mode(args)
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(f"{args}".replace(", ", ",\n"))
-    misc.seed_everything(args.seed + misc.get_rank())
+    misc.start_run(args)
 
     dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=pretrain_transform(args.input_size))
     print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
     data_loader_train = train_loader(dataset_train, args)
 
-    if misc.is_main_process():
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
     log_writer = misc.create_log_writer(args)
 
     model = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
     misc.set_recompute(model, args.recompute)
     model_without_ddp = model
-    print(f"Model = {model_without_ddp}")
-    effective_lr(args)
-    if args.distributed:
-        model = paddle.DataParallel(model)
+    model = misc.wrap_model(args, model)
 
     optimizer = create_optimizer(model_without_ddp, args)
-    loss_scaler = misc.NativeScalerWithGradNormCount(enabled=misc.amp_enabled(args) and args.amp_dtype == "float16")
+    loss_scaler = misc.create_loss_scaler(args)
     misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
 
     print(f"Start training for {args.epochs} epochs")

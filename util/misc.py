@@ -2,6 +2,7 @@
 import builtins
 import datetime
 import json
+import math
 import os
 import random
 import resource
@@ -198,6 +199,22 @@ def init_distributed_mode(args):
         STOP.install()
 
 
+def start_run(args):
+    """Distributed init, the run's flags on the console, seeds; makes --output_dir (rank 0)."""
+    init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(sys.argv[0]))}")
+    print(f"{args}".replace(", ", ",\n"))
+    seed_everything(args.seed + get_rank())
+    if is_main_process() and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+
+def check_loss(loss_value, epoch, step):
+    """The official stop on a non-finite loss, naming where it happened."""
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {step}, stopping training")
+
+
 def seed_everything(seed, epoch=0):
     """Seed paddle, numpy and python's random from (seed, epoch), so that a resumed epoch draws the same."""
     s = (seed * 1000003 + epoch) % (2 ** 31)
@@ -264,6 +281,31 @@ def set_recompute(model, enabled):
     for layer in model.sublayers():
         if hasattr(layer, "recompute"):
             layer.recompute = enabled
+
+
+def wrap_model(args, model):
+    """Print the model, its trainable size and the learning rate; wrap it for data parallelism."""
+    from util.args import effective_lr
+
+    n_parameters = sum(p.numel().item() for p in model.parameters() if not p.stop_gradient)
+    print(f"Model = {model}")
+    print(f"number of params (M): {n_parameters / 1.e6:.2f}")
+    effective_lr(args)
+    return paddle.DataParallel(model) if args.distributed else model
+
+
+def create_loss_scaler(args):
+    return NativeScalerWithGradNormCount(enabled=amp_enabled(args) and args.amp_dtype == "float16")
+
+
+def train_logger(epoch, optimizer, log_writer, args):
+    """The meters of a training epoch (lr first, as the official log keys), with gradients cleared."""
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    optimizer.clear_grad()
+    if log_writer is not None:
+        print(f"log_dir: {args.log_dir}")
+    return metric_logger, f"Epoch: [{epoch}]"
 
 
 def amp_enabled(args):
