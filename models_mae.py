@@ -115,7 +115,8 @@ class MaskedAutoencoderViT(nn.Layer):
 
     def forward_loss(self, imgs, pred, mask):
         """Mean squared error on the removed patches; per-patch normalised target with norm_pix_loss."""
-        target = self.patchify(imgs)
+        target = self.patchify(imgs).astype("float32")
+        pred = pred.astype("float32")  # under float16 autocast the loss is still computed in float32
         if self.norm_pix_loss:
             mean = target.mean(axis=-1, keepdim=True)
             var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (target.shape[-1] - 1)  # unbiased
