@@ -109,5 +109,7 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
         misc.log_stats(args, {**{f"train_{k}": v for k, v in train_stats.items()},
                               **{f"test_{k}": v for k, v in test_stats.items()},
                               "epoch": epoch, "n_parameters": n_parameters})
+        if misc.stop_after_epoch(epoch):
+            return test_stats
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return test_stats

@@ -74,6 +74,8 @@ def main(args):
         misc.log_stats(args, log_stats)
         if log_writer is not None:
             log_writer.flush()
+        if misc.stop_after_epoch(epoch):
+            return
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")

@@ -57,7 +57,7 @@ def test_kill_9_then_rerun_resumes(dataset, tmp_path):
     time.sleep(0.5)  # inside epoch 1
     proc.kill()
     proc.wait()
-    assert _epochs(out) == [0] and os.path.isfile(os.path.join(out, "checkpoint-last.pd"))
+    assert _epochs(out) in ([0], [0, 1]) and os.path.isfile(os.path.join(out, "checkpoint-last.pd"))
     res = run_script(*_args(dataset, out))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Auto-resume from" in res.stdout and "checkpoint-last.pd" in res.stdout
@@ -73,13 +73,15 @@ def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "Received SIGTERM" in stdout and "Stopped in epoch 1 after iteration" in stdout
+    assert "Received SIGTERM" in stdout
+    epoch = int(re.search(r"Stopped in epoch (\d) after iteration", stdout).group(1))  # 1, or 2 on a fast machine
     ckpt = paddle.load(os.path.join(out, "checkpoint-last.pd"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < 10
+    assert ckpt["epoch"] == epoch - 1 and 0 < ckpt["iteration"] < 10
+    assert _epochs(out) == list(range(epoch))
     res = run_script(*_args(dataset, out))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"Continuing epoch 1 at iteration {ckpt['iteration']}" in res.stdout
-    first = re.search(r"Epoch: \[1\]  \[\s*(\d+)/10\]", res.stdout)
+    assert f"Continuing epoch {epoch} at iteration {ckpt['iteration']}" in res.stdout
+    first = re.search(rf"Epoch: \[{epoch}\]  \[\s*(\d+)/10\]", res.stdout)
     assert int(first.group(1)) == ckpt["iteration"]  # the batches already done are not repeated
     assert _epochs(out) == [0, 1, 2]
 

@@ -406,7 +406,7 @@ def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, upda
         epoch_1000x = int((step / steps + epoch) * 1000)
         log_writer.add_scalar(tag=loss_tag, value=loss_value_reduce, step=epoch_1000x)
         log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
-    if update and STOP.requested():
+    if update and step + 1 < steps and STOP.requested():  # at the last step the epoch simply ends
         STOP.iteration = step + 1
         return True
     return False
@@ -456,6 +456,14 @@ class StopSignal:
 
 
 STOP = StopSignal()
+
+
+def stop_after_epoch(epoch):
+    """A signal that came during the epoch's last step: the epoch is saved and logged; stop here."""
+    if not STOP.requested():
+        return False
+    print(f"Stopped after epoch {epoch}. Run the same command again to continue.")
+    return True
 
 
 def stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
