@@ -1,0 +1,146 @@
+"""The Fashion-MNIST study: MAE pre-training, linear probing and fine-tuning against baselines, and a
+mask-ratio ablation, all with the project's own scripts.
+
+    python experiments/fashion_mnist/run.py                 # everything (resumes where it stopped)
+    python experiments/fashion_mnist/run.py --stages pretrain_0.75 linprobe_0.75
+    python experiments/fashion_mnist/run.py --smoke --out /tmp/fm_smoke   # a few hundred images, 1 epoch each
+
+Each stage is one script call with a fixed output folder; a stage whose log.txt has all its epochs is
+skipped, and an interrupted one continues from its checkpoint (the scripts auto-resume). Writes
+OUT/results.json (every number with its command and log file), OUT/results.md, OUT/loss_curves.png and
+OUT/reconstruction.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MASK_RATIOS = (0.25, 0.5, 0.75, 0.9)
+# model, image size and budgets of the study (see README.md beside this file)
+MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
+EPOCHS = {"pretrain": 20, "linprobe": 10, "finetune": 10}
+COMMON = ["--batch_size", "128", "--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE),
+          "--save_freq", "1000"]
+CLS = ["--nb_classes", "10", "--warmup_epochs", "1"]
+
+
+def stages(data, out, epochs):
+    """name -> (script, flags, epochs). Stage outputs live in out/name."""
+    pretrained = {r: os.path.join(out, f"pretrain_{r}", "checkpoint-last.pd") for r in MASK_RATIOS}
+    plan = {}
+    for r in MASK_RATIOS:
+        plan[f"pretrain_{r}"] = ("main_pretrain.py", ["--model", MAE, "--norm_pix_loss", "--mask_ratio", str(r),
+                                                      "--blr", "2e-3", "--warmup_epochs", str(min(2, epochs["pretrain"]))],
+                                     "pretrain")
+        plan[f"linprobe_{r}"] = ("main_linprobe.py", ["--model", VIT, "--finetune", pretrained[r], "--blr", "25.6",
+                                                      *CLS], "linprobe")
+    plan["finetune_0.75"] = ("main_finetune.py", ["--model", VIT, "--finetune", pretrained[0.75], "--blr", "5e-3",
+                                                  "--aa", "none", "--reprob", "0", "--drop_path", "0", *CLS],
+                             "finetune")
+    plan["linprobe_random_init"] = ("main_linprobe.py", ["--model", VIT, "--blr", "25.6", *CLS], "linprobe")
+    plan["finetune_from_scratch"] = ("main_finetune.py", ["--model", VIT, "--blr", "5e-3", "--aa", "none",
+                                                          "--reprob", "0", "--drop_path", "0", *CLS], "finetune")
+    return {name: (script, flags + ["--data_path", data, "--output_dir", os.path.join(out, name),
+                                    "--log_dir", os.path.join(out, name)], kind)
+            for name, (script, flags, kind) in plan.items()}
+
+
+def read_log(folder):
+    path = os.path.join(folder, "log.txt")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_stage(name, script, flags, epochs, out):
+    if len(read_log(os.path.join(out, name))) >= epochs:
+        print(f"[{name}] done already")
+        return
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--epochs", str(epochs), *COMMON]
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    with open(os.path.join(out, f"{name}.stdout"), "a", encoding="utf-8") as log:
+        if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) != 0:
+            sys.exit(f"error: stage {name} failed; see {os.path.join(out, name + '.stdout')}")
+
+
+def collect(plan, epochs, out):
+    results = {}
+    for name, (script, flags, kind) in plan.items():
+        logs = read_log(os.path.join(out, name))
+        if not logs:
+            continue
+        entry = {"command": " ".join([f"python {script}", *flags, "--epochs", str(epochs[kind]), *COMMON]),
+                 "log": os.path.join(out, name, "log.txt"), "epochs": len(logs),
+                 "final_train_loss": logs[-1]["train_loss"]}
+        if "test_acc1" in logs[-1]:
+            entry.update(final_acc1=logs[-1]["test_acc1"], best_acc1=max(r["test_acc1"] for r in logs))
+        results[name] = entry
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    rows = ["| stage | epochs | final train loss | top-1 (final) | top-1 (best) |", "|---|---|---|---|---|"]
+    for name, e in results.items():
+        acc = (f"{e['final_acc1']:.2f} | {e['best_acc1']:.2f}" if "final_acc1" in e else "– | –")
+        rows.append(f"| {name} | {e['epochs']} | {e['final_train_loss']:.4f} | {acc} |")
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    return results
+
+
+def plots(plan, data, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for name in plan:
+        logs = read_log(os.path.join(out, name))
+        if logs:
+            ax[0 if name.startswith("pretrain") else 1].plot([r["epoch"] for r in logs],
+                                                              [r["train_loss"] for r in logs], label=name)
+    for a, title in zip(ax, ("pre-training loss (norm-pix)", "classification training loss")):
+        a.set_title(title)
+        a.set_xlabel("epoch")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
+    ckpt = os.path.join(out, "pretrain_0.75", "checkpoint-last.pd")
+    if os.path.isfile(ckpt):
+        imgs = [os.path.join(data, "val", c, sorted(os.listdir(os.path.join(data, "val", c)))[0])
+                for c in sorted(os.listdir(os.path.join(data, "val")))[:4]]
+        subprocess.check_call([sys.executable, os.path.join(ROOT, "main_visualize.py"), "--model", MAE, "--resume",
+                               ckpt, "--output", os.path.join(out, "reconstruction.png"), "--img_path", *imgs],
+                              cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "fashion_mnist"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"))
+    parser.add_argument("--stages", nargs="*", default=None, help="default: all, in order")
+    parser.add_argument("--smoke", action="store_true", help="30 train / 10 val images per class, 1 epoch each")
+    args = parser.parse_args(argv)
+    epochs = dict(EPOCHS)
+    if args.smoke:
+        epochs = {k: 1 for k in epochs}
+    prep = [] if not args.smoke else ["--train_per_class", "30", "--val_per_class", "10"]
+    if not os.path.isdir(os.path.join(args.data, "train")):
+        subprocess.check_call([sys.executable, os.path.join(ROOT, "demo", "prepare_fashion_mnist.py"),
+                               "--out", args.data, *prep])
+    os.makedirs(args.out, exist_ok=True)
+    plan = stages(args.data, args.out, epochs)
+    unknown = [s for s in args.stages or [] if s not in plan]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(plan)}")
+    for name in args.stages or plan:
+        script, flags, kind = plan[name]
+        run_stage(name, script, flags, epochs[kind], args.out)
+    results = collect(plan, epochs, args.out)
+    plots(plan, args.data, args.out)
+    print(open(os.path.join(args.out, "results.md")).read())
+    print(f"wrote {args.out}/results.json, results.md, loss_curves.png, reconstruction.png ({len(results)} stages)")
+
+
+if __name__ == "__main__":
+    main()

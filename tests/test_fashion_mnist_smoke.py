@@ -1,0 +1,44 @@
+"""The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import ROOT
+from helpers import run_script
+
+DRIVER = os.path.join("experiments", "fashion_mnist", "run.py")
+
+
+def _subset(dst, per_split):
+    """The first images of each class of the shipped Fashion-MNIST subset (real data, no download)."""
+    for split, n in per_split.items():
+        src = os.path.join(ROOT, "demo", "fashion_mnist_small", split)
+        for c in sorted(os.listdir(src)):
+            os.makedirs(os.path.join(dst, split, c))
+            for f in sorted(os.listdir(os.path.join(src, c)))[:n]:
+                shutil.copy(os.path.join(src, c, f), os.path.join(dst, split, c, f))
+
+
+@pytest.mark.slow
+def test_study_driver_smoke(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    _subset(data, {"train": 30, "val": 10})
+    res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.load(open(os.path.join(out, "results.json")))
+    expected = {f"{kind}_{r}" for kind in ("pretrain", "linprobe") for r in (0.25, 0.5, 0.75, 0.9)}
+    expected |= {"finetune_0.75", "linprobe_random_init", "finetune_from_scratch"}
+    assert set(results) == expected
+    for name, entry in results.items():
+        logs = [json.loads(line) for line in open(entry["log"])]
+        assert entry["epochs"] == len(logs) == 1 and entry["final_train_loss"] == logs[-1]["train_loss"]
+        assert ("final_acc1" in entry) == (not name.startswith("pretrain"))
+        assert entry["command"].startswith("python main_")
+    for picture in ("loss_curves.png", "reconstruction.png"):
+        assert os.path.getsize(os.path.join(out, picture)) > 0
+    again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_0.75")
+    assert again.returncode == 0 and "[linprobe_0.75] done already" in again.stdout
+    bad = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "nothing")
+    assert bad.returncode == 2 and "unknown stage(s) nothing" in bad.stderr
