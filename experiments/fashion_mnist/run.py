@@ -30,10 +30,10 @@ def stages(data, out, epochs):
     """name -> (script, flags, epochs). Stage outputs live in out/name."""
     pretrained = {r: os.path.join(out, f"pretrain_{r}", "checkpoint-last.pd") for r in MASK_RATIOS}
     plan = {}
+    warmup = str(min(2, epochs["pretrain"]))
     for r in MASK_RATIOS:
         plan[f"pretrain_{r}"] = ("main_pretrain.py", ["--model", MAE, "--norm_pix_loss", "--mask_ratio", str(r),
-                                                      "--blr", "2e-3", "--warmup_epochs", str(min(2, epochs["pretrain"]))],
-                                     "pretrain")
+                                                      "--blr", "2e-3", "--warmup_epochs", warmup], "pretrain")
         plan[f"linprobe_{r}"] = ("main_linprobe.py", ["--model", VIT, "--finetune", pretrained[r], "--blr", "25.6",
                                                       *CLS], "linprobe")
     plan["finetune_0.75"] = ("main_finetune.py", ["--model", VIT, "--finetune", pretrained[0.75], "--blr", "5e-3",
