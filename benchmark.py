@@ -209,4 +209,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from util.datasets import DataError
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")

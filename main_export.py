@@ -56,6 +56,8 @@ def main(argv=None):
         export(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot write {args.output}: {e}")
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ class ExportedModel:
         for path in (prefix + ".json", prefix + ".pdiparams", info_path):
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: exported model file not found")
-        with open(info_path, encoding="utf-8") as f:
-            self.info = json.load(f)
+        try:
+            with open(info_path, encoding="utf-8") as f:
+                self.info = json.load(f)
+            int(self.info["input_size"]), int(self.info["num_classes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{info_path}: not an export description ({type(e).__name__}: {e})") from None
         config = paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")
         if use_gpu:
             config.enable_use_gpu(256, 0)

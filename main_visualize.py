@@ -20,6 +20,7 @@ from util.args import positive_int, ratio
 from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
+from util.factory import checkpoint_img_size
 from util.misc import configure_cpu
 from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -46,9 +47,7 @@ def load_mae(args):
         raise CheckpointError(f"{args.resume}: no decoder weights (the released mae_pretrain_vit_*.pth are encoder "
                               "only; use mae_visualize_vit_*.pth or mae_pretrain_vit_*_full.pth)")
     norm_pix = args.norm_pix_loss or bool((ckpt.get("args") or {}).get("norm_pix_loss", False))
-    with paddle.LazyGuard():
-        patch = getattr(models_mae, args.model)().patch_embed.patch_size[0]
-    size = args.input_size or int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5)) * patch
+    size = args.input_size or checkpoint_img_size(args.model, state, args.resume)
     model = getattr(models_mae, args.model)(img_size=size, norm_pix_loss=norm_pix)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not (k.endswith("pos_embed") and list(np.shape(v)) != own[k].shape)}

@@ -2,11 +2,11 @@
 import os
 
 import numpy as np
-import paddle
 
 import models_vit
 from util.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from util.datasets import IMG_EXTENSIONS, DataError, load_image
+from util.factory import checkpoint_img_size
 from util.pos_embed import interpolate_pos_embed
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
@@ -20,11 +20,7 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
     head = state.get("head.1.weight" if probe else "head.weight")
     if head is None:
         raise CheckpointError(f"{path}: no classifier head (head.weight); is it a pre-training checkpoint?")
-    with paddle.LazyGuard():
-        patch = getattr(models_vit, model_name)(num_classes=1).patch_embed.patch_size[0]
-    if "pos_embed" not in state:
-        raise CheckpointError(f"{path}: no pos_embed")
-    native = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    native = checkpoint_img_size(model_name, state, path)
     model = getattr(models_vit, model_name)(num_classes=int(head.shape[1]), global_pool="fc_norm.weight" in state,
                                             img_size=input_size or native)
     if probe:

@@ -3,6 +3,7 @@
     python -m util.convert_weights SRC.pth DST.pd
 """
 import argparse
+import os
 import sys
 
 from util.checkpoint import CheckpointError, load_checkpoint, save_file
@@ -17,7 +18,11 @@ def main(argv=None):
         ckpt = load_checkpoint(args.src)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    save_file({"model": ckpt["model"]}, args.dst)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+        save_file({"model": ckpt["model"]}, args.dst)
+    except OSError as e:
+        sys.exit(f"error: cannot write {args.dst}: {e}")
     print(f"wrote {args.dst}: {len(ckpt['model'])} tensors")
 
 

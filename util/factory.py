@@ -18,3 +18,16 @@ def default_img_size(name):
     import paddle
     with paddle.LazyGuard():
         return create_model(name).patch_embed.img_size[0]
+
+
+def checkpoint_img_size(name, state, path):
+    """The input size at which a checkpoint's state_dict was trained, from its pos_embed grid."""
+    import numpy as np
+    import paddle
+
+    from util.checkpoint import CheckpointError
+    if "pos_embed" not in state:
+        raise CheckpointError(f"{path}: no pos_embed")
+    with paddle.LazyGuard():
+        patch = create_model(name).patch_embed.patch_size[0]
+    return int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5)) * patch

@@ -239,8 +239,6 @@ class NativeScalerWithGradNormCount:
     Disabled (plain backward and step) unless AMP float16 runs on a GPU.
     """
 
-    state_dict_key = "amp_scaler"
-
     def __init__(self, enabled=True):
         self.enabled = enabled
         self._scaler = paddle.amp.GradScaler(enable=enabled, init_loss_scaling=65536.0, incr_ratio=2.0,
