@@ -119,9 +119,9 @@ class MaskedAutoencoderViT(nn.Layer):
         pred = pred.astype("float32")  # under float16 autocast the loss is still computed in float32
         if self.norm_pix_loss:
             mean = target.mean(axis=-1, keepdim=True)
-            var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (target.shape[-1] - 1)  # unbiased
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(axis=-1)
+            var = paddle.square(target - mean).sum(axis=-1, keepdim=True) / (target.shape[-1] - 1)  # unbiased
+            target = (target - mean) / paddle.sqrt(var + 1.0e-6)
+        loss = paddle.square(pred - target).mean(axis=-1)
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
