@@ -35,7 +35,7 @@ def test_study_driver_smoke(tmp_path):
         logs = [json.loads(line) for line in open(entry["log"])]
         assert entry["epochs"] == len(logs) == 1 and entry["final_train_loss"] == logs[-1]["train_loss"]
         assert ("final_acc1" in entry) == (not name.startswith("pretrain"))
-        assert entry["command"].startswith("python main_")
+        assert entry["command"].startswith("python main_") and entry["wall_clock_s"] > 0
     for picture in ("loss_curves.png", "reconstruction.png"):
         assert os.path.getsize(os.path.join(out, picture)) > 0
     again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_0.75")

@@ -7,8 +7,8 @@ mask-ratio ablation, all with the project's own scripts.
 
 Each stage is one script call with a fixed output folder; a stage whose log.txt has all its epochs is
 skipped, and an interrupted one continues from its checkpoint (the scripts auto-resume). Writes
-OUT/results.json (every number with its command and log file), OUT/results.md, OUT/loss_curves.png and
-OUT/reconstruction.png.
+results.json (every number with its command, log file and wall clock), results.md, loss_curves.png and
+reconstruction.png beside this script (--report).
 """
 import argparse
 import json
@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 MASK_RATIOS = (0.25, 0.5, 0.75, 0.9)
 # model, image size and budgets of the study (see README.md beside this file)
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
@@ -81,7 +82,7 @@ def run_stage(name, script, flags, epochs, out):
         sys.exit(f"error: stage {name} failed; see {os.path.join(out, name + '.stdout')}")
 
 
-def collect(plan, epochs, out):
+def collect(plan, epochs, out, report):
     results = {}
     for name, (script, flags, kind) in plan.items():
         logs = read_log(os.path.join(out, name))
@@ -93,7 +94,7 @@ def collect(plan, epochs, out):
         if "test_acc1" in logs[-1]:
             entry.update(final_acc1=logs[-1]["test_acc1"], best_acc1=max(r["test_acc1"] for r in logs))
         results[name] = entry
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(report, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     rows = ["| stage | epochs | final train loss | top-1 (final) | top-1 (best) | wall clock |",
             "|---|---|---|---|---|---|"]
@@ -101,12 +102,12 @@ def collect(plan, epochs, out):
         acc = (f"{e['final_acc1']:.2f} | {e['best_acc1']:.2f}" if "final_acc1" in e else "– | –")
         clock = "–" if e["wall_clock_s"] is None else f"{e['wall_clock_s'] / 60:.1f} min"
         rows.append(f"| {name} | {e['epochs']} | {e['final_train_loss']:.4f} | {acc} | {clock} |")
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(report, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     return results
 
 
-def plots(plan, data, out):
+def plots(plan, data, out, report):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,43 +122,58 @@ def plots(plan, data, out):
         a.set_xlabel("epoch")
         a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
+    fig.savefig(os.path.join(report, "loss_curves.png"), dpi=100)
     ckpt = os.path.join(out, "pretrain_0.75", "checkpoint-last.pd")
     if os.path.isfile(ckpt):
         imgs = [os.path.join(data, "val", c, min(os.listdir(os.path.join(data, "val", c))))
                 for c in sorted(os.listdir(os.path.join(data, "val")))[:4]]
         subprocess.check_call([sys.executable, os.path.join(ROOT, "main_visualize.py"), "--model", MAE, "--resume",
-                               ckpt, "--output", os.path.join(out, "reconstruction.png"), "--img_path", *imgs],
+                               ckpt, "--output", os.path.join(report, "reconstruction.png"), "--img_path", *imgs],
                               cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def _from_root(path):
+    """`path` relative to the repository root when it lies inside it, else absolute."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.path.join(ROOT, "data", "fashion_mnist"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"))
+    parser.add_argument("--data", default=None, help="ImageFolder root, made from the IDX files when it has no "
+                        "train/ (default: data/fashion_mnist, data/fashion_mnist_smoke with --smoke)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"), help="stage outputs")
+    parser.add_argument("--report", default=None,
+                        help="results.json, results.md and the PNGs (default: this folder; --out with --smoke)")
     parser.add_argument("--stages", nargs="*", default=None, help="default: all, in order")
     parser.add_argument("--smoke", action="store_true", help="30 train / 10 val images per class, 1 epoch each")
     args = parser.parse_args(argv)
+    # paths relative to the repository, so that the recorded commands run from its root
+    default_data = os.path.join(ROOT, "data", "fashion_mnist_smoke" if args.smoke else "fashion_mnist")
+    data, out = (_from_root(p) for p in (args.data or default_data, args.out))
+    report = os.path.abspath(args.report or (args.out if args.smoke else HERE))
+    os.chdir(ROOT)
     epochs = dict(EPOCHS)
     if args.smoke:
         epochs = {k: 1 for k in epochs}
     prep = [] if not args.smoke else ["--train_per_class", "30", "--val_per_class", "10"]
-    if not os.path.isdir(os.path.join(args.data, "train")):
+    if not os.path.isdir(os.path.join(data, "train")):
         subprocess.check_call([sys.executable, os.path.join(ROOT, "demo", "prepare_fashion_mnist.py"),
-                               "--out", args.data, *prep])
-    os.makedirs(args.out, exist_ok=True)
-    plan = stages(args.data, args.out, epochs)
+                               "--out", data, *prep])
+    for folder in (out, report):
+        os.makedirs(folder, exist_ok=True)
+    plan = stages(data, out, epochs)
     unknown = [s for s in args.stages or [] if s not in plan]
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(plan)}")
     for name in args.stages or plan:
         script, flags, kind = plan[name]
-        run_stage(name, script, flags, epochs[kind], args.out)
-    results = collect(plan, epochs, args.out)
-    plots(plan, args.data, args.out)
-    with open(os.path.join(args.out, "results.md"), encoding="utf-8") as f:
+        run_stage(name, script, flags, epochs[kind], out)
+    results = collect(plan, epochs, out, report)
+    plots(plan, data, out, report)
+    with open(os.path.join(report, "results.md"), encoding="utf-8") as f:
         print(f.read())
-    print(f"wrote {args.out}/results.json, results.md, loss_curves.png, reconstruction.png ({len(results)} stages)")
+    print(f"wrote {report}/results.json, results.md, loss_curves.png, reconstruction.png ({len(results)} stages)")
 
 
 if __name__ == "__main__":
