@@ -25,9 +25,13 @@ def _subset(dst, per_split):
 def test_study_driver_smoke(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     _subset(data, {"train": 30, "val": 10})
+    os.makedirs(out)
+    with open(os.path.join(out, "README.md"), "w") as f:  # the report's README gets its table replaced
+        f.write("intro\n<!-- results: written by run.py -->\nold table\n<!-- end of results -->\nconclusions\n")
     res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    results = json.load(open(os.path.join(out, "results.json")))
+    report = json.load(open(os.path.join(out, "results.json")))
+    results = report["stages"]
     expected = {f"{kind}_{r}" for kind in ("pretrain", "linprobe") for r in (0.25, 0.5, 0.75, 0.9)}
     expected |= {"finetune_0.75", "linprobe_random_init", "finetune_from_scratch"}
     assert set(results) == expected
@@ -36,6 +40,15 @@ def test_study_driver_smoke(tmp_path):
         assert entry["epochs"] == len(logs) == 1 and entry["final_train_loss"] == logs[-1]["train_loss"]
         assert ("final_acc1" in entry) == (not name.startswith("pretrain"))
         assert entry["command"].startswith("python main_") and entry["wall_clock_s"] > 0
+    for what, pair in (("linear probe", ("linprobe_0.75", "linprobe_random_init")),
+                       ("fine-tune", ("finetune_0.75", "finetune_from_scratch"))):
+        c = report["comparisons"][what]
+        assert (c["mae"], c["baseline"]) == tuple(results[s]["final_acc1"] for s in pair)
+        assert c["difference"] == c["mae"] - c["baseline"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| linprobe_0.75 | 1 |" in table
+    assert open(os.path.join(out, "README.md")).read() == (
+        f"intro\n<!-- results: written by run.py -->\n{table}<!-- end of results -->\nconclusions\n")
     for picture in ("loss_curves.png", "reconstruction.png"):
         assert os.path.getsize(os.path.join(out, picture)) > 0
     again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_0.75")

@@ -26,6 +26,7 @@ EPOCHS = {"pretrain": 6, "linprobe": 4, "finetune": 5}  # about 1 h 45 min in al
 COMMON = ["--batch_size", "128", "--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE),
           "--save_freq", "1000"]
 CLS = ["--nb_classes", "10", "--warmup_epochs", "1"]
+BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
 
 def stages(data, out, epochs):
@@ -83,6 +84,7 @@ def run_stage(name, script, flags, epochs, out):
 
 
 def collect(plan, epochs, out, report):
+    """results.json and results.md from the stage logs; the table also replaces the marked block of README.md."""
     results = {}
     for name, (script, flags, kind) in plan.items():
         logs = read_log(os.path.join(out, name))
@@ -94,33 +96,67 @@ def collect(plan, epochs, out, report):
         if "test_acc1" in logs[-1]:
             entry.update(final_acc1=logs[-1]["test_acc1"], best_acc1=max(r["test_acc1"] for r in logs))
         results[name] = entry
+    pairs = {"linear probe": ("linprobe_0.75", "linprobe_random_init"),
+             "fine-tune": ("finetune_0.75", "finetune_from_scratch")}
+    comparisons = {what: {"mae": results[a]["final_acc1"], "baseline": results[b]["final_acc1"],
+                          "difference": results[a]["final_acc1"] - results[b]["final_acc1"]}
+                   for what, (a, b) in pairs.items() if a in results and b in results}
     with open(os.path.join(report, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"stages": results, "comparisons": comparisons}, f, indent=1)
     rows = ["| stage | epochs | final train loss | top-1 (final) | top-1 (best) | wall clock |",
             "|---|---|---|---|---|---|"]
     for name, e in results.items():
         acc = (f"{e['final_acc1']:.2f} | {e['best_acc1']:.2f}" if "final_acc1" in e else "– | –")
         clock = "–" if e["wall_clock_s"] is None else f"{e['wall_clock_s'] / 60:.1f} min"
         rows.append(f"| {name} | {e['epochs']} | {e['final_train_loss']:.4f} | {acc} | {clock} |")
+    rows += ["", "| top-1 (final epoch) | MAE pre-trained (mask 0.75) | baseline | difference |", "|---|---|---|---|"]
+    rows += [f"| {what} | {c['mae']:.2f} | {c['baseline']:.2f} | {c['difference']:+.2f} |"
+             for what, c in comparisons.items()]
+    total = sum(e["wall_clock_s"] or 0.0 for e in results.values())
+    rows += ["", f"Total wall clock of the stages: {total / 60:.0f} min."]
+    table = "\n".join(rows) + "\n"
     with open(os.path.join(report, "results.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(rows) + "\n")
+        f.write(table)
+    readme = os.path.join(report, "README.md")
+    if os.path.isfile(readme):
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        head, sep, rest = text.partition(BEGIN)
+        if sep and END in rest:
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(head + BEGIN + "\n" + table + END + rest.split(END, 1)[1])
     return results
 
 
 def plots(plan, data, out, report):
+    """loss_curves.png (losses and validation top-1 per epoch, mask-ratio ablation) and reconstruction.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(2, 2, figsize=(10, 8))
+    ablation = []
     for name in plan:
         logs = read_log(os.path.join(out, name))
-        if logs:
-            ax[0 if name.startswith("pretrain") else 1].plot([r["epoch"] for r in logs],
-                                                              [r["train_loss"] for r in logs], label=name)
-    for a, title in zip(ax, ("pre-training loss (norm-pix)", "classification training loss")):
+        if not logs:
+            continue
+        epoch = [r["epoch"] + 1 for r in logs]
+        if name.startswith("pretrain"):
+            ax[0, 0].plot(epoch, [r["train_loss"] for r in logs], ".-", label=name)
+            continue
+        ax[0, 1].plot(epoch, [r["train_loss"] for r in logs], ".-", label=name)
+        ax[1, 0].plot(epoch, [r["test_acc1"] for r in logs], ".-", label=name)
+        ratio = name.split("_")[-1]
+        if name.startswith("linprobe") and ratio[0].isdigit():
+            ablation.append((float(ratio), logs[-1]["test_acc1"]))
+    if ablation:
+        ax[1, 1].plot(*zip(*sorted(ablation)), marker="o")
+    titles = ("pre-training loss (norm-pix)", "classification training loss", "validation top-1 (%)",
+              "linear probe top-1 (%) vs mask ratio")
+    for a, title in zip(ax.flat, titles):
         a.set_title(title)
-        a.set_xlabel("epoch")
-        a.legend(fontsize=7)
+        a.set_xlabel("mask ratio" if a is ax[1, 1] else "epoch")
+        if a is not ax[1, 1]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(report, "loss_curves.png"), dpi=100)
     ckpt = os.path.join(out, "pretrain_0.75", "checkpoint-last.pd")
