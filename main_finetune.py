@@ -47,8 +47,8 @@ def get_args_parser():
                         help="probability of performing mixup or cutmix when either/both is enabled")
     parser.add_argument("--mixup_switch_prob", type=non_negative_float, default=0.5,
                         help="probability of switching to cutmix when both mixup and cutmix enabled")
-    parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch"],
-                        help="how to apply mixup/cutmix params (per batch)")
+    parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                        help='how to apply mixup/cutmix params: per "batch", "pair", or "elem"')
     add_classification_args(parser, global_pool=True)
     return parser
 

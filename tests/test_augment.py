@@ -11,7 +11,7 @@ from PIL import Image
 from util import auto_augment as aa
 from util.crop import RandomResizedCrop as LinprobeCrop
 from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
-from util.mixup import Mixup, mixup_target
+from util.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from util.random_erasing import RandomErasing
 from util.transforms import RandomResizedCrop, eval_transform, finetune_transform
 
@@ -229,8 +229,8 @@ def test_mixup_errors():
         Mixup(mixup_alpha=1.0, num_classes=3)(paddle.zeros([3, 3, 4, 4]), paddle.to_tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="mixup_alpha > 0"):
         Mixup(mixup_alpha=0.0, cutmix_alpha=0.0)
-    with pytest.raises(ValueError, match="batch"):
-        Mixup(mode="elem")
+    with pytest.raises(ValueError, match="batch, pair, elem"):
+        Mixup(mode="sample")
 
 
 def test_criteria():
@@ -254,3 +254,47 @@ def test_lam_distribution_is_beta():
     lams = np.array([mix._params_per_batch()[0] for _ in range(4000)])
     assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.25 / (2 * 0.8 + 1)) < 0.01
     assert math.isclose(np.median(lams), 0.5, abs_tol=0.03)
+
+
+def _per_sample_reference(x, seed, mode, mixup_alpha, cutmix_alpha, switch_prob, prob):
+    """The per-sample loop of timm's 'elem' / 'pair' modes, one sample at a time on numpy arrays."""
+    np.random.seed(seed)
+    n = len(x)
+    m = n if mode == "elem" else n // 2
+    use_cutmix = np.random.rand(m) < switch_prob
+    lam_mix = np.where(use_cutmix, np.random.beta(cutmix_alpha, cutmix_alpha, size=m),
+                       np.random.beta(mixup_alpha, mixup_alpha, size=m))
+    lam = np.where(np.random.rand(m) < prob, lam_mix.astype(np.float32), np.ones(m, np.float32))
+    out = x.copy()
+    for i in range(m):
+        j = n - i - 1
+        if lam[i] == 1.0:
+            continue
+        if use_cutmix[i]:
+            (yl, yh, xl, xh), lam[i] = cutmix_bbox_and_lam(x[i].shape, lam[i])
+            out[i][:, yl:yh, xl:xh] = x[j][:, yl:yh, xl:xh]
+            if mode == "pair":
+                out[j][:, yl:yh, xl:xh] = x[i][:, yl:yh, xl:xh]
+        else:
+            out[i] = x[i] * lam[i] + x[j] * (1 - lam[i])
+            if mode == "pair":
+                out[j] = x[j] * lam[i] + x[i] * (1 - lam[i])
+    return out, (lam if mode == "elem" else np.concatenate([lam, lam[::-1]]))
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+def test_per_sample_modes_match_the_sample_loop(mode):
+    x = np.random.RandomState(3).rand(8, 3, 16, 16).astype(np.float32)
+    y = paddle.to_tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    for seed in range(5):
+        expected, lam = _per_sample_reference(x, seed, mode, 0.8, 1.0, 0.5, 0.8)
+        np.random.seed(seed)
+        mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, mode=mode, label_smoothing=0.1, num_classes=8)
+        out, target = mix(paddle.to_tensor(x), y)
+        assert np.allclose(out.numpy(), expected, atol=1e-6)
+        t = target.numpy()
+        assert np.allclose(np.diag(t), lam * 0.9 + 0.1 / 8, atol=1e-6)
+        assert np.allclose(t[np.arange(8), 7 - np.arange(8)], (1 - lam) * 0.9 + 0.1 / 8, atol=1e-6)
+    assert len(set(lam.tolist())) > 2  # per-sample lam, not one per batch
+    if mode == "pair":
+        assert np.array_equal(lam, lam[::-1])

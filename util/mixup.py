@@ -1,4 +1,5 @@
-"""Mixup / CutMix on a batch tensor with smoothed soft targets (timm 0.3.2 semantics, 'batch' mode)."""
+"""Mixup / CutMix on a batch tensor with smoothed soft targets (timm 0.3.2 semantics: 'batch', 'pair' and
+'elem' modes)."""
 import numpy as np
 import paddle
 
@@ -9,7 +10,8 @@ def one_hot(x, num_classes, on_value=1.0, off_value=0.0):
 
 
 def mixup_target(target, num_classes, lam=1.0, smoothing=0.0):
-    """lam * smoothed one-hot(target) + (1 - lam) * smoothed one-hot(target flipped along the batch)."""
+    """lam * smoothed one-hot(target) + (1 - lam) * smoothed one-hot(target flipped along the batch);
+    lam is a number or a [batch, 1] tensor (one value per sample)."""
     off_value = smoothing / num_classes
     on_value = 1.0 - smoothing + off_value
     y1 = one_hot(target, num_classes, on_value, off_value)
@@ -51,14 +53,17 @@ def cutmix_bbox_and_lam(img_shape, lam, ratio_minmax=None, correct_lam=True):
 
 
 class Mixup:
-    """Per batch: with prob `prob`, mix; with both alphas > 0, CutMix with prob `switch_prob`, else Mixup.
+    """With prob `prob`, mix; with both alphas > 0, CutMix with prob `switch_prob`, else Mixup.
     lam ~ Beta(alpha, alpha); CutMix corrects lam to the pasted area. The partner of each sample is the
-    batch reversed. Targets are label-smoothed one-hots mixed with the same lam."""
+    batch reversed. Targets are label-smoothed one-hots mixed with the same lam. Mode 'batch' draws one
+    lam (and box) for the batch, 'elem' one per sample, 'pair' one per partner pair (shared by both)."""
+
+    MODES = ("batch", "pair", "elem")
 
     def __init__(self, mixup_alpha=1.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5,
                  mode="batch", correct_lam=True, label_smoothing=0.1, num_classes=1000):
-        if mode != "batch":
-            raise ValueError(f"mixup mode '{mode}' is not supported; use 'batch'")
+        if mode not in self.MODES:
+            raise ValueError(f"mixup mode '{mode}' is not supported; use one of {', '.join(self.MODES)}")
         if cutmix_minmax is not None:
             if len(cutmix_minmax) != 2:
                 raise ValueError(f"cutmix_minmax needs two values, got {cutmix_minmax}")
@@ -84,6 +89,41 @@ class Mixup:
             lam = float(np.random.beta(alpha, alpha))
         return lam, use_cutmix
 
+    def _params_per_elem(self, n):
+        lam, use_cutmix = np.ones(n, dtype=np.float32), np.zeros(n, dtype=bool)
+        if self.mixup_enabled:
+            if self.mixup_alpha > 0.0 and self.cutmix_alpha > 0.0:
+                use_cutmix = np.random.rand(n) < self.switch_prob
+                lam_mix = np.where(use_cutmix, np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n),
+                                   np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n))
+            elif self.mixup_alpha > 0.0:
+                lam_mix = np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n)
+            else:
+                use_cutmix = np.ones(n, dtype=bool)
+                lam_mix = np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n)
+            lam = np.where(np.random.rand(n) < self.mix_prob, lam_mix.astype(np.float32), lam)
+        return lam, use_cutmix
+
+    def _mix_per_sample(self, x):
+        """'elem' / 'pair': sample i mixes with sample B-1-i, each with its own lam (and CutMix box)."""
+        n = x.shape[0]
+        lam, use_cutmix = self._params_per_elem(n if self.mode == "elem" else n // 2)
+        boxes = np.zeros((n, 1) + tuple(x.shape[2:]), dtype=bool)
+        for i in range(len(lam)):
+            if lam[i] != 1.0 and use_cutmix[i]:
+                (yl, yh, xl, xh), lam[i] = cutmix_bbox_and_lam(x.shape, lam[i], self.cutmix_minmax, self.correct_lam)
+                boxes[i, :, yl:yh, xl:xh] = True
+        if self.mode == "pair":
+            lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
+            boxes[n // 2:] = boxes[:n // 2][::-1]
+        blend = np.where(use_cutmix, 1.0, lam).astype(np.float32).reshape([n, 1, 1, 1])
+        partner = x.flip(0)
+        blend = paddle.to_tensor(blend).astype(x.dtype)
+        mixed = x * blend + partner * (1.0 - blend)
+        if boxes.any():
+            mixed = paddle.where(paddle.to_tensor(boxes), partner, mixed)
+        return mixed, paddle.to_tensor(lam.reshape([n, 1]), dtype="float32")
+
     def _mix_batch(self, x):
         lam, use_cutmix = self._params_per_batch()
         if lam == 1.0:
@@ -99,5 +139,5 @@ class Mixup:
     def __call__(self, x, target):
         if x.shape[0] % 2 != 0:
             raise ValueError(f"mixup/cutmix needs an even batch size, got {x.shape[0]}")
-        x, lam = self._mix_batch(x)
+        x, lam = self._mix_batch(x) if self.mode == "batch" else self._mix_per_sample(x)
         return x, mixup_target(target, self.num_classes, lam, self.label_smoothing)
