@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 MASK_RATIOS = (0.25, 0.5, 0.75, 0.9)
 # model, image size and budgets of the study (see README.md beside this file)
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
-EPOCHS = {"pretrain": 6, "linprobe": 4, "finetune": 5}  # about 1 h 45 min in all on 2 cores
+EPOCHS = {"pretrain": 6, "linprobe": 4, "finetune": 5}  # about 1 h 50 min in all on 2 cores
 COMMON = ["--batch_size", "128", "--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE),
           "--save_freq", "1000"]
 CLS = ["--nb_classes", "10", "--warmup_epochs", "1"]
