@@ -10,7 +10,7 @@ import models_mae
 import models_vit
 from conftest import golden
 from helpers import head_before_step, max_abs, tiny_mae, tiny_vit, to_torch_layout
-from layer import Attention, DropPath, drop_path_schedule
+from layer import Attention, DropPath, Linear, drop_path_schedule
 from util.checkpoint import load_pretrained
 from util.factory import create_model
 from util.misc import set_recompute
@@ -200,3 +200,24 @@ def test_attention_paths_agree():
     fused = paddle.nn.functional.scaled_dot_product_attention(q, k, v, scale=16 ** -0.5)
     ref = attn.proj(fused.reshape([2, 17, 64]))
     assert max_abs(attn(x).numpy(), ref.numpy()) < 1e-6
+
+
+def test_training_linear_equals_the_plain_one():
+    """The CPU training path (bias through a matrix product) gives F.linear's output and gradients."""
+    paddle.seed(0)
+    layer = Linear(24, 40)
+    x = paddle.randn([3, 7, 24])
+    x.stop_gradient = False
+    dy = paddle.randn([3, 7, 40])
+    grads = []
+    for train in (True, False):
+        layer.train() if train else layer.eval()
+        y = layer(x)
+        (y * dy).sum().backward()
+        grads.append([y.numpy(), x.grad.numpy(), layer.weight.grad.numpy(), layer.bias.grad.numpy()])
+        for t in (x, layer.weight, layer.bias):
+            t.clear_gradient()
+    assert np.array_equal(grads[0][0], grads[1][0])
+    for ours, plain in zip(grads[0][1:], grads[1][1:]):
+        assert np.allclose(ours, plain, rtol=1e-5, atol=1e-6)
+    assert np.allclose(grads[0][3], dy.numpy().sum((0, 1)), rtol=1e-5, atol=1e-5)
