@@ -163,8 +163,9 @@ def is_main_process():
 
 
 def configure_cpu():
-    """Use this process's share of the cores (Paddle runs ops on one thread by default) and, on AMD CPUs, the
-    fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import)."""
+    """Use this process's share of the cores (Paddle runs ops on one thread by default), on AMD CPUs the
+    fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import), and
+    dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "AuthenticAMD" in f.read(4096):
@@ -172,6 +173,7 @@ def configure_cpu():
     except OSError:
         pass
     paddle.base.core.set_num_threads(cpu_threads())
+    paddle.set_flags({"FLAGS_use_stride_kernel": False})
 
 
 def cpu_threads():
