@@ -55,3 +55,14 @@ def test_study_driver_smoke(tmp_path):
     assert again.returncode == 0 and "[linprobe_0.75] done already" in again.stdout
     bad = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "nothing")
     assert bad.returncode == 2 and "unknown stage(s) nothing" in bad.stderr
+
+
+def test_study_driver_bad_paths(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = run_script(DRIVER, "--smoke", "--data", str(blocker / "data"), "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "could not prepare --data" in res.stderr
+    data = tmp_path / "data"
+    _subset(str(data), {"train": 1, "val": 1})
+    res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(blocker / "out"))
+    assert res.returncode == 1 and f"--out {blocker / 'out'}" in res.stderr and "Traceback" not in res.stderr

@@ -160,12 +160,14 @@ def plots(plan, data, out, report):
     fig.tight_layout()
     fig.savefig(os.path.join(report, "loss_curves.png"), dpi=100)
     ckpt = os.path.join(out, "pretrain_0.75", "checkpoint-last.pd")
-    if os.path.isfile(ckpt):
-        imgs = [os.path.join(data, "val", c, min(os.listdir(os.path.join(data, "val", c))))
-                for c in sorted(os.listdir(os.path.join(data, "val")))[:4]]
-        subprocess.check_call([sys.executable, os.path.join(ROOT, "main_visualize.py"), "--model", MAE, "--resume",
-                               ckpt, "--output", os.path.join(report, "reconstruction.png"), "--img_path", *imgs],
-                              cwd=ROOT, stdout=subprocess.DEVNULL)
+    if not os.path.isfile(ckpt):
+        return
+    imgs = [os.path.join(data, "val", c, min(os.listdir(os.path.join(data, "val", c))))
+            for c in sorted(os.listdir(os.path.join(data, "val")))[:4]]
+    if subprocess.call([sys.executable, os.path.join(ROOT, "main_visualize.py"), "--model", MAE, "--resume", ckpt,
+                        "--output", os.path.join(report, "reconstruction.png"), "--img_path", *imgs],
+                       cwd=ROOT, stdout=subprocess.DEVNULL) != 0:
+        sys.exit("error: main_visualize.py failed to draw reconstruction.png (its message is above)")
 
 
 def _from_root(path):
@@ -193,11 +195,14 @@ def main(argv=None):
     if args.smoke:
         epochs = {k: 1 for k in epochs}
     prep = [] if not args.smoke else ["--train_per_class", "30", "--val_per_class", "10"]
-    if not os.path.isdir(os.path.join(data, "train")):
-        subprocess.check_call([sys.executable, os.path.join(ROOT, "demo", "prepare_fashion_mnist.py"),
-                               "--out", data, *prep])
-    for folder in (out, report):
-        os.makedirs(folder, exist_ok=True)
+    prepare = [sys.executable, os.path.join(ROOT, "demo", "prepare_fashion_mnist.py"), "--out", data, *prep]
+    if not os.path.isdir(os.path.join(data, "train")) and subprocess.call(prepare) != 0:
+        sys.exit(f"error: could not prepare --data {data} (the message above says why)")
+    for flag, folder in (("--out", out), ("--report", report)):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: {flag} {folder}: {e.strerror}")
     plan = stages(data, out, epochs)
     unknown = [s for s in args.stages or [] if s not in plan]
     if unknown:
