@@ -39,13 +39,18 @@ def conv_default_bias_(bias, fan_in):
 LayerNorm = partial(nn.LayerNorm, epsilon=1e-6)
 
 
+def on_gpu():
+    """Ops run on a GPU (the fused kernels); the CPU paths below avoid Paddle's slow CPU kernels."""
+    return paddle.get_device().startswith("gpu")
+
+
 class Linear(nn.Linear):
     """nn.Linear whose bias is added as ones @ bias when training on CPU: the bias gradient is then a
     matrix product instead of Paddle's single-threaded column reduction (~30x slower). The output is
     bit-identical; the bias gradient sums the same terms in another order."""
 
     def forward(self, x):
-        if self.bias is None or not self.training or paddle.get_device().startswith("gpu"):
+        if self.bias is None or not self.training or on_gpu():
             return F.linear(x, self.weight, self.bias)
         ones = paddle.ones([*x.shape[:-1], 1], dtype=x.dtype)
         return paddle.matmul(x, self.weight) + paddle.matmul(ones, self.bias.unsqueeze(0))
@@ -103,7 +108,7 @@ class Attention(nn.Layer):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
-        if paddle.get_device().startswith("gpu"):  # fused (flash) attention, layout [B, N, H, hd]
+        if on_gpu():  # fused (flash) attention, layout [B, N, H, hd]
             q, k, v = qkv.unbind(2)
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
