@@ -1,10 +1,11 @@
 """Vision Transformer building blocks with the semantics of timm 0.3.2 as used by the official MAE."""
 import math
-from functools import partial
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+from util import cpu_kernels
 
 
 def xavier_uniform_(param, fan_in, fan_out):
@@ -36,7 +37,17 @@ def conv_default_bias_(bias, fan_in):
     nn.init.uniform_(bias, -bound, bound)
 
 
-LayerNorm = partial(nn.LayerNorm, epsilon=1e-6)
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with timm's epsilon (1e-6); a fused kernel on CPU."""
+
+    def __init__(self, normalized_shape, epsilon=1e-6, **kwargs):
+        super().__init__(normalized_shape, epsilon=epsilon, **kwargs)
+
+    def forward(self, x):
+        if self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1 \
+                and cpu_kernels.usable(x):
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+        return super().forward(x)
 
 
 def on_gpu():
@@ -114,7 +125,8 @@ class Attention(nn.Layer):
                 q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
         else:  # on CPU the fused op falls back to slower plain math
             q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
-            attn = F.softmax((q * self.scale) @ k.transpose([0, 1, 3, 2]), axis=-1)  # scale the smaller operand
+            attn = (q * self.scale) @ k.transpose([0, 1, 3, 2])  # scale the smaller operand
+            attn = cpu_kernels.softmax(attn) if cpu_kernels.usable(attn) else F.softmax(attn, axis=-1)
             attn = F.dropout(attn, self.attn_drop, training=self.training)
             x = (attn @ v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(x.reshape([B, N, C])))
@@ -129,7 +141,11 @@ class Mlp(nn.Layer):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if self.fc1.bias is not None and cpu_kernels.usable(x):
+            x = cpu_kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias)
+        else:
+            x = self.act(self.fc1(x))
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class Block(nn.Layer):

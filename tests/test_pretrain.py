@@ -13,6 +13,7 @@ from conftest import ROOT, golden
 from data import make_image_folder
 from engine_pretrain import train_one_epoch
 from helpers import max_abs, run_script, set_grads, state_of, tiny_mae, to_torch_layout
+from util import cpu_kernels
 from util.lr_decay import param_groups_weight_decay
 from util.misc import NativeScalerWithGradNormCount
 
@@ -179,6 +180,7 @@ def test_pretrain_distributed_two_cpu_processes(dataset, tmp_path):
     """paddle.distributed.launch with 2 CPU processes (gloo) runs main_pretrain.py as its __main__."""
     out_dir, report, log_dir = str(tmp_path / "out"), str(tmp_path / "report"), str(tmp_path / "launch")
     os.makedirs(report)
+    cpu_kernels.available()  # built once per machine: the ranks only load them
     args = _pretrain_args(dataset, out_dir, "--batch_size", "4")
     out = run_script("-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log_dir,
                      os.path.join(ROOT, "tests", "dist_worker.py"), report, *args)

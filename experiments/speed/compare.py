@@ -1,0 +1,55 @@
+"""Side-by-side speed: benchmark.py against torch_reference.py, alternating, on this machine.
+
+    python experiments/speed/compare.py --torch_python /path/to/venv-with-torch/bin/python [--rounds 2]
+
+Each round runs every job once in each framework, one after the other, so both see the same machine
+load; the ratio of each pair is reported (the machine's load moves absolute figures, much less ratios).
+Prints a Markdown table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+JOBS = [("inference, dynamic graph", ["--job", "infer"], "infer"),
+        ("inference, Paddle Inference", ["--job", "infer", "--backend", "inference"], "infer"),
+        ("MAE pre-training step", ["--job", "pretrain"], "pretrain"),
+        ("fine-tuning step", ["--job", "finetune"], "finetune")]
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
+
+
+def span(values, fmt="{:.2f}"):
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def main():
+    parser = argparse.ArgumentParser("side-by-side speed")
+    parser.add_argument("--torch_python", required=True, help="a python that can import torch")
+    parser.add_argument("--rounds", default=2, type=int)
+    parser.add_argument("--sdpa", action="store_true", help="torch with fused attention (recent timm)")
+    args = parser.parse_args()
+    rows = {name: ([], []) for name, _, _ in JOBS}
+    common = ["--batch_size", "8", "--iters", "3", "--warmup", "1"]
+    for _ in range(args.rounds):
+        for name, flags, job in JOBS:
+            rows[name][0].append(run([sys.executable, "benchmark.py", *flags, *common]))
+            rows[name][1].append(run([args.torch_python, os.path.join(HERE, "torch_reference.py"), "--job", job,
+                                      *common, *(["--sdpa"] if args.sdpa else [])]))
+    print("| job | this project (img/s) | PyTorch reference (img/s) | ratio |")
+    print("|---|---|---|---|")
+    for name, (ours, ref) in rows.items():
+        print(f"| {name} | {span(ours)} | {span(ref)} | {span([a / b for a, b in zip(ours, ref)])} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The fused CPU kernels against Paddle's own ops, the blocks with and without them, and the fallback."""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from helpers import tiny_vit
+from util import cpu_kernels
+
+
+def forward_and_grads(fn, inputs, dy):
+    for t in inputs:
+        t.stop_gradient = False
+    y = fn(*inputs)
+    return [y.numpy()] + [g.numpy() for g in paddle.grad(y, inputs, dy)]
+
+
+def assert_same(fused, plain, tol=1e-5):
+    for a, b in zip(fused, plain):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max())
+
+
+def test_kernels_are_built_here():
+    assert cpu_kernels.available()
+
+
+def test_bias_gelu_matches_paddle():
+    paddle.seed(0)
+    h, b, dy = paddle.randn([3, 17, 96]) * 3, paddle.randn([96]), paddle.randn([3, 17, 96])
+    assert_same(forward_and_grads(cpu_kernels.bias_gelu, [h, b], dy),
+                forward_and_grads(lambda h, b: F.gelu(h + b), [h, b], dy))
+
+
+def test_layer_norm_matches_paddle():
+    paddle.seed(0)
+    x, w, b = paddle.randn([2, 9, 64]) * 4 + 2, paddle.randn([64]), paddle.randn([64])
+    dy = paddle.randn([2, 9, 64])
+    assert_same(forward_and_grads(lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-6), [x, w, b], dy),
+                forward_and_grads(lambda x, w, b: F.layer_norm(x, [64], w, b, 1e-6), [x, w, b], dy))
+
+
+def test_softmax_matches_paddle():
+    paddle.seed(0)
+    x, dy = paddle.randn([2, 3, 17, 17]) * 5, paddle.randn([2, 3, 17, 17])
+    assert_same(forward_and_grads(cpu_kernels.softmax, [x], dy),
+                forward_and_grads(lambda x: F.softmax(x, axis=-1), [x], dy))
+
+
+def test_kernels_read_strided_input():
+    """A transposed view (as with Paddle's strided kernels on) is read in logical order."""
+    x = paddle.randn([4, 6, 10])
+    paddle.set_flags({"FLAGS_use_stride_kernel": True})
+    try:
+        view = x.transpose([1, 0, 2])
+        assert not view.is_contiguous()
+        fused = cpu_kernels.softmax(view).numpy()
+    finally:
+        paddle.set_flags({"FLAGS_use_stride_kernel": False})
+    assert np.allclose(fused, F.softmax(x, axis=-1).numpy().transpose(1, 0, 2), atol=1e-6)
+
+
+def test_vit_with_and_without_fused_kernels(monkeypatch):
+    """A training step's loss and gradients are the same through the fused kernels and Paddle's ops."""
+    paddle.seed(0)
+    model = tiny_vit()
+    model.train()
+    x = paddle.randn([2, 3, 32, 32])
+
+    def step():
+        paddle.seed(1)  # same drop-path draws
+        loss = model(x).square().mean()
+        loss.backward()
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        model.clear_gradients()
+        return [loss.numpy()] + grads
+
+    fused = step()
+    monkeypatch.setattr(cpu_kernels, "usable", lambda x: False)
+    assert_same(fused, step())
+
+
+def test_build_failure_falls_back_with_one_warning(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("#include \"paddle/extension.h\"\nthis is not C++;\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", str(broken))
+    monkeypatch.setenv("PADDLE_EXTENSION_DIR", str(tmp_path / "build"))
+    assert cpu_kernels._load() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: fused CPU kernels not built (")
+    assert "error" in err[0] and err[0].endswith("using Paddle's ops")

@@ -1,0 +1,292 @@
+// Fused float32 CPU kernels for the ViT blocks: bias + exact GELU, layer norm and softmax over the last
+// axis, forward and backward. One pass over memory each, rows split over OpenMP threads, erf/exp from
+// glibc's vector math library. Paddle's own CPU kernels for these run on one thread, several passes.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "paddle/extension.h"
+
+extern "C" {
+__attribute__((simd("notinbranch"))) float erff(float) noexcept;
+__attribute__((simd("notinbranch"))) float expf(float) noexcept;
+}
+
+namespace {
+
+constexpr float kRsqrt2 = 0.70710678118654752f;
+constexpr float kRsqrt2Pi = 0.39894228040143268f;
+
+paddle::Tensor dense(const paddle::Tensor& t, const char* name) {
+  PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32, name, " must be a float32 CPU tensor");
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+int64_t last_dim(const paddle::Tensor& t) { return t.shape().empty() ? 1 : t.shape().back(); }
+
+// Column sums of per-thread partial rows, threads x n, into out[n].
+void reduce_partials(const std::vector<float>& partial, int threads, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    float s = 0.0f;
+    for (int t = 0; t < threads; ++t) s += partial[t * n + j];
+    out[j] = s;
+  }
+}
+
+}  // namespace
+
+// y = gelu(h + bias), exact (erf) form, bias broadcast over the last axis.
+std::vector<paddle::Tensor> BiasGeluForward(const paddle::Tensor& h_in, const paddle::Tensor& b_in,
+                                            int threads) {
+  auto h = dense(h_in, "h");
+  auto b = dense(b_in, "bias");
+  const int64_t n = b.numel(), rows = h.numel() / n;
+  PD_CHECK(last_dim(h) == n, "bias size must equal the last dimension");
+  auto y = paddle::empty(h.shape(), h.dtype(), h.place());
+  const float* hp = h.data<float>();
+  const float* bp = b.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hr = hp + r * n;
+    float* yr = yp + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = hr[j] + bp[j];
+      yr[j] = 0.5f * z * (1.0f + erff(z * kRsqrt2));
+    }
+  }
+  return {y};
+}
+
+std::vector<paddle::Tensor> BiasGeluBackward(const paddle::Tensor& h_in, const paddle::Tensor& b_in,
+                                             const paddle::Tensor& gy_in, int threads) {
+  auto h = dense(h_in, "h");
+  auto b = dense(b_in, "bias");
+  auto gy = dense(gy_in, "grad");
+  const int64_t n = b.numel(), rows = h.numel() / n;
+  auto gh = paddle::empty(h.shape(), h.dtype(), h.place());
+  auto gb = paddle::empty(b.shape(), b.dtype(), b.place());
+  const float* hp = h.data<float>();
+  const float* bp = b.data<float>();
+  const float* gp = gy.data<float>();
+  float* ghp = gh.data<float>();
+  std::vector<float> partial(static_cast<size_t>(threads) * n, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* acc = partial.data() + omp_get_thread_num() * n;
+#pragma omp for
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float z = hp[o + j] + bp[j];
+        const float d = 0.5f * (1.0f + erff(z * kRsqrt2)) + z * kRsqrt2Pi * expf(-0.5f * z * z);
+        const float g = gp[o + j] * d;
+        ghp[o + j] = g;
+        acc[j] += g;
+      }
+    }
+  }
+  reduce_partials(partial, threads, n, gb.data<float>());
+  return {gh, gb};
+}
+
+// y = (x - mean) * rstd * weight + bias over the last axis; also returns mean and rstd per row.
+std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                             const paddle::Tensor& b_in, float eps, int threads) {
+  auto x = dense(x_in, "x");
+  auto w = dense(w_in, "weight");
+  auto b = dense(b_in, "bias");
+  const int64_t n = w.numel(), rows = x.numel() / n;
+  PD_CHECK(last_dim(x) == n && b.numel() == n, "weight and bias sizes must equal the last dimension");
+  auto y = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto mean = paddle::empty({rows}, x.dtype(), x.place());
+  auto rstd = paddle::empty({rows}, x.dtype(), x.place());
+  const float* xp = x.data<float>();
+  const float* wp = w.data<float>();
+  const float* bp = b.data<float>();
+  float* yp = y.data<float>();
+  float* mp = mean.data<float>();
+  float* rp = rstd.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * n;
+    float* yr = yp + r * n;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += xr[j];
+    const float mu = s / n;
+    float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+    for (int64_t j = 0; j < n; ++j) v += (xr[j] - mu) * (xr[j] - mu);
+    const float rs = 1.0f / std::sqrt(v / n + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - mu) * rs * wp[j] + bp[j];
+    mp[r] = mu;
+    rp[r] = rs;
+  }
+  return {y, mean, rstd};
+}
+
+std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x_in, const paddle::Tensor& w_in,
+                                              const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                              const paddle::Tensor& gy_in, float eps, int threads) {
+  auto x = dense(x_in, "x");
+  auto w = dense(w_in, "weight");
+  auto gy = dense(gy_in, "grad");
+  const int64_t n = w.numel(), rows = x.numel() / n;
+  auto gx = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto gw = paddle::empty(w.shape(), w.dtype(), w.place());
+  auto gb = paddle::empty(w.shape(), w.dtype(), w.place());
+  const float* xp = x.data<float>();
+  const float* wp = w.data<float>();
+  const float* gp = gy.data<float>();
+  const float* mp = mean.data<float>();
+  const float* rp = rstd.data<float>();
+  float* gxp = gx.data<float>();
+  std::vector<float> partial_w(static_cast<size_t>(threads) * n, 0.0f), partial_b(partial_w);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    float* aw = partial_w.data() + t * n;
+    float* ab = partial_b.data() + t * n;
+#pragma omp for
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xp + r * n;
+      const float* gr = gp + r * n;
+      float* gxr = gxp + r * n;
+      const float mu = mp[r], rs = rp[r];
+      float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+      for (int64_t j = 0; j < n; ++j) {
+        const float xh = (xr[j] - mu) * rs;
+        const float g = gr[j] * wp[j];
+        sg += g;
+        sgx += g * xh;
+        aw[j] += gr[j] * xh;
+        ab[j] += gr[j];
+      }
+      const float mg = sg / n, mgx = sgx / n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float xh = (xr[j] - mu) * rs;
+        gxr[j] = rs * (gr[j] * wp[j] - mg - xh * mgx);
+      }
+    }
+  }
+  reduce_partials(partial_w, threads, n, gw.data<float>());
+  reduce_partials(partial_b, threads, n, gb.data<float>());
+  return {gx, gw, gb};
+}
+
+// Softmax over the last axis.
+std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x_in, int threads) {
+  auto x = dense(x_in, "x");
+  const int64_t n = last_dim(x), rows = x.numel() / n;
+  auto y = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * n;
+    float* yr = yp + r * n;
+    float m = xr[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, xr[j]);
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      yr[j] = expf(xr[j] - m);
+      s += yr[j];
+    }
+    const float inv = 1.0f / s;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] *= inv;
+  }
+  return {y};
+}
+
+std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& y_in, const paddle::Tensor& gy_in,
+                                            int threads) {
+  auto y = dense(y_in, "y");
+  auto gy = dense(gy_in, "grad");
+  const int64_t n = last_dim(y), rows = y.numel() / n;
+  auto gx = paddle::empty(y.shape(), y.dtype(), y.place());
+  const float* yp = y.data<float>();
+  const float* gp = gy.data<float>();
+  float* gxp = gx.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = yp + r * n;
+    const float* gr = gp + r * n;
+    float* gxr = gxp + r * n;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += yr[j] * gr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) gxr[j] = yr[j] * (gr[j] - s);
+  }
+  return {gx};
+}
+
+std::vector<std::vector<int64_t>> SameAsFirst(const std::vector<int64_t>& x) { return {x}; }
+std::vector<std::vector<int64_t>> SameAsFirst2(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
+  return {x};
+}
+std::vector<std::vector<int64_t>> LayerNormShapes(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                                  const std::vector<int64_t>&) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) rows *= x[i];
+  return {x, {rows}, {rows}};
+}
+std::vector<paddle::DataType> OneDtype(const paddle::DataType& x) { return {x}; }
+std::vector<paddle::DataType> OneDtype2(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
+std::vector<paddle::DataType> ThreeDtypes(const paddle::DataType& x, const paddle::DataType&,
+                                          const paddle::DataType&) {
+  return {x, x, x};
+}
+
+PD_BUILD_OP(mae_bias_gelu)
+    .Inputs({"H", "Bias"})
+    .Outputs({"Y"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(BiasGeluForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameAsFirst2))
+    .SetInferDtypeFn(PD_INFER_DTYPE(OneDtype2));
+
+PD_BUILD_GRAD_OP(mae_bias_gelu)
+    .Inputs({"H", "Bias", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("H"), paddle::Grad("Bias")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(BiasGeluBackward));
+
+PD_BUILD_OP(mae_layer_norm)
+    .Inputs({"X", "Weight", "Bias"})
+    .Outputs({"Y", "Mean", "Rstd"})
+    .Attrs({"epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LayerNormForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(LayerNormShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ThreeDtypes));
+
+PD_BUILD_GRAD_OP(mae_layer_norm)
+    .Inputs({"X", "Weight", "Mean", "Rstd", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
+    .Attrs({"epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LayerNormBackward));
+
+PD_BUILD_OP(mae_softmax)
+    .Inputs({"X"})
+    .Outputs({"Y"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(SoftmaxForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameAsFirst))
+    .SetInferDtypeFn(PD_INFER_DTYPE(OneDtype));
+
+PD_BUILD_GRAD_OP(mae_softmax)
+    .Inputs({"Y", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(SoftmaxBackward));
