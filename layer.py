@@ -4,6 +4,7 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 from util import cpu_kernels
 
@@ -55,16 +56,36 @@ def on_gpu():
     return paddle.get_device().startswith("gpu")
 
 
+class CPULinear(PyLayer):
+    """x @ W + b on CPU: the bias enters through addmm, and its gradient is the matrix product ones @ dy.
+    Paddle's own CPU linear adds the bias and sums its gradient in single-threaded loops (~30x slower)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.needs_grad = [not t.stop_gradient for t in (x, weight, bias)]
+        y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+        return y.reshape([*x.shape[:-1], weight.shape[1]])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        dy2 = dy.reshape([-1, dy.shape[-1]])
+        needs_x, needs_w, needs_b = ctx.needs_grad  # None for a frozen input
+        dx = paddle.matmul(dy2, weight, transpose_y=True).reshape(x.shape) if needs_x else None
+        dw = paddle.matmul(x.reshape([-1, x.shape[-1]]), dy2, transpose_x=True) if needs_w else None
+        db = paddle.matmul(paddle.ones([1, dy2.shape[0]], dy2.dtype), dy2).reshape([-1]) if needs_b else None
+        return dx, dw, db
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose bias is added as ones @ bias when training on CPU: the bias gradient is then a
-    matrix product instead of Paddle's single-threaded column reduction (~30x slower). The output is
-    bit-identical; the bias gradient sums the same terms in another order."""
+    """nn.Linear computed by CPULinear on CPU in dynamic mode (same output, bit for bit); exported and GPU
+    models use F.linear, which Paddle Inference fuses."""
 
     def forward(self, x):
-        if self.bias is None or not self.training or on_gpu():
+        if self.bias is None or on_gpu() or not paddle.in_dynamic_mode():
             return F.linear(x, self.weight, self.bias)
-        ones = paddle.ones([*x.shape[:-1], 1], dtype=x.dtype)
-        return paddle.matmul(x, self.weight) + paddle.matmul(ones, self.bias.unsqueeze(0))
+        return CPULinear.apply(x, self.weight, self.bias)
 
 
 class PatchEmbed(nn.Layer):

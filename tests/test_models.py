@@ -202,22 +202,25 @@ def test_attention_paths_agree():
     assert max_abs(attn(x).numpy(), ref.numpy()) < 1e-6
 
 
-def test_training_linear_equals_the_plain_one():
-    """The CPU training path (bias through a matrix product) gives F.linear's output and gradients."""
+def test_cpu_linear_equals_the_plain_one():
+    """The CPU path (addmm; bias gradient through a matrix product) gives F.linear's output and gradients,
+    and no gradient for frozen parameters."""
     paddle.seed(0)
     layer = Linear(24, 40)
     x = paddle.randn([3, 7, 24])
     x.stop_gradient = False
     dy = paddle.randn([3, 7, 40])
     grads = []
-    for train in (True, False):
-        layer.train() if train else layer.eval()
-        y = layer(x)
+    for forward in (layer, lambda x: paddle.nn.functional.linear(x, layer.weight, layer.bias)):
+        y = forward(x)
         (y * dy).sum().backward()
         grads.append([y.numpy(), x.grad.numpy(), layer.weight.grad.numpy(), layer.bias.grad.numpy()])
         for t in (x, layer.weight, layer.bias):
-            t.clear_gradient()
+            t.clear_gradient(False)
     assert np.array_equal(grads[0][0], grads[1][0])
     for ours, plain in zip(grads[0][1:], grads[1][1:]):
         assert np.allclose(ours, plain, rtol=1e-5, atol=1e-6)
     assert np.allclose(grads[0][3], dy.numpy().sum((0, 1)), rtol=1e-5, atol=1e-5)
+    layer.weight.stop_gradient = layer.bias.stop_gradient = True
+    (layer(x) * dy).sum().backward()
+    assert layer.weight.grad is None and np.allclose(x.grad.numpy(), grads[1][1], rtol=1e-5, atol=1e-6)
