@@ -139,15 +139,20 @@ class Attention(nn.Layer):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
+        qkv = self.qkv(x)
         if on_gpu():  # fused (flash) attention, layout [B, N, H, hd]
-            q, k, v = qkv.unbind(2)
+            q, k, v = qkv.reshape([B, N, 3, self.num_heads, self.head_dim]).unbind(2)
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
+        elif cpu_kernels.usable(qkv):  # the same math as below, with fused layout changes and softmax
+            q, k, v = cpu_kernels.split_heads(qkv, self.num_heads, self.scale)
+            attn = cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True))
+            attn = F.dropout(attn, self.attn_drop, training=self.training)
+            x = cpu_kernels.merge_heads(attn @ v)
         else:  # on CPU the fused op falls back to slower plain math
+            qkv = qkv.reshape([B, N, 3, self.num_heads, self.head_dim])
             q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
-            attn = (q * self.scale) @ k.transpose([0, 1, 3, 2])  # scale the smaller operand
-            attn = cpu_kernels.softmax(attn) if cpu_kernels.usable(attn) else F.softmax(attn, axis=-1)
+            attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)  # scale the smaller operand
             attn = F.dropout(attn, self.attn_drop, training=self.training)
             x = (attn @ v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(x.reshape([B, N, C])))

@@ -46,6 +46,26 @@ def test_softmax_matches_paddle():
                 forward_and_grads(lambda x: F.softmax(x, axis=-1), [x], dy))
 
 
+def test_split_and_merge_heads_match_transposes():
+    paddle.seed(0)
+    B, N, H, D = 2, 5, 3, 4
+    qkv, dy = paddle.randn([B, N, 3 * H * D]), paddle.randn([B, N, H * D])
+
+    def attention(split, merge):
+        def run(qkv):
+            q, k, v = split(qkv)
+            return merge(F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1) @ v)
+        return run
+
+    def split(qkv):
+        q, k, v = qkv.reshape([B, N, 3, H, D]).transpose([2, 0, 3, 1, 4]).unbind(0)
+        return q * 0.5, k, v
+
+    fused = attention(lambda t: cpu_kernels.split_heads(t, H, 0.5), cpu_kernels.merge_heads)
+    plain = attention(split, lambda t: t.transpose([0, 2, 1, 3]).reshape([B, N, H * D]))
+    assert_same(forward_and_grads(fused, [qkv], dy), forward_and_grads(plain, [qkv], dy))
+
+
 def test_kernels_read_strided_input():
     """A transposed view (as with Paddle's strided kernels on) is read in logical order."""
     x = paddle.randn([4, 6, 10])

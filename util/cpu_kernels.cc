@@ -232,6 +232,91 @@ std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& y_in, const pa
   return {gx};
 }
 
+// qkv [B, N, 3 * H * D] -> q * scale, k, v, each [B, H, N, D] (the heads of multi-head attention).
+std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& qkv_in, int heads, float scale, int threads) {
+  auto qkv = dense(qkv_in, "qkv");
+  const auto& shape = qkv.shape();
+  PD_CHECK(shape.size() == 3 && shape[2] % (3 * heads) == 0, "qkv must be [B, N, 3 * heads * head_dim]");
+  const int64_t B = shape[0], N = shape[1], D = shape[2] / (3 * heads);
+  std::vector<paddle::Tensor> out;
+  for (int s = 0; s < 3; ++s) out.push_back(paddle::empty({B, heads, N, D}, qkv.dtype(), qkv.place()));
+  const float* src = qkv.data<float>();
+  float* dst[3] = {out[0].data<float>(), out[1].data<float>(), out[2].data<float>()};
+#pragma omp parallel for num_threads(threads)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t b = bn / N, n = bn % N;
+    for (int s = 0; s < 3; ++s) {
+      const float f = s == 0 ? scale : 1.0f;
+      for (int h = 0; h < heads; ++h) {
+        const float* from = src + (bn * 3 + s) * heads * D + h * D;
+        float* to = dst[s] + ((b * heads + h) * N + n) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) to[d] = from[d] * f;
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& gq_in, const paddle::Tensor& gk_in,
+                                               const paddle::Tensor& gv_in, int heads, float scale,
+                                               int threads) {
+  const paddle::Tensor g[3] = {dense(gq_in, "grad q"), dense(gk_in, "grad k"), dense(gv_in, "grad v")};
+  const auto& shape = g[0].shape();
+  const int64_t B = shape[0], N = shape[2], D = shape[3];
+  auto gqkv = paddle::empty({B, N, 3 * heads * D}, g[0].dtype(), g[0].place());
+  const float* src[3] = {g[0].data<float>(), g[1].data<float>(), g[2].data<float>()};
+  float* dst = gqkv.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t b = bn / N, n = bn % N;
+    for (int s = 0; s < 3; ++s) {
+      const float f = s == 0 ? scale : 1.0f;
+      for (int h = 0; h < heads; ++h) {
+        const float* from = src[s] + ((b * heads + h) * N + n) * D;
+        float* to = dst + (bn * 3 + s) * heads * D + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) to[d] = from[d] * f;
+      }
+    }
+  }
+  return {gqkv};
+}
+
+// [B, H, N, D] -> [B, N, H * D] (the heads back side by side), and its inverse.
+void swap_middle(const float* src, float* dst, int64_t B, int64_t X, int64_t Y, int64_t D, int threads) {
+#pragma omp parallel for num_threads(threads)
+  for (int64_t bx = 0; bx < B * X; ++bx) {
+    const int64_t b = bx / X, x = bx % X;
+    for (int64_t y = 0; y < Y; ++y) {
+      const float* from = src + bx * Y * D + y * D;
+      float* to = dst + ((b * Y + y) * X + x) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) to[d] = from[d];
+    }
+  }
+}
+
+std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x_in, int threads) {
+  auto x = dense(x_in, "x");
+  const auto& shape = x.shape();
+  PD_CHECK(shape.size() == 4, "x must be [B, heads, N, head_dim]");
+  const int64_t B = shape[0], H = shape[1], N = shape[2], D = shape[3];
+  auto y = paddle::empty({B, N, H * D}, x.dtype(), x.place());
+  swap_middle(x.data<float>(), y.data<float>(), B, H, N, D, threads);
+  return {y};
+}
+
+std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const paddle::Tensor& gy_in,
+                                               int threads) {
+  auto gy = dense(gy_in, "grad");
+  const auto& shape = x.shape();
+  const int64_t B = shape[0], H = shape[1], N = shape[2], D = shape[3];
+  auto gx = paddle::empty(shape, gy.dtype(), gy.place());
+  swap_middle(gy.data<float>(), gx.data<float>(), B, N, H, D, threads);
+  return {gx};
+}
+
 std::vector<std::vector<int64_t>> SameAsFirst(const std::vector<int64_t>& x) { return {x}; }
 std::vector<std::vector<int64_t>> SameAsFirst2(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
   return {x};
@@ -242,8 +327,16 @@ std::vector<std::vector<int64_t>> LayerNormShapes(const std::vector<int64_t>& x,
   for (size_t i = 0; i + 1 < x.size(); ++i) rows *= x[i];
   return {x, {rows}, {rows}};
 }
+std::vector<std::vector<int64_t>> SplitHeadsShapes(const std::vector<int64_t>& qkv, int heads) {
+  const std::vector<int64_t> head = {qkv[0], heads, qkv[1], qkv[2] / (3 * heads)};
+  return {head, head, head};
+}
+std::vector<std::vector<int64_t>> MergeHeadsShapes(const std::vector<int64_t>& x) {
+  return {{x[0], x[2], x[1] * x[3]}};
+}
 std::vector<paddle::DataType> OneDtype(const paddle::DataType& x) { return {x}; }
 std::vector<paddle::DataType> OneDtype2(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
+std::vector<paddle::DataType> ThreeSame(const paddle::DataType& x) { return {x, x, x}; }
 std::vector<paddle::DataType> ThreeDtypes(const paddle::DataType& x, const paddle::DataType&,
                                           const paddle::DataType&) {
   return {x, x, x};
@@ -290,3 +383,31 @@ PD_BUILD_GRAD_OP(mae_softmax)
     .Outputs({paddle::Grad("X")})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(SoftmaxBackward));
+
+PD_BUILD_OP(mae_split_heads)
+    .Inputs({"QKV"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"heads: int", "scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SplitHeadsShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ThreeSame));
+
+PD_BUILD_GRAD_OP(mae_split_heads)
+    .Inputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Outputs({paddle::Grad("QKV")})
+    .Attrs({"heads: int", "scale: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsBackward));
+
+PD_BUILD_OP(mae_merge_heads)
+    .Inputs({"X"})
+    .Outputs({"Y"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(MergeHeadsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(MergeHeadsShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(OneDtype));
+
+PD_BUILD_GRAD_OP(mae_merge_heads)
+    .Inputs({"X", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(MergeHeadsBackward));

@@ -1,4 +1,5 @@
-"""Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm and softmax, forward and backward.
+"""Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm, softmax and the attention heads' layout,
+forward and backward.
 
 Compiled once per machine with Paddle's C++ extension tool (g++ with OpenMP, about 20 s) into Paddle's
 extension directory, then loaded from there. Used for float32 CPU tensors in dynamic mode only: exported
@@ -100,3 +101,13 @@ def layer_norm(x, weight, bias, epsilon):
 def softmax(x):
     """Softmax over the last axis."""
     return paddle._C_ops._run_custom_op("mae_softmax", x, _state["threads"])[0]
+
+
+def split_heads(qkv, heads, scale):
+    """[B, N, 3 * heads * D] -> q * scale, k, v, each [B, heads, N, D]."""
+    return paddle._C_ops._run_custom_op("mae_split_heads", qkv, heads, float(scale), _state["threads"])
+
+
+def merge_heads(x):
+    """[B, heads, N, D] -> [B, N, heads * D]."""
+    return paddle._C_ops._run_custom_op("mae_merge_heads", x, _state["threads"])[0]
