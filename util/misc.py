@@ -1,5 +1,6 @@
 """Distributed setup, logging meters, the AMP loss scaler and training checkpoints."""
 import builtins
+import ctypes
 import datetime
 import json
 import math
@@ -18,6 +19,9 @@ import paddle.distributed as dist
 
 from util import checkpoint
 from util.datasets import DataError
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,7 +169,9 @@ def is_main_process():
 def configure_cpu():
     """Use this process's share of the cores (Paddle runs ops on one thread by default), on AMD CPUs the
     fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import), and
-    dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU)."""
+    dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU), and freed
+    memory kept by malloc for reuse (Paddle's CPU allocator does not cache: every large tensor came from a
+    fresh mmap, and page faults cost ~10% of a training step)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "AuthenticAMD" in f.read(4096):
@@ -174,6 +180,18 @@ def configure_cpu():
         pass
     paddle.base.core.set_num_threads(cpu_threads())
     paddle.set_flags({"FLAGS_use_stride_kernel": False})
+    keep_freed_memory()
+
+
+def keep_freed_memory():
+    """glibc malloc: serve large blocks from the heap (not mmap) and give memory back to the OS only above
+    1 GiB free at the top of the heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def cpu_threads():
