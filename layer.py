@@ -114,13 +114,15 @@ class DropPath(nn.Layer):
         super().__init__()
         self.drop_prob = drop_prob
 
+    def keep_mask(self, x):
+        """One 0/1 value per sample, 1 with probability 1 - p, shaped to broadcast over x."""
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        return paddle.floor(1.0 - self.drop_prob + paddle.rand(shape, dtype=x.dtype))
+
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.drop_prob
-        shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
-        return x / keep * mask
+        return x / (1.0 - self.drop_prob) * self.keep_mask(x)
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"
@@ -188,8 +190,15 @@ class Block(nn.Layer):
         self.recompute = False  # recompute activations in the backward pass (memory for time)
 
     def _forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self._residual(x, self.attn(self.norm1(x)))
+        return self._residual(x, self.mlp(self.norm2(x)))
+
+    def _residual(self, x, branch):
+        """x + DropPath(branch), in one fused pass on CPU."""
+        dp = self.drop_path
+        if isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0.0 and cpu_kernels.usable(x):
+            return cpu_kernels.residual_drop_path(x, branch, dp.keep_mask(x), 1.0 - dp.drop_prob)
+        return x + dp(branch)
 
     def forward(self, x):
         if self.recompute and self.training:

@@ -16,9 +16,9 @@ def tiny_mae(norm_pix_loss=True, load=True):
     return model
 
 
-def tiny_vit(global_pool=True, img_size=32, num_classes=10):
+def tiny_vit(global_pool=True, img_size=32, num_classes=10, drop_path_rate=0.0):
     return VisionTransformer(global_pool=global_pool, img_size=img_size, patch_size=4, num_classes=num_classes,
-                             embed_dim=64, depth=2, num_heads=4)
+                             embed_dim=64, depth=2, num_heads=4, drop_path_rate=drop_path_rate)
 
 
 def to_torch_layout(name, array):

@@ -69,6 +69,14 @@ def test_split_and_merge_heads_match_transposes():
     assert_same(forward_and_grads(fused, [qkv], dy), forward_and_grads(plain, [qkv], dy))
 
 
+def test_residual_drop_path_matches_paddle():
+    paddle.seed(0)
+    x, y, dy = paddle.randn([4, 5, 8]), paddle.randn([4, 5, 8]), paddle.randn([4, 5, 8])
+    mask = paddle.to_tensor([1.0, 0.0, 1.0, 1.0]).reshape([4, 1, 1])
+    assert_same(forward_and_grads(lambda x, y: cpu_kernels.residual_drop_path(x, y, mask, 0.8), [x, y], dy),
+                forward_and_grads(lambda x, y: x + y / 0.8 * mask, [x, y], dy))
+
+
 def test_kernels_read_strided_input():
     """A transposed view (as with Paddle's strided kernels on) is read in logical order."""
     x = paddle.randn([4, 6, 10])
@@ -85,7 +93,7 @@ def test_kernels_read_strided_input():
 def test_vit_with_and_without_fused_kernels(monkeypatch):
     """A training step's loss and gradients are the same through the fused kernels and Paddle's ops."""
     paddle.seed(0)
-    model = tiny_vit()
+    model = tiny_vit(drop_path_rate=0.3)
     model.train()
     x = paddle.randn([2, 3, 32, 32])
 

@@ -322,8 +322,59 @@ std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const pa
   return {gx};
 }
 
+// out = x + y / keep * mask[b]: a residual branch under stochastic depth, mask one 0/1 value per sample.
+std::vector<paddle::Tensor> ResidualDropPathForward(const paddle::Tensor& x_in, const paddle::Tensor& y_in,
+                                                    const paddle::Tensor& mask_in, float keep, int threads) {
+  auto x = dense(x_in, "x");
+  auto y = dense(y_in, "branch");
+  auto mask = dense(mask_in, "mask");
+  const int64_t B = mask.numel(), n = x.numel() / B;
+  PD_CHECK(y.numel() == x.numel() && x.shape()[0] == B, "x, branch and mask must agree on the batch");
+  auto out = paddle::empty(x.shape(), x.dtype(), x.place());
+  const float* xp = x.data<float>();
+  const float* yp = y.data<float>();
+  const float* mp = mask.data<float>();
+  float* op = out.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * n;
+    const float m = mp[b];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) op[o + j] = xp[o + j] + yp[o + j] / keep * m;
+  }
+  return {out};
+}
+
+std::vector<paddle::Tensor> ResidualDropPathBackward(const paddle::Tensor& mask_in, const paddle::Tensor& g_in,
+                                                     float keep, int threads) {
+  auto mask = dense(mask_in, "mask");
+  auto g = dense(g_in, "grad");
+  const int64_t B = mask.numel(), n = g.numel() / B;
+  auto gx = paddle::empty(g.shape(), g.dtype(), g.place());
+  auto gy = paddle::empty(g.shape(), g.dtype(), g.place());
+  const float* gp = g.data<float>();
+  const float* mp = mask.data<float>();
+  float* gxp = gx.data<float>();
+  float* gyp = gy.data<float>();
+#pragma omp parallel for num_threads(threads)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * n;
+    const float m = mp[b];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      gxp[o + j] = gp[o + j];
+      gyp[o + j] = gp[o + j] * m / keep;
+    }
+  }
+  return {gx, gy};
+}
+
 std::vector<std::vector<int64_t>> SameAsFirst(const std::vector<int64_t>& x) { return {x}; }
 std::vector<std::vector<int64_t>> SameAsFirst2(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
+  return {x};
+}
+std::vector<std::vector<int64_t>> SameAsFirst3(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                               const std::vector<int64_t>&) {
   return {x};
 }
 std::vector<std::vector<int64_t>> LayerNormShapes(const std::vector<int64_t>& x, const std::vector<int64_t>&,
@@ -340,6 +391,9 @@ std::vector<std::vector<int64_t>> MergeHeadsShapes(const std::vector<int64_t>& x
   return {{x[0], x[2], x[1] * x[3]}};
 }
 std::vector<paddle::DataType> OneDtype(const paddle::DataType& x) { return {x}; }
+std::vector<paddle::DataType> OneDtype3(const paddle::DataType& x, const paddle::DataType&, const paddle::DataType&) {
+  return {x};
+}
 std::vector<paddle::DataType> OneDtype2(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
 std::vector<paddle::DataType> ThreeSame(const paddle::DataType& x) { return {x, x, x}; }
 std::vector<paddle::DataType> ThreeDtypes(const paddle::DataType& x, const paddle::DataType&,
@@ -416,3 +470,17 @@ PD_BUILD_GRAD_OP(mae_merge_heads)
     .Outputs({paddle::Grad("X")})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(MergeHeadsBackward));
+
+PD_BUILD_OP(mae_residual_drop_path)
+    .Inputs({"X", "Branch", "Mask"})
+    .Outputs({"Out"})
+    .Attrs({"keep: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ResidualDropPathForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameAsFirst3))
+    .SetInferDtypeFn(PD_INFER_DTYPE(OneDtype3));
+
+PD_BUILD_GRAD_OP(mae_residual_drop_path)
+    .Inputs({"Mask", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Branch")})
+    .Attrs({"keep: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ResidualDropPathBackward));

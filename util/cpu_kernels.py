@@ -1,5 +1,5 @@
-"""Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm, softmax and the attention heads' layout,
-forward and backward.
+"""Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm, softmax, the attention heads' layout
+and residual branches under stochastic depth, forward and backward.
 
 Compiled once per machine with Paddle's C++ extension tool (g++ with OpenMP, about 20 s) into Paddle's
 extension directory, then loaded from there. Used for float32 CPU tensors in dynamic mode only: exported
@@ -111,3 +111,9 @@ def split_heads(qkv, heads, scale):
 def merge_heads(x):
     """[B, heads, N, D] -> [B, N, heads * D]."""
     return paddle._C_ops._run_custom_op("mae_merge_heads", x, _state["threads"])[0]
+
+
+def residual_drop_path(x, branch, mask, keep):
+    """x + branch / keep * mask, mask [B, 1, ...] of 0/1 (stochastic depth on a residual branch)."""
+    return paddle._C_ops._run_custom_op("mae_residual_drop_path", x, branch, mask, float(keep),
+                                        _state["threads"])[0]
