@@ -151,7 +151,7 @@ class Attention(nn.Layer):
             attn = cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True))
             attn = F.dropout(attn, self.attn_drop, training=self.training)
             x = cpu_kernels.merge_heads(attn @ v)
-        else:  # on CPU the fused op falls back to slower plain math
+        else:  # Paddle's ops: exported models, or no fused kernels (its fused attention is plain math on CPU)
             qkv = qkv.reshape([B, N, 3, self.num_heads, self.head_dim])
             q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
             attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)  # scale the smaller operand
