@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--sdpa", action="store_true", help="torch with fused attention (recent timm)")
     args = parser.parse_args()
     rows = {name: ([], []) for name, _, _ in JOBS}
-    common = ["--batch_size", "8", "--iters", "3", "--warmup", "1"]
+    common = ["--batch_size", "8", "--iters", "3", "--warmup", "3"]  # steady state: the heap grows in the first steps
     for _ in range(args.rounds):
         for name, flags, job in JOBS:
             rows[name][0].append(run([sys.executable, "benchmark.py", *flags, *common]))
