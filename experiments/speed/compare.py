@@ -14,6 +14,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from util.args import positive_int
 JOBS = [("inference, dynamic graph", ["--job", "infer"], "infer"),
         ("inference, Paddle Inference", ["--job", "infer", "--backend", "inference"], "infer"),
         ("MAE pre-training step", ["--job", "pretrain"], "pretrain"),
@@ -21,10 +23,15 @@ JOBS = [("inference, dynamic graph", ["--job", "infer"], "infer"),
 
 
 def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    except OSError as e:
+        sys.exit(f"error: cannot run {cmd[0]}: {e.strerror}")
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
+    except (IndexError, ValueError, KeyError):
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"error: {' '.join(cmd)} gave no result (exit {out.returncode}): {last}")
 
 
 def span(values, fmt="{:.2f}"):
@@ -35,9 +42,11 @@ def span(values, fmt="{:.2f}"):
 def main():
     parser = argparse.ArgumentParser("side-by-side speed")
     parser.add_argument("--torch_python", required=True, help="a python that can import torch")
-    parser.add_argument("--rounds", default=2, type=int)
+    parser.add_argument("--rounds", default=2, type=positive_int)
     parser.add_argument("--sdpa", action="store_true", help="torch with fused attention (recent timm)")
     args = parser.parse_args()
+    if not os.access(args.torch_python, os.X_OK) or os.path.isdir(args.torch_python):
+        sys.exit(f"error: --torch_python {args.torch_python}: not an executable file")
     rows = {name: ([], []) for name, _, _ in JOBS}
     common = ["--batch_size", "8", "--iters", "3", "--warmup", "3"]  # steady state: the heap grows in the first steps
     for _ in range(args.rounds):

@@ -130,14 +130,22 @@ def param_groups(model, weight_decay=0.05):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def at_least(least):
+    def parse(value):
+        if not value.isdigit() or int(value) < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value!r}")
+        return int(value)
+    return parse
+
+
 def main():
     parser = argparse.ArgumentParser("PyTorch reference timing")
     parser.add_argument("--job", required=True, choices=["pretrain", "finetune", "infer"])
     parser.add_argument("--sdpa", action="store_true")
-    parser.add_argument("--batch_size", default=8, type=int)
-    parser.add_argument("--iters", default=3, type=int)
-    parser.add_argument("--warmup", default=1, type=int)
-    parser.add_argument("--threads", default=2, type=int)
+    parser.add_argument("--batch_size", default=8, type=at_least(1))
+    parser.add_argument("--iters", default=3, type=at_least(1))
+    parser.add_argument("--warmup", default=1, type=at_least(0))
+    parser.add_argument("--threads", default=2, type=at_least(1))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
