@@ -1,12 +1,11 @@
 """Fine-tuning a pre-trained MAE encoder for classification (and --eval)."""
 import argparse
 
-import paddle
-
 import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
+from util.adamw import AdamW
 from util.args import (add_classification_args, add_common_args, check_dist_eval, non_negative_float, positive_int,
                        resolve)
 from util.checkpoint import load_pretrained
@@ -67,7 +66,7 @@ def create_optimizer(model, args):
     """AdamW (default betas 0.9/0.999) on layer-wise lr decay groups; lr_scale rides in each group."""
     param_groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                     layer_decay=args.layer_decay)
-    return paddle.optimizer.AdamW(learning_rate=args.lr, parameters=param_groups)
+    return AdamW(learning_rate=args.lr, parameters=param_groups)
 
 
 def main(args):

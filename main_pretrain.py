@@ -4,11 +4,10 @@ import datetime
 import os
 import time
 
-import paddle
-
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
+from util.adamw import AdamW
 from util.args import add_common_args, ratio, resolve
 from util.datasets import ImageFolder, train_loader
 from util.lr_decay import param_groups_weight_decay
@@ -28,8 +27,7 @@ def get_args_parser():
 def create_optimizer(model, args):
     """AdamW(betas 0.9/0.95, eps 1e-8) on timm's weight-decay groups: [no decay (1-D, biases), decay]."""
     param_groups = param_groups_weight_decay(model, args.weight_decay)
-    optimizer = paddle.optimizer.AdamW(learning_rate=args.lr, parameters=param_groups, beta1=0.9, beta2=0.95,
-                                       epsilon=1e-8)
+    optimizer = AdamW(learning_rate=args.lr, parameters=param_groups, beta1=0.9, beta2=0.95, epsilon=1e-8)
     print("AdamW(betas=(0.9, 0.95), eps=1e-8): " + ", ".join(
         f"{len(g['params'])} params with weight_decay {g['weight_decay']}" for g in param_groups))
     return optimizer

@@ -8,6 +8,8 @@ import paddle.nn.functional as F
 
 from helpers import tiny_vit
 from util import cpu_kernels
+from util.adamw import AdamW
+from util.lr_decay import param_groups_lrd
 
 
 def forward_and_grads(fn, inputs, dy):
@@ -108,6 +110,40 @@ def test_vit_with_and_without_fused_kernels(monkeypatch):
     fused = step()
     monkeypatch.setattr(cpu_kernels, "usable", lambda x: False)
     assert_same(fused, step())
+
+
+def test_adamw_kernel_matches_paddle_bit_for_bit(monkeypatch):
+    """Three fine-tuning steps (layer-wise lr groups, no-decay group, changing lr) through the fused AdamW
+    and through paddle.optimizer.AdamW: identical parameters and optimizer state."""
+    calls = []
+    fused_step = cpu_kernels.adamw_
+    monkeypatch.setattr(cpu_kernels, "adamw_", lambda *a: calls.append(1) or fused_step(*a))
+
+    def run(optimizer_class):
+        paddle.seed(0)
+        model = tiny_vit()
+        groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
+        opt = optimizer_class(learning_rate=1e-3, parameters=groups, beta1=0.9, beta2=0.95)
+        for i in range(3):
+            paddle.seed(10 + i)
+            model(paddle.randn([2, 3, 32, 32])).square().mean().backward()
+            opt.set_lr(1e-3 * (i + 1))
+            opt.step()
+            opt.clear_grad()
+        return model.state_dict(), opt.state_dict()
+
+    (params, state), (ref_params, ref_state) = run(AdamW), run(paddle.optimizer.AdamW)
+    assert len(calls) == 3 * len(params)
+    assert params.keys() == ref_params.keys()
+    for k in params:
+        assert np.array_equal(params[k].numpy(), ref_params[k].numpy()), k
+    # accumulators are named after each model's layers ("linear_8.w_0_moment1_0"): compare them in order
+    tensors = [(k, v) for k, v in state.items() if isinstance(v, paddle.Tensor)]
+    ref_tensors = [(k, v) for k, v in ref_state.items() if isinstance(v, paddle.Tensor)]
+    assert len(tensors) == len(ref_tensors) == 4 * len(params)
+    for (k, v), (ref_k, ref_v) in zip(tensors, ref_tensors):
+        assert k.split(".")[-1] == ref_k.split(".")[-1]
+        assert np.array_equal(v.numpy(), ref_v.numpy()), k
 
 
 def test_build_failure_falls_back_with_one_warning(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 // Fused float32 CPU kernels for the ViT blocks: bias + exact GELU, layer norm and softmax over the last
-// axis, forward and backward. One pass over memory each, rows split over OpenMP threads, erf/exp from
-// glibc's vector math library. Paddle's own CPU kernels for these run on one thread, several passes.
+// axis, forward and backward; and the AdamW step. One pass over memory each, rows split over OpenMP
+// threads, erf/exp from glibc's vector math library. Paddle's own CPU kernels for these run on one
+// thread, several passes, or (AdamW without AVX-512) one element at a time.
 #include <omp.h>
 
 #include <algorithm>
@@ -71,6 +72,21 @@ ROW_KERNEL void softmax_row(const float* x, float* y, int64_t n) {
   const float inv = 1.0f / s;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] *= inv;
+}
+
+// One AdamW step on n elements, in place, with the arithmetic of Paddle's CPU adamw kernel: decoupled
+// decay, moments and step size in float, the update itself in double.
+ROW_KERNEL void adamw_span(float* p, const float* g, float* m1, float* m2, int64_t n, float beta1, float beta2,
+                           float decay, float step, float eps) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float decayed = p[j] - decay * p[j];
+    const float a = beta1 * m1[j] + (1 - beta1) * g[j];
+    const float b = beta2 * m2[j] + (1 - beta2) * g[j] * g[j];
+    m1[j] = a;
+    m2[j] = b;
+    p[j] = static_cast<float>(decayed + static_cast<double>(step) * (a / (std::sqrt(static_cast<double>(b)) + eps)));
+  }
 }
 
 }  // namespace
@@ -369,6 +385,41 @@ std::vector<paddle::Tensor> ResidualDropPathBackward(const paddle::Tensor& mask_
   return {gx, gy};
 }
 
+// AdamW on one parameter, in place: param, moments and the beta powers (as paddle.optimizer.AdamW).
+void AdamWStep(paddle::Tensor& param, const paddle::Tensor& grad, const paddle::Tensor& lr,  // NOLINT
+               paddle::Tensor& moment1, paddle::Tensor& moment2, paddle::Tensor& beta1_pow,      // NOLINT
+               paddle::Tensor& beta2_pow, float beta1, float beta2, float epsilon, float lr_ratio,  // NOLINT
+               float coeff, int threads) {
+  const std::vector<const paddle::Tensor*> all = {&param, &grad, &moment1, &moment2, &beta1_pow, &beta2_pow};
+  for (const paddle::Tensor* t : all) {
+    PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->is_contiguous(),
+             "AdamW: parameters, gradients and states must be contiguous float32 CPU tensors");
+  }
+  const int64_t n = param.numel();
+  PD_CHECK(grad.numel() == n && moment1.numel() == n && moment2.numel() == n, "AdamW: sizes differ");
+  PD_CHECK(lr.is_cpu() && lr.numel() == 1, "AdamW: the learning rate must be one CPU value");
+  const float old_lr = lr.dtype() == paddle::DataType::FLOAT64 ? static_cast<float>(lr.data<double>()[0])
+                                                               : lr.data<float>()[0];
+  const float b1p = beta1_pow.data<float>()[0], b2p = beta2_pow.data<float>()[0];
+  const float root = std::sqrt(1 - b2p);
+  const float step = -(old_lr * (root / (1 - b1p)));
+  const float eps = epsilon * root;
+  const float decay = old_lr * lr_ratio * coeff;
+  float* p = param.data<float>();
+  const float* g = grad.data<float>();
+  float* m1 = moment1.data<float>();
+  float* m2 = moment2.data<float>();
+  constexpr int64_t kSpan = 1 << 14;
+  const int64_t spans = (n + kSpan - 1) / kSpan;
+#pragma omp parallel for num_threads(threads) if (spans > 1)
+  for (int64_t s = 0; s < spans; ++s) {
+    const int64_t o = s * kSpan;
+    adamw_span(p + o, g + o, m1 + o, m2 + o, std::min(kSpan, n - o), beta1, beta2, decay, step, eps);
+  }
+  beta1_pow.data<float>()[0] = b1p * beta1;
+  beta2_pow.data<float>()[0] = b2p * beta2;
+}
+
 std::vector<std::vector<int64_t>> SameAsFirst(const std::vector<int64_t>& x) { return {x}; }
 std::vector<std::vector<int64_t>> SameAsFirst2(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
   return {x};
@@ -484,3 +535,11 @@ PD_BUILD_GRAD_OP(mae_residual_drop_path)
     .Outputs({paddle::Grad("X"), paddle::Grad("Branch")})
     .Attrs({"keep: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(ResidualDropPathBackward));
+
+PD_BUILD_OP(mae_adamw)
+    .Inputs({"Param", "Grad", "LearningRate", "Moment1", "Moment2", "Beta1Pow", "Beta2Pow"})
+    .Outputs({"ParamOut", "Moment1Out", "Moment2Out", "Beta1PowOut", "Beta2PowOut"})
+    .Attrs({"beta1: float", "beta2: float", "epsilon: float", "lr_ratio: float", "coeff: float", "threads: int"})
+    .SetInplaceMap({{"Param", "ParamOut"}, {"Moment1", "Moment1Out"}, {"Moment2", "Moment2Out"},
+                    {"Beta1Pow", "Beta1PowOut"}, {"Beta2Pow", "Beta2PowOut"}})
+    .SetKernelFn(PD_KERNEL(AdamWStep));

@@ -19,7 +19,7 @@ from util.misc import cpu_threads
 
 NAME = "mae_cpu_kernels"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
-CFLAGS = ["-O3", "-fopenmp"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 LDFLAGS = ["-l:libiomp5.so", "-lmvec"]  # the OpenMP runtime that MKL uses: one thread pool
 _state = {}
 
@@ -111,6 +111,14 @@ def split_heads(qkv, heads, scale):
 def merge_heads(x):
     """[B, heads, N, D] -> [B, N, heads * D]."""
     return paddle._C_ops._run_custom_op("mae_merge_heads", x, _state["threads"])[0]
+
+
+def adamw_(param, grad, lr, moment1, moment2, beta1_pow, beta2_pow, beta1, beta2, epsilon, lr_ratio, coeff):
+    """One AdamW step in place on param, moments and beta powers, with Paddle's adamw arithmetic."""
+    param = param.detach()  # the same memory; Paddle refuses in-place ops on trainable leaves
+    paddle._C_ops._run_custom_op("mae_adamw", param, grad, lr, moment1, moment2, beta1_pow, beta2_pow,
+                                 float(beta1), float(beta2), float(epsilon), float(lr_ratio), float(coeff),
+                                 _state["threads"])
 
 
 def residual_drop_path(x, branch, mask, keep):
