@@ -6,7 +6,8 @@
     python benchmark.py --job data --data_path demo/fashion_mnist_small --num_workers 2 --iters 20
 
 Prints one JSON line: images per second, median seconds per iteration, peak memory (RSS on CPU, allocated
-on GPU), and the model's FLOPs per image and achieved GFLOP/s. Training jobs run the engines'
+on GPU), the model's FLOPs per image and achieved GFLOP/s, and next to them the GFLOP/s of a float32
+2048^3 matrix product measured on the same device (the practical peak). Training jobs run the engines'
 train_one_epoch (model, loss, loss scaler, optimizer groups, per-iteration lr schedule; mixup on for
 finetune). FLOPs are counted analytically: 2 per multiply-add of every matrix product (patch embedding,
 qkv, attention scores and mixing, projections, MLPs, heads); a training step counts 3x the forward pass.
@@ -174,6 +175,19 @@ def bench_data(args):
     return step_times(stamps[args.warmup:-1], stamps[-1])
 
 
+def gemm_peak(n=2048, reps=5):
+    """GFLOP/s of a float32 n x n x n matrix product on the current device (median of `reps`): the
+    machine's practical peak, next to which the model's FLOP/s are read."""
+    a, b = paddle.randn([n, n]), paddle.randn([n, n])
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        float(paddle.matmul(a, b)[0, 0])  # waits for the product, on GPU as on CPU
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     paddle.set_device(args.device)
@@ -205,6 +219,7 @@ def main(argv=None):
     if flops is not None:
         result["gflop_per_img"] = round(flops / 1e9, 3)
         result["model_gflop_per_s"] = round(flops * args.batch_size / median / 1e9, 1)
+        result["gemm_peak_gflop_per_s"] = round(gemm_peak(), 1)
     print(json.dumps(result))
 
 

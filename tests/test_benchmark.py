@@ -21,7 +21,7 @@ def test_benchmark_jobs(job, model, extra):
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["job"] == job and out["model"] == model and out["img_per_s"] > 0 and out["peak_mem_mb"] > 0
-    assert out["model_gflop_per_s"] > 0 and out["gflop_per_img"] > 0
+    assert out["model_gflop_per_s"] > 0 and out["gflop_per_img"] > 0 and out["gemm_peak_gflop_per_s"] > 0
 
 
 def test_benchmark_flops_of_vit_base():
