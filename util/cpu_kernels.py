@@ -1,5 +1,5 @@
 """Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm, softmax, the attention heads' layout
-and residual branches under stochastic depth, forward and backward.
+and residual branches under stochastic depth, forward and backward; and AdamW's step (util/adamw.py).
 
 Compiled once per machine with Paddle's C++ extension tool (g++ with OpenMP, about 20 s) into Paddle's
 extension directory, then loaded from there. Used for float32 CPU tensors in dynamic mode only: exported
@@ -19,7 +19,7 @@ from util.misc import cpu_threads
 
 NAME = "mae_cpu_kernels"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
-CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]  # no FMA contraction: AdamW rounds as Paddle
 LDFLAGS = ["-l:libiomp5.so", "-lmvec"]  # the OpenMP runtime that MKL uses: one thread pool
 _state = {}
 
