@@ -132,6 +132,17 @@ def bench_train(args, model, x, y):
     return step_times(loader.stamps, end)
 
 
+def timed(fn, warmup, iters):
+    """Seconds of each of `iters` calls of fn, after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + iters):
+        t = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
 def bench_infer(args, model, x):
     model.eval()
     if args.backend == "inference":
@@ -151,13 +162,7 @@ def bench_infer(args, model, x):
         def forward():
             with paddle.no_grad(), misc.autocast(args):
                 model(x).numpy()
-    times = []
-    for i in range(args.warmup + args.iters):
-        t = time.perf_counter()
-        forward()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    return times
+    return timed(forward, args.warmup, args.iters)
 
 
 def bench_data(args):
@@ -179,12 +184,7 @@ def gemm_peak(n=2048, reps=5):
     """GFLOP/s of a float32 n x n x n matrix product on the current device (median of `reps`): the
     machine's practical peak, next to which the model's FLOP/s are read."""
     a, b = paddle.randn([n, n]), paddle.randn([n, n])
-    times = []
-    for i in range(reps + 1):
-        t = time.perf_counter()
-        float(paddle.matmul(a, b)[0, 0])  # waits for the product, on GPU as on CPU
-        if i:
-            times.append(time.perf_counter() - t)
+    times = timed(lambda: float(paddle.matmul(a, b)[0, 0]), 1, reps)  # float(): waits for the GPU too
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 

@@ -390,16 +390,15 @@ void AdamWStep(paddle::Tensor& param, const paddle::Tensor& grad, const paddle::
                paddle::Tensor& moment1, paddle::Tensor& moment2, paddle::Tensor& beta1_pow,      // NOLINT
                paddle::Tensor& beta2_pow, float beta1, float beta2, float epsilon, float lr_ratio,  // NOLINT
                float coeff, int threads) {
-  const std::vector<const paddle::Tensor*> all = {&param, &grad, &moment1, &moment2, &beta1_pow, &beta2_pow};
+  const std::vector<const paddle::Tensor*> all = {&param, &grad, &lr, &moment1, &moment2, &beta1_pow, &beta2_pow};
   for (const paddle::Tensor* t : all) {
     PD_CHECK(t->is_cpu() && t->dtype() == paddle::DataType::FLOAT32 && t->is_contiguous(),
-             "AdamW: parameters, gradients and states must be contiguous float32 CPU tensors");
+             "AdamW: parameters, gradients, learning rate and states must be contiguous float32 CPU tensors");
   }
   const int64_t n = param.numel();
   PD_CHECK(grad.numel() == n && moment1.numel() == n && moment2.numel() == n, "AdamW: sizes differ");
-  PD_CHECK(lr.is_cpu() && lr.numel() == 1, "AdamW: the learning rate must be one CPU value");
-  const float old_lr = lr.dtype() == paddle::DataType::FLOAT64 ? static_cast<float>(lr.data<double>()[0])
-                                                               : lr.data<float>()[0];
+  PD_CHECK(lr.numel() == 1, "AdamW: the learning rate must be one value");
+  const float old_lr = lr.data<float>()[0];
   const float b1p = beta1_pow.data<float>()[0], b2p = beta2_pow.data<float>()[0];
   const float root = std::sqrt(1 - b2p);
   const float step = -(old_lr * (root / (1 - b1p)));
