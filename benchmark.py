@@ -24,6 +24,7 @@ import paddle
 import models_mae
 import models_vit
 import util.misc as misc
+from util.cpu import configure_cpu, cpu_threads
 from util.args import device, positive_int, non_negative_int
 
 
@@ -192,10 +193,10 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     paddle.set_device(args.device)
     if args.device == "cpu":
-        misc.configure_cpu()
+        configure_cpu()
     paddle.seed(0)
     result = {"job": args.job, "batch_size": args.batch_size, "input_size": args.input_size, "device": args.device,
-              "threads": misc.cpu_threads() if args.device == "cpu" else None}
+              "threads": cpu_threads() if args.device == "cpu" else None}
     if args.job == "data":
         times = bench_data(args)
         flops = None

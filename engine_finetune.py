@@ -7,6 +7,7 @@ import paddle.nn.functional as F
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.dist import broadcast_buffers, get_rank, grad_sync
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
@@ -23,15 +24,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with misc.autocast(args):
-            outputs = model(samples)
-            loss = criterion(outputs.astype("float32"), targets)
-        loss_value = loss.item()
-        misc.check_loss(loss_value, epoch, data_iter_step)
-
-        loss = loss / accum_iter
         update = (data_iter_step + 1) % accum_iter == 0
-        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), update_grad=update)
+        with grad_sync(model, update):
+            with misc.autocast(args):
+                outputs = model(samples)
+                loss = criterion(outputs.astype("float32"), targets)
+            loss_value = loss.item()
+            misc.check_loss(loss_value, epoch, data_iter_step)
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                        update_grad=update)
         if update:
             optimizer.clear_grad()
 
@@ -86,12 +87,13 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
     start_time = time.time()
     max_accuracy = 0.0
     for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_everything(args.seed + misc.get_rank(), epoch)
+        misc.seed_everything(args.seed + get_rank(), epoch)
         data_loader_train.batch_sampler.set_epoch(epoch)
         start_iter = args.start_iter if epoch == args.start_epoch else 0
         data_loader_train.skip_batches(start_iter)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, epoch, loss_scaler, max_norm,
                                       mixup_fn, log_writer=log_writer, args=args, start_iter=start_iter)
+        broadcast_buffers(model_without_ddp)
         if misc.stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
             return None
         misc.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler)

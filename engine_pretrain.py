@@ -1,8 +1,7 @@
 """One epoch of MAE pre-training."""
-
-
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.dist import grad_sync
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0):
@@ -16,14 +15,13 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
 
-        with misc.autocast(args):
-            loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-        loss_value = loss.item()
-        misc.check_loss(loss_value, epoch, data_iter_step)
-
-        loss = loss / accum_iter
         update = (data_iter_step + 1) % accum_iter == 0
-        loss_scaler(loss, optimizer, parameters=model.parameters(), update_grad=update)
+        with grad_sync(model, update):
+            with misc.autocast(args):
+                loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
+            loss_value = loss.item()
+            misc.check_loss(loss_value, epoch, data_iter_step)
+            loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.clear_grad()
 

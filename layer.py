@@ -5,6 +5,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
+from paddle.distributed.fleet.utils import recompute
 
 from util import cpu_kernels
 
@@ -142,10 +143,10 @@ class Attention(nn.Layer):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x)
-        if on_gpu():  # fused (flash) attention, layout [B, N, H, hd]
+        if on_gpu():  # fused attention, layout [B, N, H, hd]; its default scale is head_dim ** -0.5, and
+            # Paddle picks the flash kernel only when no explicit scale is passed
             q, k, v = qkv.reshape([B, N, 3, self.num_heads, self.head_dim]).unbind(2)
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop, training=self.training, scale=self.scale)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop, training=self.training)
         elif cpu_kernels.usable(qkv):  # the same math as below, with fused layout changes and softmax
             q, k, v = cpu_kernels.split_heads(qkv, self.num_heads, self.scale)
             attn = cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True))
@@ -202,8 +203,8 @@ class Block(nn.Layer):
 
     def forward(self, x):
         if self.recompute and self.training:
-            from paddle.distributed.fleet.utils import recompute
-            return recompute(self._forward, x)
+            # the hook-based (non-reentrant) mode: the re-entrant PyLayer breaks DataParallel's gradient reducer
+            return recompute(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
 

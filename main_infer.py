@@ -17,7 +17,7 @@ from util.args import device, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
-from util.misc import configure_cpu, cpu_threads
+from util.cpu import configure_cpu, cpu_threads
 from util.transforms import eval_transform
 
 

@@ -25,7 +25,10 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    return resolve(parser, parser.parse_args(argv), models_vit.MODELS)
+    args = resolve(parser, parser.parse_args(argv), models_vit.MODELS)
+    if args.batch_size < 2:
+        parser.error("argument --batch_size: the BatchNorm head needs at least 2 samples per batch")
+    return args
 
 
 def build_model(args):

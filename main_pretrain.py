@@ -10,6 +10,7 @@ from engine_pretrain import train_one_epoch
 from util.adamw import AdamW
 from util.args import add_common_args, ratio, resolve
 from util.datasets import ImageFolder, train_loader
+from util.dist import get_rank
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
 
@@ -59,7 +60,7 @@ def main(args):
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_everything(args.seed + misc.get_rank(), epoch)
+        misc.seed_everything(args.seed + get_rank(), epoch)
         data_loader_train.batch_sampler.set_epoch(epoch)  # also in a single process (the official forgot)
         start_iter = args.start_iter if epoch == args.start_epoch else 0
         data_loader_train.skip_batches(start_iter)

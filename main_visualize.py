@@ -21,7 +21,7 @@ from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
 from util.factory import checkpoint_img_size
-from util.misc import configure_cpu
+from util.cpu import configure_cpu
 from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 

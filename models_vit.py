@@ -65,10 +65,28 @@ class VisionTransformer(nn.Layer):
         return self.head(self.forward_features(x))
 
 
+class BatchNorm1D(nn.BatchNorm1D):
+    """BatchNorm1D whose running variance follows PyTorch's: training normalises with the biased batch
+    variance (as Paddle does), but the running estimate is updated with the unbiased one (x n / (n - 1)),
+    where Paddle's own layer uses the biased one."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if x.shape[0] < 2:
+            raise ValueError(f"BatchNorm needs more than one sample per batch in training, got {x.shape[0]}")
+        running_var = self._variance.clone()
+        y = super().forward(x)
+        with paddle.no_grad():
+            batch_var = paddle.var(x.astype("float32"), axis=0, unbiased=True)
+            self._variance.set_value(running_var * self._momentum + batch_var * (1.0 - self._momentum))
+        return y
+
+
 def add_bn_head(model):
     """Linear-probing head: BatchNorm1D without affine parameters (eps 1e-6) before the Linear head."""
     model.head = nn.Sequential(
-        nn.BatchNorm1D(model.head.weight.shape[0], weight_attr=False, bias_attr=False, epsilon=1e-6), model.head)
+        BatchNorm1D(model.head.weight.shape[0], weight_attr=False, bias_attr=False, epsilon=1e-6), model.head)
     return model
 
 

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 
-from util.misc import configure_cpu  # noqa: E402
+from util.cpu import configure_cpu  # noqa: E402
 
 configure_cpu()
 

@@ -9,6 +9,7 @@ import paddle.nn.functional as F
 from helpers import tiny_vit
 from util import cpu_kernels
 from util.adamw import AdamW
+from util.cpu import cpu_has_avx512f
 from util.lr_decay import param_groups_lrd
 
 
@@ -133,7 +134,7 @@ def test_adamw_kernel_matches_paddle_bit_for_bit(monkeypatch):
         return model.state_dict(), opt.state_dict()
 
     (params, state), (ref_params, ref_state) = run(AdamW), run(paddle.optimizer.AdamW)
-    assert len(calls) == 3 * len(params)
+    assert len(calls) == (0 if cpu_has_avx512f() else 3 * len(params))  # with AVX-512, Paddle's own kernel
     assert params.keys() == ref_params.keys()
     for k in params:
         assert np.array_equal(params[k].numpy(), ref_params[k].numpy()), k

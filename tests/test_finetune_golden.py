@@ -6,9 +6,10 @@ import numpy as np
 import paddle
 
 import main_finetune
+import main_linprobe
 from conftest import golden
 from helpers import head_before_step, max_abs, set_grads, to_torch_layout
-from models_vit import vit_micro_patch4
+from models_vit import BatchNorm1D, vit_micro_patch4
 from util.checkpoint import load_pretrained
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
@@ -80,3 +81,38 @@ def test_lars_three_steps_match_official():
         opt.step()
         opt.clear_grad()
         assert max_abs(w.numpy(), ref[f"w{k + 1}"]) <= 1e-6 and max_abs(b.numpy(), ref[f"b{k + 1}"]) <= 1e-6, k
+
+
+def test_batchnorm_running_variance_is_pytorchs():
+    """Training normalises with the biased batch variance; the running estimate takes the unbiased one
+    (PyTorch's update, momentum 0.1), where Paddle's own BatchNorm1D would take the biased one."""
+    bn = BatchNorm1D(8, weight_attr=False, bias_attr=False, epsilon=1e-6)
+    rng = np.random.RandomState(0)
+    mean, var = np.zeros(8), np.ones(8)
+    for n in (16, 5, 64):
+        x = (rng.randn(n, 8) * rng.uniform(0.1, 3, 8) + rng.randn(8)).astype(np.float32)
+        y = bn(paddle.to_tensor(x)).numpy()
+        assert max_abs(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-6)) < 1e-5
+        mean, var = 0.9 * mean + 0.1 * x.mean(0), 0.9 * var + 0.1 * x.var(0, ddof=1)
+        assert max_abs(bn._mean.numpy(), mean) < 1e-6 and max_abs(bn._variance.numpy(), var) < 1e-6
+
+
+def test_linprobe_head_statistics_through_lars_steps():
+    """main_linprobe's model, three LARS steps on random images: the head's running statistics follow the
+    PyTorch formula on the features that entered it."""
+    args = main_linprobe.parse_args(["--model", "vit_micro_patch4", "--nb_classes", "4", "--data_path", "x"])
+    paddle.seed(0)
+    model = main_linprobe.build_model(args)
+    model.train()
+    opt = LARS(model.head.parameters(), learning_rate=0.1)
+    mean, var = np.zeros(64), np.ones(64)
+    for step in range(3):
+        images = paddle.randn([8, 3, 32, 32])
+        features = model.forward_features(images).numpy()
+        loss = paddle.nn.functional.cross_entropy(model(images), paddle.to_tensor(np.arange(8) % 4))
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        mean, var = 0.9 * mean + 0.1 * features.mean(0), 0.9 * var + 0.1 * features.var(0, ddof=1)
+    assert max_abs(model.head[0]._mean.numpy(), mean) < 1e-6
+    assert max_abs(model.head[0]._variance.numpy(), var) < 1e-5 * np.abs(var).max()

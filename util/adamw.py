@@ -4,13 +4,15 @@ import numbers
 import paddle
 
 from util import cpu_kernels
+from util.cpu import cpu_has_avx512f
 
 
 class AdamW(paddle.optimizer.AdamW):
     """paddle.optimizer.AdamW. In dynamic mode each float32 CPU parameter takes its step in one vectorized,
     multi-threaded kernel with Paddle's arithmetic: the same result bit for bit, the same accumulators
-    (moments, beta powers) in the state dict. Paddle's CPU kernel runs one element at a time where the CPU
-    has no AVX-512. Everything else (GPU, AMSGrad, tensor-valued hyperparameters) is Paddle's own step."""
+    (moments, beta powers) in the state dict. That is where the CPU has no AVX-512, on which Paddle's CPU
+    kernel runs one element at a time; with AVX-512 Paddle's own vectorized kernel (whose rounding differs
+    in the last bit) runs, as does everything else (GPU, AMSGrad, tensor-valued hyperparameters)."""
 
     def _append_optimize_op(self, block, param_and_grad):
         if isinstance(param_and_grad, dict):
@@ -18,6 +20,7 @@ class AdamW(paddle.optimizer.AdamW):
         param, grad = param_and_grad
         scalars = (self._beta1, self._beta2, self._epsilon, self._weight_decay)
         if (self._amsgrad or self._apply_decay_param_fun is not None or not cpu_kernels.usable(param)
+                or cpu_has_avx512f()
                 or grad.dtype != param.dtype or not all(isinstance(v, numbers.Real) for v in scalars)):
             return super()._append_optimize_op(block, param_and_grad)
 

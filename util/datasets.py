@@ -1,4 +1,5 @@
 """ImageFolder datasets, image decoding with clear errors, and data loaders."""
+import multiprocessing
 import os
 import random
 import signal
@@ -36,7 +37,7 @@ class ImageFolder(paddle.io.Dataset):
     def __init__(self, root, transform=None):
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
-        self.root, self.transform = root, transform
+        self.root, self.transform, self.replaced = root, transform, None
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
@@ -58,8 +59,9 @@ class ImageFolder(paddle.io.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        """(image, label, bad): bad is -1, or the index of an unreadable file replaced by the next readable
-        sample, so that the loader (also across worker processes) can report or skip it."""
+        """(image, label). An unreadable file is replaced by the next readable sample and its index is sent to
+        self.replaced (a queue that also crosses worker processes), so that the loader can report or skip it
+        without a per-batch marker travelling to the device."""
         for offset in range(min(len(self), 100)):
             i = (index + offset) % len(self)
             path, target = self.samples[i]
@@ -67,15 +69,17 @@ class ImageFolder(paddle.io.Dataset):
                 img = load_image(path)
             except DataError:
                 continue
+            if offset and self.replaced is not None:
+                self.replaced.put(index)
             if self.transform is not None:
                 img = self.transform(img)
-            return img, np.int64(target), np.int64(-1 if offset == 0 else index)
+            return img, np.int64(target)
         raise DataError(f"{self.samples[index][0]} and the {min(len(self), 100) - 1} files after it are unreadable")
 
 
 def _collate(batch):
-    imgs, targets, bad = zip(*batch)
-    return np.stack(imgs), np.stack(targets), np.stack(bad)
+    imgs, targets = zip(*batch)
+    return np.stack(imgs), np.stack(targets)
 
 
 class _Skippable:
@@ -114,6 +118,7 @@ class Loader:
 
     def __init__(self, dataset, batch_sampler, num_workers=0, pin_mem=True, skip_bad=False):
         self.dataset, self.skip_bad = dataset, skip_bad
+        dataset.replaced = multiprocessing.SimpleQueue()
         self.batch_sampler = _Skippable(batch_sampler)
         self.bad_files, self.skipped = set(), 0
         self.loader = None
@@ -131,29 +136,33 @@ class Loader:
 
     def _batches(self):
         if self.loader is not None:
-            for imgs, targets, bad in self.loader:
-                yield imgs, targets, bad.numpy()
+            yield from self.loader
         else:
             for indices in self.batch_sampler:
-                imgs, targets, bad = _collate([self.dataset[i] for i in indices])
-                yield paddle.to_tensor(imgs), paddle.to_tensor(targets), bad
+                imgs, targets = _collate([self.dataset[i] for i in indices])
+                yield paddle.to_tensor(imgs), paddle.to_tensor(targets)
+
+    def _check_replaced(self):
+        """Stop naming the first unreadable file, or (skip_bad) count and log the replaced ones."""
+        while not self.dataset.replaced.empty():
+            path = self.dataset.samples[self.dataset.replaced.get()][0]
+            if not self.skip_bad:
+                load_image(path)  # raises the DataError naming the file
+                raise DataError(f"{path}: could not be read in a data loader worker")
+            self.skipped += 1
+            if path not in self.bad_files:
+                self.bad_files.add(path)
+                try:
+                    load_image(path)
+                except DataError as e:
+                    print(f"skipping unreadable image: {e}")
 
     def __iter__(self):
         self.skipped = 0
-        for imgs, targets, bad in self._batches():
-            for index in bad[bad >= 0]:
-                path = self.dataset.samples[int(index)][0]
-                if not self.skip_bad:
-                    load_image(path)  # raises the DataError naming the file
-                    raise DataError(f"{path}: could not be read in a data loader worker")
-                self.skipped += 1
-                if path not in self.bad_files:
-                    self.bad_files.add(path)
-                    try:
-                        load_image(path)
-                    except DataError as e:
-                        print(f"skipping unreadable image: {e}")
-            yield imgs, targets
+        for batch in self._batches():
+            self._check_replaced()
+            yield batch
+        self._check_replaced()
 
 
 def train_loader(dataset, args):

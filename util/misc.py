@@ -1,6 +1,4 @@
 """Distributed setup, logging meters, the AMP loss scaler and training checkpoints."""
-import builtins
-import ctypes
 import datetime
 import json
 import math
@@ -15,13 +13,11 @@ from collections import defaultdict, deque
 
 import numpy as np
 import paddle
-import paddle.distributed as dist
 
 from util import checkpoint
+from util.cpu import configure_cpu
+from util.dist import all_gather, all_reduce_sum, from_main_process, get_rank, get_world_size, init_distributed_mode, is_main_process
 from util.datasets import DataError
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,11 +48,8 @@ class SmoothedValue:
 
     def synchronize_between_processes(self):
         """Sum count and total over ranks (the deque stays local)."""
-        if get_world_size() == 1:
-            return
-        t = paddle.to_tensor([self.count, self.total], dtype="float64")
-        dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
+        count, self.total = all_reduce_sum([self.count, self.total])
+        self.count = int(count)
 
     @property
     def median(self):
@@ -141,87 +134,13 @@ class MetricLogger:
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n - start, 1):.4f} s / it)")
 
 
-def setup_for_distributed(is_master):
-    """Silence print on non-master ranks (unless force=True) and prefix lines with the time."""
-    builtin_print = builtins.print
-
-    def print(*args, **kwargs):
-        force = kwargs.pop("force", False)
-        if is_master or force:
-            builtin_print(f"[{datetime.datetime.now().time()}] ", end="")
-            builtin_print(*args, **kwargs)
-
-    builtins.print = print
-
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main_process():
-    return get_rank() == 0
-
-
-def configure_cpu():
-    """Use this process's share of the cores (Paddle runs ops on one thread by default), on AMD CPUs the
-    fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import), and
-    dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU), and freed
-    memory kept by malloc for reuse (Paddle's CPU tensors come straight from malloc, which gave large
-    blocks back to the OS on every free: a fine-tuning step now spends a third less time in the kernel)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            if "AuthenticAMD" in f.read(4096):
-                os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    except OSError:
-        pass
-    paddle.base.core.set_num_threads(cpu_threads())
-    paddle.set_flags({"FLAGS_use_stride_kernel": False})
-    keep_freed_memory()
-
-
-def keep_freed_memory():
-    """glibc malloc: serve large blocks from the heap (not mmap) and give memory back to the OS only above
-    1 GiB free at the top of the heap."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def cpu_threads():
-    """This process's share of the cores available to it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")))
-    return max(1, cores // max(1, local_procs))
-
-
-def init_distributed_mode(args):
-    """Single process unless started by paddle.distributed.launch (one process per GPU or CPU worker)."""
-    paddle.set_device(args.device)
-    if args.device == "cpu":
-        configure_cpu()
-    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
-        dist.init_parallel_env()
-        args.distributed = True
-        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        print(f"| distributed init (rank {args.rank} of {args.world_size}, device {paddle.get_device()})", flush=True)
-        dist.barrier()
-    else:
-        args.distributed, args.rank, args.world_size = False, 0, 1
-    setup_for_distributed(args.rank == 0)
-    if threading.current_thread() is threading.main_thread():
-        STOP.install()
-
-
 def start_run(args):
     """Distributed init, the run's flags on the console, seeds; makes --output_dir (rank 0)."""
+    if args.device.startswith("cpu"):
+        configure_cpu()
     init_distributed_mode(args)
+    if threading.current_thread() is threading.main_thread():
+        STOP.install()
     print(f"job dir: {os.path.dirname(os.path.realpath(sys.argv[0]))}")
     print(f"{args}".replace(", ", ",\n"))
     seed_everything(args.seed + get_rank())
@@ -243,15 +162,6 @@ def seed_everything(seed, epoch=0):
     random.seed(s)
 
 
-def all_reduce_mean(x):
-    world_size = get_world_size()
-    if world_size == 1:
-        return x
-    t = paddle.to_tensor([x], dtype="float64")
-    dist.all_reduce(t)
-    return t.item() / world_size
-
-
 class NativeScalerWithGradNormCount:
     """scale -> backward -> (on update steps) unscale -> optional clip -> step -> update.
 
@@ -263,7 +173,7 @@ class NativeScalerWithGradNormCount:
         self.enabled = enabled
         self._scaler = paddle.amp.GradScaler(enable=enabled, init_loss_scaling=65536.0, incr_ratio=2.0,
                                              decr_ratio=0.5, incr_every_n_steps=2000, decr_every_n_nan_or_inf=1)
-        self.skipped_steps = 0
+        self._skipped = 0
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
         self._scaler.scale(loss).backward()
@@ -273,12 +183,18 @@ class NativeScalerWithGradNormCount:
         norm = None
         if clip_grad is not None:
             norm = paddle.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
-        scale = self._scaler._scale.item() if self.enabled else None
         self._scaler.step(optimizer)
+        if self.enabled:  # non-finite gradients: the step was skipped (and the scale backs off in update)
+            found_inf = self._scaler._found_inf  # set by unscale_
+            self._skipped = self._skipped + (found_inf.astype("int64") if isinstance(found_inf, paddle.Tensor)
+                                             else int(found_inf))
         self._scaler.update()
-        if self.enabled and self._scaler._scale.item() < scale:
-            self.skipped_steps += 1  # non-finite gradients: the step was skipped and the scale backed off
         return norm
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for non-finite gradients so far (read from the device only when asked)."""
+        return int(self._skipped.item() if isinstance(self._skipped, paddle.Tensor) else self._skipped)
 
     def state_dict(self):
         return self._scaler.state_dict()
@@ -375,22 +291,23 @@ def newest_checkpoint(output_dir):
 
 
 def load_model(args, model_without_ddp, optimizer, loss_scaler):
-    """--resume (or, with --auto_resume, the newest checkpoint in --output_dir): load the model strictly;
-    with optimizer and epoch (and not --eval), continue training where it stopped."""
+    """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
+    model strictly; with optimizer and epoch (and not --eval), continue training where it stopped."""
     args.start_iter = 0
-    ckpt = None
-    if args.resume:
-        ckpt = checkpoint.load_checkpoint(args.resume)
-    elif getattr(args, "auto_resume", False) and not getattr(args, "eval", False):
-        args.resume, ckpt = newest_checkpoint(args.output_dir)
-        if ckpt is not None:
-            print(f"Auto-resume from {args.resume}")
-    if ckpt is None:
+    path, ckpt = args.resume, None
+    if not path and getattr(args, "auto_resume", False) and not getattr(args, "eval", False):
+        path, ckpt = newest_checkpoint(args.output_dir) if is_main_process() else (None, None)
+        path = from_main_process(path)
+        if path:
+            print(f"Auto-resume from {path}")
+    if not path:
         return
-    checkpoint.load_model_weights(model_without_ddp, ckpt["model"], args.resume)
-    print(f"Resume checkpoint {args.resume}")
+    args.resume = path
+    ckpt = read_on_every_rank(path, ckpt)
+    checkpoint.load_model_weights(model_without_ddp, ckpt["model"], path)
+    print(f"Resume checkpoint {path}")
     if "optimizer" in ckpt and "epoch" in ckpt and not getattr(args, "eval", False):
-        checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, args.resume)
+        checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, path)
         args.start_epoch = int(ckpt["epoch"]) + 1
         args.start_iter = int(ckpt.get("iteration", 0))
         if "scaler" in ckpt:
@@ -398,6 +315,33 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
                                        if args.start_iter else ""))
         truncate_log(args, args.start_epoch)
+
+
+def read_on_every_rank(path, ckpt=None):
+    """Read the checkpoint on every rank and check that all ranks read the same training position, so that
+    no rank starts elsewhere (e.g. a node-local --output_dir that other nodes do not see)."""
+    error = None
+    if ckpt is None:
+        try:
+            ckpt = checkpoint.load_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    if get_world_size() == 1:
+        if error:
+            raise checkpoint.CheckpointError(error)
+        return ckpt
+    errors = all_gather(error)
+    failed = [str(r) for r, e in enumerate(errors) if e]
+    if failed:
+        raise checkpoint.CheckpointError(
+            f"rank(s) {', '.join(failed)} cannot read the checkpoint rank 0 resumes from ({errors[int(failed[0])]}); "
+            "--output_dir must be a folder every node sees (a shared filesystem)")
+    positions = all_gather((int(ckpt.get("epoch", -1)), int(ckpt.get("iteration", 0))))
+    if len(set(positions)) > 1:
+        raise checkpoint.CheckpointError(
+            f"{path}: the ranks read different checkpoints under this name (epoch, iteration by rank: {positions}); "
+            "--output_dir must be one folder that every node shares")
+    return ckpt
 
 
 def truncate_log(args, start_epoch):
@@ -415,16 +359,21 @@ def truncate_log(args, start_epoch):
 
 
 def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, loss_tag="loss"):
-    """Meters and VisualDL scalars of one iteration; True when a stop signal ends the epoch here."""
+    """Meters and VisualDL scalars of one iteration; True when a stop signal ends the epoch here.
+
+    On update steps one all-reduce carries the loss (for VisualDL) and the stop request together; other
+    micro-steps communicate nothing."""
     metric_logger.update(loss=loss_value)
     metric_logger.update(lr=lr)
-    loss_value_reduce = all_reduce_mean(loss_value)
-    if log_writer is not None and update:
+    if not update:
+        return False
+    loss_sum, stop = all_reduce_sum([loss_value, STOP.local_flag()])
+    if log_writer is not None:
         # x axis in 1000ths of an epoch, so that runs with different batch sizes line up
         epoch_1000x = int((step / steps + epoch) * 1000)
-        log_writer.add_scalar(tag=loss_tag, value=loss_value_reduce, step=epoch_1000x)
+        log_writer.add_scalar(tag=loss_tag, value=loss_sum / get_world_size(), step=epoch_1000x)
         log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
-    if update and step + 1 < steps and STOP.requested():  # at the last step the epoch simply ends
+    if stop > 0 and step + 1 < steps:  # at the last step the epoch simply ends
         STOP.iteration = step + 1
         return True
     return False
@@ -464,13 +413,13 @@ class StopSignal:
         self.signum = signum
         print(f"Received {signal.Signals(signum).name}: stopping after this iteration", force=True)
 
+    def local_flag(self):
+        """1.0 when this process received a stop signal."""
+        return 1.0 if self.signum is not None else 0.0
+
     def requested(self):
-        flag = 1.0 if self.signum is not None else 0.0
-        if get_world_size() > 1:
-            t = paddle.to_tensor([flag])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = t.item()
-        return flag > 0
+        """Whether any rank received a stop signal (a collective: every rank calls it)."""
+        return all_reduce_sum([self.local_flag()])[0] > 0
 
 
 STOP = StopSignal()

@@ -1,0 +1,111 @@
+"""Data-parallel processes: ranks, the device of each, collectives, and what the ranks must agree on."""
+import builtins
+import contextlib
+import datetime
+import os
+
+import paddle
+import paddle.distributed as dist
+import paddle.nn as nn
+
+
+def launched_processes(env=None):
+    """Number of processes the launcher started for this job (1 without a launcher)."""
+    return int((os.environ if env is None else env).get("PADDLE_TRAINERS_NUM", "1"))
+
+
+def process_device(device, env=None):
+    """The device this process runs on. With several processes every rank takes the GPU the launcher chose
+    for it (FLAGS_selected_gpus); an index in --device only applies to a single process."""
+    env = os.environ if env is None else env
+    kind = device.split(":")[0]
+    if launched_processes(env) > 1:
+        if kind == "gpu":
+            return f"gpu:{env.get('FLAGS_selected_gpus', '0').split(',')[0]}"
+        return "cpu"
+    return device
+
+
+def init_distributed_mode(args):
+    """Set this process's device; join the process group when started by paddle.distributed.launch."""
+    device = process_device(args.device)
+    if device != args.device and ":" in args.device:
+        print(f"--device {args.device}: each of the {launched_processes()} processes uses its own device ({device} here)")
+    paddle.set_device(device)
+    if launched_processes() > 1:
+        dist.init_parallel_env()
+        args.distributed = True
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        print(f"| distributed init (rank {args.rank} of {args.world_size}, device {paddle.get_device()})", flush=True)
+        dist.barrier()
+    else:
+        args.distributed, args.rank, args.world_size = False, 0, 1
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master):
+    """Silence print on non-master ranks (unless force=True) and prefix lines with the time."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(f"[{datetime.datetime.now().time()}] ", end="")
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_reduce_sum(values):
+    """Sum a list of floats over ranks (one collective); the list itself in a single process."""
+    if get_world_size() == 1:
+        return list(values)
+    t = paddle.to_tensor(values, dtype="float64")
+    dist.all_reduce(t)
+    return t.numpy().tolist()
+
+
+def all_gather(value):
+    """A picklable value from every rank, in rank order."""
+    if get_world_size() == 1:
+        return [value]
+    out = []
+    dist.all_gather_object(out, value)
+    return out
+
+
+def from_main_process(value):
+    """Rank 0's value on every rank."""
+    return all_gather(value)[0]
+
+
+def grad_sync(model, update):
+    """Context of a micro-step's forward and backward: gradients are all-reduced only on update steps
+    (DataParallel's no_sync() otherwise; Paddle needs the forward inside it too)."""
+    if update or not isinstance(model, paddle.DataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def broadcast_buffers(model):
+    """Rank 0's buffers and BatchNorm running statistics on every rank, as PyTorch DDP keeps them. Paddle's
+    DataParallel broadcasts neither (its BatchNorm statistics are non-trainable parameters), so each rank's
+    would drift with its own batches."""
+    if get_world_size() == 1:
+        return
+    stats = [t for layer in model.sublayers(include_self=True) if isinstance(layer, nn.layer.norm._BatchNormBase)
+             for t in (layer._mean, layer._variance)]
+    for tensor in list(model.buffers()) + stats:
+        dist.broadcast(tensor, src=0)
