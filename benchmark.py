@@ -12,6 +12,7 @@ train_one_epoch (model, loss, loss scaler, optimizer groups, per-iteration lr sc
 finetune). FLOPs are counted analytically: 2 per multiply-add of every matrix product (patch embedding,
 qkv, attention scores and mixing, projections, MLPs, heads); a training step counts 3x the forward pass.
 """
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import json
 import os
@@ -24,8 +25,10 @@ import paddle
 import models_mae
 import models_vit
 import util.misc as misc
+from layer import set_recompute
+from util.amp import autocast, create_loss_scaler
+from util.args import device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
-from util.args import device, positive_int, non_negative_int
 
 
 def get_args_parser():
@@ -36,7 +39,7 @@ def get_args_parser():
     parser.add_argument("--input_size", default=224, type=positive_int)
     parser.add_argument("--iters", default=10, type=positive_int)
     parser.add_argument("--warmup", default=2, type=non_negative_int)
-    parser.add_argument("--mask_ratio", default=0.75, type=float)
+    parser.add_argument("--mask_ratio", default=0.75, type=ratio)
     parser.add_argument("--backend", default="dynamic", choices=["dynamic", "inference"],
                         help="infer with the dynamic model or an exported one under Paddle Inference")
     parser.add_argument("--data_path", default="", help="--job data: ImageFolder root with train/")
@@ -102,7 +105,7 @@ def train_args(args):
 def bench_train(args, model, x, y):
     import builtins
     targs = train_args(args)
-    scaler = misc.create_loss_scaler(args)
+    scaler = create_loss_scaler(args)
     if args.job == "pretrain":
         import main_pretrain
         from engine_pretrain import train_one_epoch
@@ -161,7 +164,7 @@ def bench_infer(args, model, x):
             runner(xs)
     else:
         def forward():
-            with paddle.no_grad(), misc.autocast(args):
+            with paddle.no_grad(), autocast(args):
                 model(x).numpy()
     return timed(forward, args.warmup, args.iters)
 
@@ -208,7 +211,7 @@ def main(argv=None):
             args.model = args.model or "vit_base_patch16"
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
-        misc.set_recompute(model, args.recompute)
+        set_recompute(model, args.recompute)
         result["model"] = args.model
         x = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
         y = paddle.randint(0, 1000, [args.batch_size])

@@ -1,13 +1,16 @@
 """One epoch of MAE pre-training."""
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.amp import autocast
 from util.dist import grad_sync
+from util.epochs import end_epoch, epoch_meters, log_step
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0):
     """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
     model.train()
-    metric_logger, header = misc.train_logger(epoch, optimizer, log_writer, args)
+    metric_logger, header = epoch_meters(epoch)
+    optimizer.clear_grad()
     accum_iter = args.accum_iter
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
@@ -17,7 +20,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
 
         update = (data_iter_step + 1) % accum_iter == 0
         with grad_sync(model, update):
-            with misc.autocast(args):
+            with autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
             loss_value = loss.item()
             misc.check_loss(loss_value, epoch, data_iter_step)
@@ -25,7 +28,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         if update:
             optimizer.clear_grad()
 
-        if misc.log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
+        if log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
                          epoch, update, loss_tag="train_loss"):
             break
-    return misc.end_epoch(metric_logger, data_loader, loss_scaler, epoch)
+    return end_epoch(metric_logger, data_loader, loss_scaler, epoch)

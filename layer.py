@@ -213,3 +213,10 @@ def drop_path_schedule(drop_path_rate, depth):
     if depth == 1:
         return [0.0]
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
+def set_recompute(model, enabled):
+    """Activation recomputation in every transformer block of the model (encoder and decoder)."""
+    for layer in model.sublayers():
+        if isinstance(layer, Block):
+            layer.recompute = enabled

@@ -7,6 +7,7 @@ Writes OUTPUT.json + OUTPUT.pdiparams (the static program and weights; input [ba
 ImageNet-normalised, output logits) and OUTPUT.info (JSON: model name, input size, classes). With --onnx,
 also OUTPUT.onnx through paddle2onnx (pip install paddle2onnx).
 """
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import json
 import os

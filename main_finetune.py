@@ -1,15 +1,19 @@
 """Fine-tuning a pre-trained MAE encoder for classification (and --eval)."""
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 
 import models_vit
 import util.misc as misc
 from engine_finetune import fit
-from layer import trunc_normal_
+from layer import set_recompute, trunc_normal_
 from util.adamw import AdamW
-from util.args import (add_classification_args, add_common_args, check_dist_eval, non_negative_float, positive_int,
-                       resolve)
+from util.amp import create_loss_scaler
+from util.args import (add_classification_args, add_common_args, below_one, check_dist_eval, non_negative_float,
+                       positive_int, probability, resolve, scale_lr)
+from util.auto_augment import rand_augment_transform
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
+from util.dist import data_parallel
 from util.losses import build_criterion
 from util.lr_decay import param_groups_lrd
 from util.mixup import Mixup
@@ -20,7 +24,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser("MAE fine-tuning for image classification", add_help=True)
     add_common_args(parser)
     parser.set_defaults(epochs=50, model="vit_large_patch16", blr=1e-3, min_lr=1e-6, warmup_epochs=5, save_freq=1)
-    parser.add_argument("--drop_path", type=non_negative_float, default=0.1, metavar="PCT",
+    parser.add_argument("--drop_path", type=below_one, default=0.1, metavar="PCT",
                         help="drop path rate")
     parser.add_argument("--clip_grad", type=non_negative_float, default=None, metavar="NORM",
                         help="clip gradient norm (default: no clipping)")
@@ -30,8 +34,8 @@ def get_args_parser():
                         help="color jitter factor (enabled only when not using auto augment)")
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
                         help='RandAugment policy, e.g. "rand-m9-mstd0.5-inc1"; "none" turns it off')
-    parser.add_argument("--smoothing", type=non_negative_float, default=0.1, help="label smoothing")
-    parser.add_argument("--reprob", type=non_negative_float, default=0.25, metavar="PCT",
+    parser.add_argument("--smoothing", type=below_one, default=0.1, help="label smoothing")
+    parser.add_argument("--reprob", type=probability, default=0.25, metavar="PCT",
                         help="random erase prob")
     parser.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
                         help="random erase mode")
@@ -42,9 +46,9 @@ def get_args_parser():
     parser.add_argument("--cutmix", type=non_negative_float, default=0, help="cutmix alpha, cutmix enabled if > 0")
     parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
                         help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
-    parser.add_argument("--mixup_prob", type=non_negative_float, default=1.0,
+    parser.add_argument("--mixup_prob", type=probability, default=1.0,
                         help="probability of performing mixup or cutmix when either/both is enabled")
-    parser.add_argument("--mixup_switch_prob", type=non_negative_float, default=0.5,
+    parser.add_argument("--mixup_switch_prob", type=probability, default=0.5,
                         help="probability of switching to cutmix when both mixup and cutmix enabled")
     parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
                         help='how to apply mixup/cutmix params: per "batch", "pair", or "elem"')
@@ -57,6 +61,13 @@ def parse_args(argv=None):
     args = resolve(parser, parser.parse_args(argv), models_vit.MODELS)
     if args.aa and args.aa.lower() == "none":
         args.aa = None
+    if args.aa:
+        try:
+            rand_augment_transform(args.aa, {})
+        except ValueError as e:
+            parser.error(f"argument --aa: {e}")
+    if args.cutmix_minmax is not None and not 0.0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1.0:
+        parser.error(f"argument --cutmix_minmax: needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
         parser.error(f"argument --batch_size: mixup/cutmix needs an even batch size, got {args.batch_size}")
     return args
@@ -71,6 +82,7 @@ def create_optimizer(model, args):
 
 def main(args):
     misc.start_run(args)
+    scale_lr(args)
     check_dist_eval(args)
 
     train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount)
@@ -89,12 +101,13 @@ def main(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
         trunc_normal_(model.head.weight, std=2e-5)
-    misc.set_recompute(model, args.recompute)
+    set_recompute(model, args.recompute)
     model_without_ddp = model
-    model = misc.wrap_model(args, model)
+    misc.print_model(model_without_ddp, args)
+    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = create_optimizer(model_without_ddp, args)
-    loss_scaler = misc.create_loss_scaler(args)
+    loss_scaler = create_loss_scaler(args)
     criterion = build_criterion(mixup_fn, args.smoothing)
     print(f"criterion = {criterion}")
     fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn, args.clip_grad)

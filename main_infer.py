@@ -3,6 +3,7 @@
     python main_infer.py --model vit_base_patch16 --resume mae_finetuned_vit_base.pth --img_path cat.jpg
     python main_infer.py --exported export/vit_base --img_path photos/ --json
 """
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import contextlib
 import json

@@ -1,4 +1,5 @@
 """Linear probing of a pre-trained MAE encoder: BatchNorm (no affine) + Linear head trained with LARS."""
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 
 
@@ -6,9 +7,11 @@ import models_vit
 import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
-from util.args import add_classification_args, add_common_args, check_dist_eval, resolve
+from util.amp import create_loss_scaler
+from util.args import add_classification_args, add_common_args, check_dist_eval, resolve, scale_lr
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
+from util.dist import data_parallel
 from util.lars import LARS
 from util.losses import CrossEntropyLoss
 from util.transforms import eval_transform, linprobe_transform
@@ -49,16 +52,18 @@ def build_model(args):
 
 def main(args):
     misc.start_run(args)
+    scale_lr(args)
     check_dist_eval(args)
 
     loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
 
     model_without_ddp = build_model(args)
-    model = misc.wrap_model(args, model_without_ddp)
+    misc.print_model(model_without_ddp, args)
+    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = LARS(model_without_ddp.head.parameters(), learning_rate=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
-    loss_scaler = misc.create_loss_scaler(args)
+    loss_scaler = create_loss_scaler(args)
     fit(args, model, model_without_ddp, optimizer, loss_scaler, CrossEntropyLoss(), loaders)
 
 

@@ -1,16 +1,21 @@
 """MAE pre-training: single process, or many with `python -m paddle.distributed.launch`."""
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
-import datetime
 import os
-import time
+
+import paddle
 
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
+from layer import set_recompute
 from util.adamw import AdamW
-from util.args import add_common_args, ratio, resolve
+from util.amp import create_loss_scaler
+from util.args import add_common_args, ratio, resolve, scale_lr
 from util.datasets import ImageFolder, train_loader
-from util.dist import get_rank
+from util.dist import data_parallel
+from util.epochs import train_epochs
+from util.factory import create_model
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
 
@@ -36,48 +41,35 @@ def create_optimizer(model, args):
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    return resolve(parser, parser.parse_args(argv), models_mae.MODELS)
+    args = resolve(parser, parser.parse_args(argv), models_mae.MODELS)
+    with paddle.LazyGuard():
+        patches = create_model(args.model, img_size=args.input_size).patch_embed.num_patches
+    if int(patches * (1 - args.mask_ratio)) < 1:
+        parser.error(f"argument --mask_ratio: {args.mask_ratio} of {patches} patches leaves no visible patch")
+    return args
 
 
 def main(args):
     misc.start_run(args)
+    scale_lr(args)
 
     dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=pretrain_transform(args.input_size))
     print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
     data_loader_train = train_loader(dataset_train, args)
 
-    log_writer = misc.create_log_writer(args)
-
-    model = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
-    misc.set_recompute(model, args.recompute)
-    model_without_ddp = model
-    model = misc.wrap_model(args, model)
+    model_without_ddp = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    set_recompute(model_without_ddp, args.recompute)
+    misc.print_model(model_without_ddp, args)
+    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = create_optimizer(model_without_ddp, args)
-    loss_scaler = misc.create_loss_scaler(args)
-    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    loss_scaler = create_loss_scaler(args)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_everything(args.seed + get_rank(), epoch)
-        data_loader_train.batch_sampler.set_epoch(epoch)  # also in a single process (the official forgot)
-        start_iter = args.start_iter if epoch == args.start_epoch else 0
-        data_loader_train.skip_batches(start_iter)
-        train_stats = train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args, start_iter=start_iter)
-        if misc.stopped(args, epoch, model_without_ddp, optimizer, loss_scaler):
-            return
-        misc.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        misc.log_stats(args, log_stats)
-        if log_writer is not None:
-            log_writer.flush()
-        if misc.stop_after_epoch(epoch):
-            return
+    def train_epoch(epoch, start_iter, log_writer):
+        return train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler, log_writer=log_writer,
+                               args=args, start_iter=start_iter)
 
-    total_time = time.time() - start_time
-    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch)
 
 
 if __name__ == "__main__":

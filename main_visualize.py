@@ -7,6 +7,7 @@ Each image is resized to the model's input size; one row per image. --seed fixes
 mask). For norm_pix_loss models the prediction of a patch is in units of that patch's own mean and std,
 which a removed patch does not reveal: here they are estimated from the visible patches around it.
 """
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import os
 import sys

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import engine_finetune  # noqa: E402
 from helpers import tiny_vit  # noqa: E402
+from util.amp import NativeScalerWithGradNormCount  # noqa: E402
 from util.cpu import configure_cpu  # noqa: E402
 from util.losses import CrossEntropyLoss  # noqa: E402
-from util.misc import NativeScalerWithGradNormCount  # noqa: E402
 
 configure_cpu()
 dist.init_parallel_env()

@@ -24,3 +24,10 @@ def make_image_folder(root, classes=2, per_class=12, size=32, split="train", see
                 pil = pil.convert("RGBA")
             pil.save(os.path.join(folder, f"img_{i}.png"))
     return root
+
+
+def make_train_val(root, classes, train_per_class, val_per_class):
+    """root/train and root/val with the same classes (val drawn with another seed)."""
+    make_image_folder(root, classes=classes, per_class=train_per_class, split="train")
+    make_image_folder(root, classes=classes, per_class=val_per_class, split="val", seed=1)
+    return root

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import util.datasets  # noqa: E402
 import util.misc as misc  # noqa: E402
+import util.run_state  # noqa: E402
 from util.dist import get_rank, get_world_size  # noqa: E402
 
 report_dir, script = os.path.abspath(sys.argv[1]), sys.argv[2]
@@ -53,7 +54,7 @@ spy_seed.epoch = 0
 builtins.open = spy_open
 util.datasets.ImageFolder.__getitem__ = spy_getitem
 misc.seed_everything = spy_seed
-real_save = misc.save_model
+real_save = util.run_state.save_model
 
 
 def spy_save(args, epoch, model_without_ddp, *rest, **kwargs):
@@ -61,7 +62,7 @@ def spy_save(args, epoch, model_without_ddp, *rest, **kwargs):
     return real_save(args, epoch, model_without_ddp, *rest, **kwargs)
 
 
-misc.save_model = spy_save
+util.run_state.save_model = spy_save
 runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 builtins.open = real_open
 state = {name: value.numpy() for name, value in models[-1].state_dict().items()}

@@ -9,16 +9,13 @@ import pytest
 import main_finetune
 import main_linprobe
 from conftest import ROOT, golden
-from data import make_image_folder
+from data import make_train_val
 from helpers import run_script, state_of
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("cls"))
-    make_image_folder(root, classes=3, per_class=8, split="train")
-    make_image_folder(root, classes=3, per_class=3, split="val", seed=1)
-    return root
+    return make_train_val(str(tmp_path_factory.mktemp("cls")), 3, 8, 3)
 
 
 @pytest.fixture(scope="module")

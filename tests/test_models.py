@@ -10,10 +10,9 @@ import models_mae
 import models_vit
 from conftest import golden
 from helpers import head_before_step, max_abs, tiny_mae, tiny_vit, to_torch_layout
-from layer import Attention, DropPath, Linear, drop_path_schedule
+from layer import Attention, DropPath, Linear, drop_path_schedule, set_recompute
 from util.checkpoint import load_pretrained
 from util.factory import create_model
-from util.misc import set_recompute
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
 TOL = 1e-5

@@ -11,17 +11,14 @@ import pytest
 
 import layer
 from conftest import ROOT
-from data import make_image_folder
+from data import make_train_val
 from helpers import run_script, tiny_vit
 from util import cpu_kernels
 from util.dist import process_device
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    make_image_folder(root, classes=2, per_class=12, split="train")
-    make_image_folder(root, classes=2, per_class=4, split="val", seed=1)
-    return root
+    return make_train_val(str(tmp_path_factory.mktemp("data")), 2, 12, 4)
 
 
 def launch(tmp_path, name, script, *flags, env=None):

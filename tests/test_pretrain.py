@@ -14,8 +14,8 @@ from data import make_image_folder
 from engine_pretrain import train_one_epoch
 from helpers import max_abs, run_script, set_grads, state_of, tiny_mae, to_torch_layout
 from util import cpu_kernels
+from util.amp import NativeScalerWithGradNormCount
 from util.lr_decay import param_groups_weight_decay
-from util.misc import NativeScalerWithGradNormCount
 
 GROUPS = json.load(open(golden("optim_groups.json")))
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import util.misc as misc
+from util.amp import NativeScalerWithGradNormCount
 from conftest import ROOT
 from data import make_image_folder
 from helpers import run_script
@@ -152,7 +153,7 @@ def test_non_finite_loss_names_epoch_and_iteration():
     args = argparse.Namespace(accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=1, epochs=2, mask_ratio=0.75,
                               print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="")
     with pytest.raises(misc.NonFiniteLossError, match="Loss is nan at epoch 3, iteration 0"):
-        train_one_epoch(model, [(paddle.zeros([2, 3, 4, 4]), None)], opt, 3, misc.NativeScalerWithGradNormCount(False),
+        train_one_epoch(model, [(paddle.zeros([2, 3, 4, 4]), None)], opt, 3, NativeScalerWithGradNormCount(False),
                         args=args)
 
 

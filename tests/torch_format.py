@@ -38,14 +38,22 @@ def _fake_torch():
                 sys.modules[k] = v
 
 
+class Forged:
+    """A tensor record that claims (offset, size, stride) over the storage `array`, whatever it holds."""
+
+    def __init__(self, array, offset, size, stride):
+        self.array, self.view = np.asarray(array), (offset, tuple(size), tuple(stride))
+
+
 class _Tensor:
-    def __init__(self, array, key, rebuild):
+    def __init__(self, array, key, rebuild, view=None):
         self.array, self.key, self.rebuild = array, key, rebuild
+        self.view = view or (0, array.shape, tuple(s // array.itemsize for s in array.strides))
 
     def __reduce__(self):
-        a = self.array
-        stride = tuple(s // a.itemsize for s in a.strides)
-        return self.rebuild, (_Storage(a, self.key), 0, a.shape, stride, False, collections.OrderedDict())
+        offset, size, stride = self.view
+        return self.rebuild, (_Storage(self.array, self.key), offset, size, stride, False,
+                              collections.OrderedDict())
 
 
 class _Storage:
@@ -59,6 +67,11 @@ def save_pth(obj, path, name="archive"):
         storages = []
 
         def wrap(o):
+            if isinstance(o, Forged):
+                t = _Tensor(np.require(o.array, requirements="C"), str(len(storages)), utils._rebuild_tensor_v2,
+                            o.view)
+                storages.append(t.array)
+                return t
             if isinstance(o, np.ndarray):
                 t = _Tensor(np.require(o, requirements="C"), str(len(storages)), utils._rebuild_tensor_v2)
                 storages.append(t.array)

@@ -26,6 +26,20 @@ def non_negative_float(value):
     return v
 
 
+def probability(value):
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return v
+
+
+def below_one(value):
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return v
+
+
 def ratio(value):
     v = float(value)
     if not 0.0 < v < 1.0:
@@ -137,13 +151,8 @@ def check_dist_eval(args):
         sys.exit(2)
 
 
-def effective_lr(args):
-    """lr = blr * batch_size * accum_iter * world_size / 256 unless --lr is given; prints both."""
-    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+def scale_lr(args):
+    """The official rule: lr = blr * effective batch / 256 unless --lr is given (after distributed init,
+    which sets args.world_size)."""
     if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
-    print(f"actual lr: {args.lr:.2e}")
-    print(f"accumulate grad iterations: {args.accum_iter}")
-    print(f"effective batch size: {eff_batch_size}")
-    return eff_batch_size
+        args.lr = args.blr * args.batch_size * args.accum_iter * args.world_size / 256

@@ -33,10 +33,24 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-    if not size:
-        return storage[offset].copy()
+    """The tensor a pickle describes as a view of its storage, after checking that the view stays inside
+    the storage (a crafted size, stride or offset would otherwise read past the buffer)."""
+    if not (isinstance(storage, np.ndarray) and storage.ndim == 1 and _is_int(offset)
+            and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+            and all(_is_int(v) and v >= 0 for v in size) and all(_is_int(v) and v >= 0 for v in stride)):
+        raise ValueError(f"malformed tensor record (size {size!r}, stride {stride!r}, offset {offset!r})")
+    if 0 in size:
+        return np.empty(tuple(size), storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if offset < 0 or last >= len(storage):
+        raise ValueError(f"tensor of size {tuple(size)} (stride {tuple(stride)}, offset {offset}) reaches element "
+                         f"{last} of a storage of {len(storage)}")
     strides = [s * storage.itemsize for s in stride]
     return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size), strides=strides).copy()
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _rebuild_parameter(data, *unused):
@@ -181,6 +195,9 @@ def load_checkpoint(path):
     if is_torch:
         ckpt["model"] = torch_to_paddle(ckpt["model"])
         ckpt["torch"] = True
+    for k, v in ckpt["model"].items():
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: weights '{k}' hold NaN or infinite values")
     if isinstance(ckpt.get("args"), types.SimpleNamespace):
         ckpt["args"] = vars(ckpt["args"])  # saved args are a dict, as in this project's checkpoints
     return ckpt

@@ -14,6 +14,8 @@ def main(argv=None):
     parser.add_argument("src", help="official .pth checkpoint (torch zip format)")
     parser.add_argument("dst", help="output .pd file, {'model': state_dict}")
     args = parser.parse_args(argv)
+    if os.path.exists(args.dst) and os.path.exists(args.src) and os.path.samefile(args.src, args.dst):
+        parser.error(f"argument dst: {args.dst} is the source file; choose another output path")
     try:
         ckpt = load_checkpoint(args.src)
     except CheckpointError as e:

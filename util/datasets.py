@@ -32,28 +32,33 @@ def load_image(path):
 
 
 class ImageFolder(paddle.io.Dataset):
-    """root/class_x/xxx.png layout; classes sorted by name, labels are their indices."""
+    """root/class_x/xxx.png layout; classes sorted by name, labels are their indices. With `classes` (another
+    split's), the folder must hold exactly those classes, so that a label means the same class in both."""
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, classes=None, classes_from=None):
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
         self.root, self.transform, self.replaced = root, transform, None
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
+        if classes is not None and self.classes != list(classes):
+            missing = [c for c in classes if c not in self.classes]
+            extra = [c for c in self.classes if c not in classes]
+            raise DataError(f"{root}: class folders differ from those of {classes_from}: "
+                            + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                                          f"extra {', '.join(extra)}" if extra else "") if part))
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        seen = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, c)) for c in self.classes}
         self.samples = []
         empty = []
         for c in self.classes:
-            files = []
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-                files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+            files = _image_files(os.path.join(root, c), seen)
             if not files:
                 empty.append(os.path.join(root, c))
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         if empty:
             raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in class folder(s): {', '.join(empty)}")
-        self.targets = [s[1] for s in self.samples]
 
     def __len__(self):
         return len(self.samples)
@@ -75,6 +80,33 @@ class ImageFolder(paddle.io.Dataset):
                 img = self.transform(img)
             return img, np.int64(target)
         raise DataError(f"{self.samples[index][0]} and the {min(len(self), 100) - 1} files after it are unreadable")
+
+
+def _image_files(folder, seen):
+    """Image files below a class folder, following symlinks but never into a folder already in the dataset
+    (a link to a parent or to another class would loop or mislabel: it is skipped with a warning). Entries
+    that are not regular files (pipes, sockets, devices) are skipped with a warning: reading one could hang."""
+    found = []
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or os.path.realpath(folder).startswith(real + os.sep):
+                print(f"Warning: skipping {os.path.join(dirpath, d)}: a link to a folder already in the dataset")
+                dirnames.remove(d)
+            else:
+                seen.add(real)
+        found.append((dirpath, names))
+    files = []
+    for dirpath, names in sorted(found):
+        for n in sorted(names):
+            path = os.path.join(dirpath, n)
+            if not n.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if os.path.exists(path) and not os.path.isfile(path):
+                print(f"Warning: skipping {path}: not a regular file")
+                continue
+            files.append(path)
+    return files
 
 
 def _collate(batch):
@@ -104,7 +136,7 @@ class _Skippable:
 def _seed_worker(worker_id):
     """Workers fork with the parent's (per-epoch seeded) state: give each its own stream. They ignore
     SIGINT (Ctrl-C reaches the whole process group) so that the main process can finish its iteration
-    and save (see misc.StopSignal); the loader itself ends them with SIGTERM."""
+    and save (see util.preempt); the loader itself ends them with SIGTERM."""
     seed = (random.getrandbits(31) + worker_id * 7919) % (2 ** 31)
     random.seed(seed)
     np.random.seed(seed)
@@ -172,13 +204,18 @@ def train_loader(dataset, args):
     if len(sampler) == 0:
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")
+    if args.accum_iter > len(sampler):
+        raise DataError(f"--accum_iter {args.accum_iter} is more than the {len(sampler)} iteration(s) per epoch of "
+                        f"{dataset.root} (batch_size {args.batch_size} x {args.world_size} processes): "
+                        "the optimizer would never step")
     return Loader(dataset, sampler, args.num_workers, args.pin_mem, args.skip_bad_images)
 
 
 def classification_loaders(args, train_transform, eval_transform):
     """ImageFolder train/ and val/ loaders; val is sequential on every rank unless --dist_eval splits it."""
     dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=train_transform)
-    dataset_val = ImageFolder(os.path.join(args.data_path, "val"), transform=eval_transform)
+    dataset_val = ImageFolder(os.path.join(args.data_path, "val"), transform=eval_transform,
+                              classes=dataset_train.classes, classes_from=dataset_train.root)
     for ds in (dataset_train, dataset_val):
         if len(ds.classes) > args.nb_classes:
             raise DataError(f"{ds.root}: {len(ds.classes)} class folders but --nb_classes is {args.nb_classes}")

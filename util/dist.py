@@ -109,3 +109,8 @@ def broadcast_buffers(model):
              for t in (layer._mean, layer._variance)]
     for tensor in list(model.buffers()) + stats:
         dist.broadcast(tensor, src=0)
+
+
+def data_parallel(model, distributed):
+    """The model wrapped for data parallelism when several processes train it."""
+    return paddle.DataParallel(model) if distributed else model

@@ -1,0 +1,103 @@
+"""The epoch loop of pre-training, fine-tuning and linear probing: resume, per-epoch seeding, stop on a
+signal, evaluation, checkpoints and logs are written once here; the engines supply one epoch of training."""
+import datetime
+import os
+import time
+
+from util import misc, run_state
+from util.dist import all_reduce_sum, broadcast_buffers, get_rank, get_world_size
+from util.preempt import STOP
+
+
+def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, train_one_epoch, evaluate=None):
+    """Resume from --output_dir (or --resume), then for each remaining epoch: train_one_epoch(epoch, start_iter,
+    log_writer) -> stats; evaluate() -> test stats (keeping checkpoint-best.pd at the best top-1 of the whole
+    run); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq); append a log.txt line."""
+    best = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    if args.start_epoch >= args.epochs:
+        print(f"nothing to do: {args.epochs} of {args.epochs} epochs done in {args.output_dir}")
+        return
+    log_writer = misc.create_log_writer(args)
+    n_parameters = sum(p.numel().item() for p in model_without_ddp.parameters() if not p.stop_gradient)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        misc.seed_everything(args.seed + get_rank(), epoch)
+        data_loader.batch_sampler.set_epoch(epoch)  # also in a single process (the official only when distributed)
+        start_iter = args.start_iter if epoch == args.start_epoch else 0
+        data_loader.skip_batches(start_iter)
+        train_stats = train_one_epoch(epoch, start_iter, log_writer)
+        broadcast_buffers(model_without_ddp)
+        if STOP.iteration is not None:
+            save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
+            return
+        stats = {f"train_{k}": v for k, v in train_stats.items()}
+        if evaluate is not None:
+            test_stats = evaluate()
+            if test_stats["acc1"] > best["acc1"]:
+                best = {"acc1": test_stats["acc1"], "epoch": epoch}
+                run_state.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="best")
+            print(f"Max accuracy: {best['acc1']:.2f}% (epoch {best['epoch']})")
+            if log_writer is not None:
+                for k in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+            stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            stats.update({"epoch": epoch, "n_parameters": n_parameters})
+        else:
+            stats["epoch"] = epoch
+        run_state.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
+        misc.log_stats(args, stats)
+        if log_writer is not None:
+            log_writer.flush()
+        if STOP.requested():
+            print(f"Stopped after epoch {epoch}. Run the same command again to continue.")
+            return
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
+    """A signal broke the epoch off: save checkpoint-last.pd with the position inside it, and say so."""
+    run_state.save_model(args, epoch - 1, model_without_ddp, optimizer, loss_scaler, best, tag="last",
+                         iteration=STOP.iteration)
+    where = os.path.join(args.output_dir, "checkpoint-last.pd") if args.output_dir else "nowhere (no --output_dir)"
+    print(f"Stopped in epoch {epoch} after iteration {STOP.iteration}; saved {where}. "
+          "Run the same command again to continue from there.")
+
+
+def epoch_meters(epoch):
+    """The meters of a training epoch (lr first, as the official log keys) and its log header."""
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    return metric_logger, f"Epoch: [{epoch}]"
+
+
+def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, loss_tag="loss"):
+    """Meters and VisualDL scalars of one iteration; True when a stop signal ends the epoch here.
+
+    On update steps one all-reduce carries the loss (for VisualDL) and the stop request together; other
+    micro-steps communicate nothing."""
+    metric_logger.update(loss=loss_value)
+    metric_logger.update(lr=lr)
+    if not update:
+        return False
+    loss_sum, stop = all_reduce_sum([loss_value, STOP.local_flag()])
+    if log_writer is not None:
+        # x axis in 1000ths of an epoch, so that runs with different batch sizes line up
+        epoch_1000x = int((step / steps + epoch) * 1000)
+        log_writer.add_scalar(tag=loss_tag, value=loss_sum / get_world_size(), step=epoch_1000x)
+        log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
+    if stop > 0 and step + 1 < steps:  # at the last step the epoch simply ends
+        STOP.iteration = step + 1
+        return True
+    return False
+
+
+def end_epoch(metric_logger, data_loader, loss_scaler, epoch):
+    """Average the meters over ranks, print them and the fault counts; the epoch's stats."""
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    if getattr(data_loader, "skipped", 0):
+        print(f"Skipped {data_loader.skipped} unreadable image(s) in epoch {epoch}")
+    if loss_scaler.skipped_steps:
+        print(f"AMP: {loss_scaler.skipped_steps} step(s) skipped for non-finite gradients so far (scale lowered)")
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

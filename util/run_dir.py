@@ -1,0 +1,42 @@
+"""The run's output folder: writable before any work starts, and used by one training run at a time."""
+import fcntl
+import os
+import tempfile
+
+
+class RunDirError(RuntimeError):
+    """The output folder cannot be used by this run; the message names it."""
+
+
+_held = {}
+
+
+def check_writable(folder, flag):
+    """Create folder if needed and write a file in it, so that a run whose saves would fail stops at once."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunDirError(f"{flag} {folder}: exists and is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RunDirError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def lock(folder):
+    """Hold an exclusive lock on folder/.lock for the life of this process (the kernel drops it when the
+    process ends, even killed, so a crashed run never leaves it stuck); a second run stops here."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(f"--output_dir {folder}: another training run ({owner}) is writing there; "
+                          "wait for it to end or choose another --output_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _held[os.path.realpath(folder)] = f

@@ -1,0 +1,115 @@
+"""Training checkpoints: rank 0 saves the run's state every epoch; a rerun finds it and resumes there."""
+import json
+import os
+
+from util import checkpoint
+from util.dist import all_gather, from_main_process, get_world_size, is_main_process
+
+
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag=None, iteration=0):
+    """Rank 0 writes {output_dir}/checkpoint-{tag or epoch}.pd: model, optimizer, epoch (the last complete
+    one), iteration (batches done in the next epoch, when stopped inside it), scaler, the best test top-1 so
+    far and its epoch, args."""
+    if not (args.output_dir and is_main_process()):
+        return
+    path = os.path.join(args.output_dir, f"checkpoint-{tag if tag is not None else epoch}.pd")
+    checkpoint.save_file({
+        "model": model_without_ddp.state_dict(),
+        "optimizer": checkpoint.optimizer_state(optimizer, model_without_ddp),
+        "epoch": epoch,
+        "iteration": iteration,
+        "scaler": loss_scaler.state_dict(),
+        "best": best,
+        "args": vars(args),
+    }, path)
+
+def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
+    """checkpoint-{epoch}.pd every --save_freq epochs and at the end; checkpoint-last.pd every epoch."""
+    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
+        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
+    save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="last")
+
+def newest_checkpoint(output_dir):
+    """The newest readable training checkpoint in output_dir (a corrupt one is reported and passed over)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None, None
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.endswith(".pd")]
+    for name in sorted(names, key=lambda n: os.path.getmtime(os.path.join(output_dir, n)), reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            ckpt = checkpoint.load_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            print(f"Warning: skipping unreadable checkpoint: {e}")
+            continue
+        if "optimizer" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+    return None, None
+
+def load_model(args, model_without_ddp, optimizer, loss_scaler):
+    """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
+    model strictly; with optimizer and epoch (and not --eval), continue training where it stopped. Returns
+    the best test top-1 so far and its epoch (0 and None for a new run)."""
+    args.start_iter = 0
+    best = {"acc1": 0.0, "epoch": None}
+    path, ckpt = args.resume, None
+    if not path and getattr(args, "auto_resume", False) and not getattr(args, "eval", False):
+        path, ckpt = newest_checkpoint(args.output_dir) if is_main_process() else (None, None)
+        path = from_main_process(path)
+        if path:
+            print(f"Auto-resume from {path}")
+    if not path:
+        return best
+    args.resume = path
+    ckpt = read_on_every_rank(path, ckpt)
+    checkpoint.load_model_weights(model_without_ddp, ckpt["model"], path)
+    print(f"Resume checkpoint {path}")
+    if "optimizer" in ckpt and "epoch" in ckpt and not getattr(args, "eval", False):
+        checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, path)
+        args.start_epoch = int(ckpt["epoch"]) + 1
+        args.start_iter = int(ckpt.get("iteration", 0))
+        if "scaler" in ckpt:
+            loss_scaler.load_state_dict(ckpt["scaler"])
+        print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
+                                       if args.start_iter else ""))
+        truncate_log(args, args.start_epoch)
+        best = dict(ckpt.get("best") or best)
+    return best
+
+def read_on_every_rank(path, ckpt=None):
+    """Read the checkpoint on every rank and check that all ranks read the same training position, so that
+    no rank starts elsewhere (e.g. a node-local --output_dir that other nodes do not see)."""
+    error = None
+    if ckpt is None:
+        try:
+            ckpt = checkpoint.load_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    if get_world_size() == 1:
+        if error:
+            raise checkpoint.CheckpointError(error)
+        return ckpt
+    errors = all_gather(error)
+    failed = [str(r) for r, e in enumerate(errors) if e]
+    if failed:
+        raise checkpoint.CheckpointError(
+            f"rank(s) {', '.join(failed)} cannot read the checkpoint rank 0 resumes from ({errors[int(failed[0])]}); "
+            "--output_dir must be a folder every node sees (a shared filesystem)")
+    positions = all_gather((int(ckpt.get("epoch", -1)), int(ckpt.get("iteration", 0))))
+    if len(set(positions)) > 1:
+        raise checkpoint.CheckpointError(
+            f"{path}: the ranks read different checkpoints under this name (epoch, iteration by rank: {positions}); "
+            "--output_dir must be one folder that every node shares")
+    return ckpt
+
+def truncate_log(args, start_epoch):
+    """Drop log.txt lines of epochs that will run again, so that every epoch appears once."""
+    path = os.path.join(args.output_dir, "log.txt") if args.output_dir else ""
+    if not (path and os.path.isfile(path) and is_main_process()):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
