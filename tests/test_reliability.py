@@ -14,8 +14,9 @@ from PIL import Image
 
 import util.misc as misc
 from util.amp import NativeScalerWithGradNormCount
+from util.checkpoint import load_file, save_file
 from conftest import ROOT
-from data import make_image_folder
+from data import make_image_folder, make_train_val
 from helpers import run_script
 
 
@@ -175,3 +176,49 @@ def test_dist_eval_in_one_process(tmp_path):
     res = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--dist_eval", "--data_path", root,
                      "--nb_classes", "2", "--device", "cpu", "--output_dir", "")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --dist_eval")
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory):
+    return make_train_val(str(tmp_path_factory.mktemp("cls")), 2, 4, 2)
+
+
+def _classification(script, data, out, *extra):
+    return [script, "--model", "vit_micro_patch4", "--nb_classes", "2", "--data_path", data, "--output_dir", out,
+            "--log_dir", "", "--device", "cpu", "--num_workers", "0", "--batch_size", "4", "--warmup_epochs", "0",
+            *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_finetune.py", "main_linprobe.py"])
+def test_rerunning_a_finished_run_has_nothing_to_do(classes, tmp_path, script):
+    out = str(tmp_path / "out")
+    argv = (_args(classes, out, "--epochs", "1", "--warmup_epochs", "0") if script == "main_pretrain.py"
+            else _classification(script, classes, out, "--epochs", "1"))
+    first = run_script(*argv)
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    again = run_script(*argv)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert again.stdout.strip().splitlines()[-1].endswith(f"nothing to do: 1 of 1 epochs done in {out}")
+    assert open(os.path.join(out, "log.txt")).read() == log
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_the_best_of_the_whole_run(classes, tmp_path):
+    """After a resume a worse epoch never replaces checkpoint-best.pd: the best so far travels in the checkpoint.
+    Epoch 0's recorded best is raised to 100% so that epoch 1 is certainly worse."""
+    out = str(tmp_path / "out")
+    first = run_script(*_classification("main_finetune.py", classes, out, "--epochs", "1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = os.path.join(out, "checkpoint-last.pd")
+    ckpt, _ = load_file(last)
+    assert ckpt["best"]["epoch"] == 0
+    ckpt["best"] = {"acc1": 100.0, "epoch": 0}
+    save_file(ckpt, last)
+    best = open(os.path.join(out, "checkpoint-best.pd"), "rb").read()
+    second = run_script(*_classification("main_finetune.py", classes, out, "--epochs", "2"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Max accuracy: 100.00% (epoch 0)" in second.stdout
+    assert open(os.path.join(out, "checkpoint-best.pd"), "rb").read() == best
+    assert load_file(os.path.join(out, "checkpoint-1.pd"))[0]["best"] == {"acc1": 100.0, "epoch": 0}
