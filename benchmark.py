@@ -27,7 +27,7 @@ import models_vit
 import util.misc as misc
 from layer import set_recompute
 from util.amp import autocast, create_loss_scaler
-from util.args import device, non_negative_int, positive_int, ratio
+from util.args import check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
 
 
@@ -192,8 +192,21 @@ def gemm_peak(n=2048, reps=5):
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.job == "data":
+        if not args.data_path:
+            parser.error("argument --data_path: --job data needs an ImageFolder root (with train/)")
+    else:
+        names = models_mae.MODELS if args.job == "pretrain" else models_vit.MODELS
+        args.model = args.model or names[0]
+        check_model_input(parser, args.model, args.input_size, names)
+    return args
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     paddle.set_device(args.device)
     if args.device == "cpu":
         configure_cpu()
@@ -205,10 +218,8 @@ def main(argv=None):
         flops = None
     else:
         if args.job == "pretrain":
-            args.model = args.model or "mae_vit_base_patch16"
             model = getattr(models_mae, args.model)(img_size=args.input_size, norm_pix_loss=True)
         else:
-            args.model = args.model or "vit_base_patch16"
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
         set_recompute(model, args.recompute)

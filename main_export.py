@@ -16,7 +16,7 @@ import sys
 import paddle
 
 import models_vit
-from util.args import positive_int
+from util.args import check_file, check_model_input, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import classifier_from_checkpoint
 
@@ -52,7 +52,12 @@ def export(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
+    check_file(parser, "--resume", args.resume)
+    if os.path.isdir(args.output):
+        parser.error(f"argument --output: {args.output} is a folder; give a path prefix such as {args.output}/model")
     try:
         export(args)
     except CheckpointError as e:

@@ -40,8 +40,6 @@ def get_args_parser():
     parser.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
                         help="random erase mode")
     parser.add_argument("--recount", type=positive_int, default=1, help="random erase count")
-    parser.add_argument("--resplit", action="store_true", default=False,
-                        help="accepted for compatibility; unused, as in the official code")
     parser.add_argument("--mixup", type=non_negative_float, default=0, help="mixup alpha, mixup enabled if > 0")
     parser.add_argument("--cutmix", type=non_negative_float, default=0, help="cutmix alpha, cutmix enabled if > 0")
     parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,

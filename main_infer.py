@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 import models_vit
-from util.args import device, positive_int
+from util.args import check_file, check_model_input, device, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
@@ -116,7 +116,10 @@ def predict(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
+    check_file(parser, "--resume", args.resume)
     try:
         paths, top, probs, names = predict(args)
     except (DataError, CheckpointError) as e:

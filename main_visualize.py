@@ -17,8 +17,8 @@ import paddle
 from PIL import Image
 
 import models_mae
-from util.args import positive_int, ratio
-from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint
+from util.args import check_file, check_model_input, positive_int, ratio
+from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
 from util.factory import checkpoint_img_size
@@ -53,7 +53,7 @@ def load_mae(args):
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not (k.endswith("pos_embed") and list(np.shape(v)) != own[k].shape)}
     check_state_dict(model, state, args.resume, allow_missing=("pos_embed", "decoder_pos_embed"))
-    model.set_state_dict(state)  # fixed sin-cos tables are rebuilt for another input size
+    model.set_state_dict(match_dtypes(model, state, args.resume))  # fixed sin-cos tables are rebuilt for another input size
     model.eval()
     return model, norm_pix
 
@@ -107,8 +107,25 @@ def reconstruct(model, imgs, mask_ratio, seed, norm_pix):
     return rows
 
 
+def write_png(pixels, path):
+    """Through a temporary file in the same folder, removed if the write fails."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "is a folder", path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    try:
+        Image.fromarray(pixels).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_model_input(parser, args.model, args.input_size, models_mae.MODELS)
+    check_file(parser, "--resume", args.resume)
     paddle.set_device("cpu")
     configure_cpu()
     try:
@@ -125,10 +142,10 @@ def main(argv=None):
         print("norm_pix_loss model: removed patches are un-normalised with the mean and std of nearby visible patches")
     rows = reconstruct(model, imgs, args.mask_ratio, args.seed, norm_pix)
     grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, args.output)
+    try:
+        write_png(grid, args.output)
+    except OSError as e:
+        sys.exit(f"error: --output {args.output}: cannot write there ({e.strerror or e})")
     print(f"wrote {args.output}: {len(rows)} image(s) x [original | masked | reconstruction | "
           f"reconstruction + visible], {grid.shape[1]}x{grid.shape[0]} px")
 

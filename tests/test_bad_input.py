@@ -2,6 +2,7 @@
 file, flag or key, the right exit code, no traceback and no hang, and leaves earlier outputs intact; the
 cases that used to give a silently wrong result now stop or warn."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -178,3 +179,170 @@ def test_non_finite_weights_are_refused(data, tmp_path, command):
         out = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--nb_classes", "10", "--eval", "--resume",
                          path, "--data_path", data, "--output_dir", "", *FLAGS)
     assert_one_line_error(out, 1, path, "blocks.1.mlp.fc2.weight")
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    """A small PNG that claims 20000 x 20000 pixels (Pillow's decompression-bomb guard refuses it)."""
+    from PIL import Image
+    path = str(tmp_path_factory.mktemp("bomb") / "bomb.png")
+    Image.new("L", (20000, 20000)).save(path, optimize=True)
+    assert os.path.getsize(path) < 2 ** 20
+    return path
+
+
+@pytest.mark.parametrize("command", ["infer", "visualize", "pretrain", "pretrain_workers", "benchmark"])
+def test_decompression_bomb_names_the_file(data, tmp_path, bomb, command):
+    root = str(tmp_path / "d")
+    shutil.copytree(data, root)
+    target = os.path.join(root, "train", "class_1", "bomb.png")
+    shutil.copy(bomb, target)
+    if command == "infer":
+        out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", target)
+    elif command == "visualize":
+        out = run_script("main_visualize.py", "--model", "mae_vit_micro_patch4", "--resume", golden("mae_tiny.pth"),
+                         "--img_path", target, "--output", str(tmp_path / "r.png"))
+    elif command == "benchmark":
+        out = run_script("benchmark.py", "--job", "data", "--data_path", root, "--batch_size", "4", "--iters", "3",
+                         "--input_size", "32")
+    else:
+        workers = "2" if command == "pretrain_workers" else "0"
+        out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", root, "--output_dir",
+                         str(tmp_path / "o"), *FLAGS, "--num_workers", workers)
+    assert_one_line_error(out, 1, target, "DecompressionBomb")
+
+
+def test_decompression_bomb_is_skipped_with_skip_bad_images(data, tmp_path, bomb):
+    root = str(tmp_path / "d")
+    shutil.copytree(data, root)
+    shutil.copy(bomb, os.path.join(root, "train", "class_1", "bomb.png"))
+    out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", root, "--output_dir",
+                     str(tmp_path / "o"), *FLAGS, "--skip_bad_images")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "skipping unreadable image" in out.stdout and "Skipped 1 unreadable image(s) in epoch 0" in out.stdout
+
+
+def _read_only(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_unwritable_output_dir_as_non_root(data, tmp_path):
+    out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data,
+                     "--output_dir", os.path.join(_read_only(tmp_path), "out"), *FLAGS)
+    assert_one_line_error(out, 1, "--output_dir")
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--log_dir"])
+def test_output_paths_that_cannot_be_folders(data, tmp_path, flag):
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").write("x")
+    argv = ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir",
+            str(tmp_path / "o"), *FLAGS, flag, a_file]
+    for path in (a_file, os.path.join(a_file, "below")):
+        argv[-1] = path
+        started = time.time()
+        out = run_script(*argv)
+        assert_one_line_error(out, 1, flag, started=started)
+        assert "Start training" not in out.stdout
+
+
+def test_visualize_output_is_a_folder(tmp_path):
+    out = run_script("main_visualize.py", "--model", "mae_vit_micro_patch4", "--resume", golden("mae_tiny.pth"),
+                     "--img_path", CAT, "--output", str(tmp_path))
+    assert_one_line_error(out, 1, "--output", str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_half_written_log_line_is_dropped_on_resume(data, tmp_path):
+    out_dir = str(tmp_path / "o")
+    argv = ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir", out_dir, *FLAGS]
+    assert run_script(*argv).returncode == 0
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write('{"train_lr": 0.0001, "train_lo')
+    out = run_script(*argv, "--epochs", "2")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "dropping line 2, not a complete log record" in out.stdout
+    lines = open(os.path.join(out_dir, "log.txt")).read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def _with_dtype(tmp_path, name, dtype, key=None):
+    state = dict(load_checkpoint(VIT)["model"])
+    for k in state:
+        if key is None or k == key:
+            state[k] = state[k].astype(dtype)
+    path = str(tmp_path / name)
+    if name.endswith(".pth"):
+        save_pth({"model": {k: np.ascontiguousarray(v.T if v.ndim == 2 and k.endswith(".weight") else v)
+                            for k, v in state.items()}}, path)
+    else:
+        save_file({"model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["half.pd", "half.pth"])
+def test_float16_weights_are_cast_and_said(tmp_path, name):
+    path = _with_dtype(tmp_path, name, np.float16)
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", path, "--img_path", CAT, "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "float16 weights cast to the model's float32" in out.stdout
+    ref = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, "--json")
+    a, b = (json.loads(o.stdout.strip().splitlines()[-1]) for o in (out, ref))
+    assert a["topk_ids"] == b["topk_ids"] and np.allclose(a["topk_probs"], b["topk_probs"], atol=1e-2)
+
+
+@pytest.mark.parametrize("command", ["infer", "finetune"])
+def test_integer_weights_are_refused_naming_the_key(data, tmp_path, command):
+    path = _with_dtype(tmp_path, "int.pd", np.int64, key="head.weight")
+    if command == "infer":
+        out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", path, "--img_path", CAT)
+    else:
+        out = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--finetune", path, "--nb_classes", "10",
+                         "--data_path", data, "--output_dir", str(tmp_path / "o"), *FLAGS)
+    assert_one_line_error(out, 1, path, "head.weight (int64)")
+
+
+@pytest.mark.parametrize("script,flags,named", [
+    ("main_infer.py", ["--device", "gpu"], "--device"),
+    ("main_infer.py", ["--device", "gpu:1"], "--device"),
+    ("main_pretrain.py", ["--device", "cpu:7"], "--device"),
+    ("main_infer.py", ["--input_size", "33"], "--input_size"),
+    ("main_export.py", ["--input_size", "33", "--output", "x"], "--input_size"),
+    ("main_visualize.py", ["--model", "mae_vit_tiny_patch4", "--input_size", "33"], "--input_size"),
+    ("benchmark.py", ["--job", "infer", "--input_size", "33"], "--input_size"),
+    ("main_pretrain.py", ["--input_size", "100000"], "--input_size"),
+    ("benchmark.py", ["--job", "finetune", "--model", "vit_nope"], "--model"),
+    ("benchmark.py", ["--job", "finetune", "--model", "mae_vit_base_patch16"], "--model"),
+    ("benchmark.py", ["--job", "data"], "--data_path"),
+    ("main_infer.py", ["--resume", "/nonexistent.pd"], "--resume"),
+    ("main_finetune.py", ["--resume", "/nonexistent.pd", "--eval"], "--resume"),
+    ("main_finetune.py", ["--finetune", "/nonexistent.pth"], "--finetune"),
+    ("main_finetune.py", ["--resume", "/tmp", "--eval"], "is a folder"),
+])
+def test_more_flag_values_out_of_range(script, flags, named):
+    needs = {"main_infer.py": ["--img_path", CAT, "--resume", VIT], "main_export.py": ["--resume", VIT],
+             "main_visualize.py": ["--img_path", CAT, "--resume", golden("mae_tiny.pth")]}.get(script, [])
+    out = run_script(script, *needs, *flags)
+    if "gpu" in flags[-1] and out.returncode != 2:
+        pytest.skip("a CUDA build of Paddle")
+    assert_one_line_error(out, 2, named)
+
+
+def test_binary_class_names_file(tmp_path):
+    names = tmp_path / "names.bin"
+    names.write_bytes(bytes(range(256)) * 4)
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT,
+                     "--class_names", str(names))
+    assert_one_line_error(out, 1, str(names))
+
+
+def test_ignored_official_flags_say_so(data, tmp_path):
+    out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir",
+                     str(tmp_path / "o"), *FLAGS, "--world_size", "8", "--dist_url", "tcp://x:1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--world_size", "--dist_url"):
+        assert f"{flag} is accepted for compatibility with the official scripts and ignored" in out.stdout

@@ -135,7 +135,10 @@ SEED_LINPROBE = ("--batch_size 512 --model vit_base_patch16 --cls_token --finetu
 SEED_EVAL = "--eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --batch_size 16 --data_path /data/in"
 
 
-def test_seed_readme_commands_parse():
+def test_seed_readme_commands_parse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checkpoints the commands name, as a user would have downloaded them
+    for name in ("mae_pretrain_vit_base.pth", "mae_finetuned_vit_base.pth"):
+        (tmp_path / name).write_bytes(b"")
     ft = main_finetune.parse_args(SEED_FINETUNE.split())
     assert (ft.layer_decay, ft.drop_path, ft.mixup, ft.cutmix, ft.input_size, ft.global_pool) == \
         (0.65, 0.1, 0.8, 1.0, 224, True)

@@ -1,5 +1,6 @@
 """Command-line flags shared by the training scripts, with validation."""
 import argparse
+import os
 import sys
 
 import paddle
@@ -48,10 +49,46 @@ def ratio(value):
 
 
 def device(value):
-    v = "gpu" if value == "cuda" else value.replace("cuda", "gpu")
-    if v.split(":")[0] not in ("cpu", "gpu"):
-        raise argparse.ArgumentTypeError(f"must be cpu or gpu, got {value}")
-    return v
+    """cpu, gpu or gpu:N (cuda accepted for gpu), checked against this Paddle build and machine."""
+    kind, _, index = ("gpu" if value == "cuda" else value.replace("cuda", "gpu")).partition(":")
+    if kind not in ("cpu", "gpu") or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be cpu, gpu or gpu:N, got {value}")
+    if kind == "cpu" and index:
+        raise argparse.ArgumentTypeError(f"cpu takes no device index, got {value}")
+    if kind == "gpu" and not paddle.is_compiled_with_cuda():
+        raise argparse.ArgumentTypeError(f"{value}: this Paddle is built without CUDA; use cpu, or install "
+                                         "paddlepaddle-gpu")
+    if kind == "gpu" and index and int(index) >= paddle.device.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: this machine has {paddle.device.cuda.device_count()} GPU(s)")
+    return f"{kind}:{index}" if index else kind
+
+
+MAX_PATCHES = 256 * 256
+IGNORED = ("world_size", "local_rank", "dist_on_itp", "dist_url", "resplit")  # the official scripts' flags
+
+
+def check_model_input(parser, model_name, input_size, model_names):
+    """parser.error (exit 2) for an unknown model, or an input size it cannot take: not a multiple of its patch
+    size, or more than MAX_PATCHES patches (checked before anything of that size is built)."""
+    from util.factory import create_model
+
+    if model_name not in model_names:
+        parser.error(f"argument --model: unknown model '{model_name}'; valid models: {', '.join(model_names)}")
+    if input_size is None:
+        return
+    with paddle.LazyGuard():
+        patch = create_model(model_name).patch_embed.patch_size[0]
+    if (input_size // patch) ** 2 > MAX_PATCHES:
+        parser.error(f"argument --input_size: {input_size} px makes {(input_size // patch) ** 2} patches of {patch} px; "
+                     f"at most {MAX_PATCHES} are supported")
+    if input_size % patch:
+        parser.error(f"argument --input_size: img_size {input_size} is not divisible by patch_size {patch}")
+
+
+def check_file(parser, flag, path):
+    """parser.error (exit 2) unless path is an existing file."""
+    if path and not os.path.isfile(path):
+        parser.error(f"argument {flag}: {path}: " + ("is a folder, not a file" if os.path.isdir(path) else "not found"))
 
 
 def add_common_args(parser):
@@ -100,11 +137,12 @@ def add_common_args(parser):
     parser.set_defaults(pin_mem=True)
     parser.add_argument("--save_freq", default=1, type=positive_int, help="save a checkpoint every N epochs")
     parser.add_argument("--print_freq", default=20, type=positive_int, help="log every N iterations")
-    # accepted for command-line compatibility with the official scripts; paddle.distributed.launch sets these
+    # the official scripts' distributed flags and --resplit: accepted, and ignored with a note (IGNORED)
     parser.add_argument("--world_size", default=1, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", default=-1, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dist_url", default="env://", help=argparse.SUPPRESS)
+    parser.add_argument("--resplit", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -125,17 +163,17 @@ def add_classification_args(parser, global_pool):
 
 def resolve(parser, args, model_names):
     """Check flag combinations, fill the model's input size; parser.error (exit 2) on a bad combination."""
-    from util.factory import create_model, default_img_size
+    from util.factory import default_img_size
 
-    if args.model not in model_names:
-        parser.error(f"argument --model: unknown model '{args.model}'; valid models: {', '.join(model_names)}")
+    check_model_input(parser, args.model, args.input_size, model_names)
     if args.input_size is None:
         args.input_size = default_img_size(args.model)
-    with paddle.LazyGuard():
-        try:
-            create_model(args.model, img_size=args.input_size)
-        except ValueError as e:
-            parser.error(f"argument --input_size: {e}")
+    check_file(parser, "--resume", args.resume)
+    check_file(parser, "--finetune", getattr(args, "finetune", ""))
+    for flag in IGNORED:
+        if getattr(args, flag) != parser.get_default(flag):
+            print(f"--{flag} is accepted for compatibility with the official scripts and ignored "
+                  "(paddle.distributed.launch sets up the processes)")
     if args.warmup_epochs > args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}")
     if getattr(args, "eval", False) and not args.resume:

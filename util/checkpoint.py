@@ -152,6 +152,8 @@ def _unwrap(obj):
 
 def load_file(path):
     """Read a ``.pd`` or PyTorch ``.pth`` checkpoint. Returns (object, is_torch); tensors are numpy arrays."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -225,10 +227,33 @@ def check_state_dict(model, state_dict, path, allow_missing=(), ignore_unexpecte
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
+def match_dtypes(model, state_dict, path):
+    """state_dict with floating weights cast to the model's dtype (float16 or bfloat16 releases, float64
+    exports; said once); integer or boolean values where the model holds floats raise, naming the keys."""
+    own = model.state_dict()
+    wrong = [f"{k} ({np.asarray(v).dtype})" for k, v in state_dict.items()
+             if k in own and own[k].dtype in (paddle.float32, paddle.float64) and np.asarray(v).dtype.kind in "iub"]
+    if wrong:
+        raise CheckpointError(f"{path}: integer or boolean values where the model has float weights: "
+                              + ", ".join(wrong[:8]))
+    out, cast = {}, set()
+    for k, v in state_dict.items():
+        v = np.asarray(v)
+        target = "float32" if k not in own or own[k].dtype == paddle.float32 else "float64"
+        if v.dtype.kind == "f" and v.dtype != target:
+            cast.add(str(v.dtype))
+            v = v.astype(target)
+        out[k] = v
+    if cast:
+        print(f"{path}: {', '.join(sorted(cast))} weights cast to the model's float32")
+    return out
+
+
 def load_model_weights(model, state_dict, path, allow_missing=()):
     """Strictly load state_dict into model (keys in allow_missing may be absent; extra keys are ignored
-    only when allow_missing is given, as for --finetune)."""
+    only when allow_missing is given, as for --finetune). Floating weights of another precision are cast."""
     check_state_dict(model, state_dict, path, allow_missing, ignore_unexpected=bool(allow_missing))
+    state_dict = match_dtypes(model, state_dict, path)
     own = model.state_dict()
     with warnings.catch_warnings():  # keys absent on purpose were checked above
         warnings.filterwarnings("ignore", message="Skip loading")

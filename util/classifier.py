@@ -36,8 +36,11 @@ def class_names(path=None, data_path=None, num_classes=1000):
     if path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: class names file not found")
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (UnicodeDecodeError, OSError) as e:
+            raise DataError(f"{path}: not a text file of class names ({type(e).__name__})") from None
     elif data_path:
         root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
         if not os.path.isdir(root):

@@ -27,7 +27,7 @@ def load_image(path):
             elif img.mode == "F":
                 img = Image.fromarray(np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 

@@ -102,14 +102,25 @@ def read_on_every_rank(path, ckpt=None):
     return ckpt
 
 def truncate_log(args, start_epoch):
-    """Drop log.txt lines of epochs that will run again, so that every epoch appears once."""
+    """Drop log.txt lines of epochs that will run again, so that every epoch appears once, and lines that are
+    not whole JSON records (a write cut off by a kill), saying so."""
     path = os.path.join(args.output_dir, "log.txt") if args.output_dir else ""
     if not (path and os.path.isfile(path) and is_main_process()):
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
-    if len(keep) != len(lines):
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            epoch = json.loads(line)["epoch"]
+            if not isinstance(epoch, int):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            print(f"{path}: dropping line {n}, not a complete log record (a write cut off by a kill?)")
+            continue
+        if epoch < start_epoch:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
