@@ -9,7 +9,7 @@ from layer import set_recompute, trunc_normal_
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
 from util.args import (add_classification_args, add_common_args, below_one, check_dist_eval, non_negative_float,
-                       positive_int, probability, resolve, scale_lr)
+                       positive_float, positive_int, probability, resolve, scale_lr)
 from util.auto_augment import rand_augment_transform
 from util.checkpoint import load_pretrained
 from util.datasets import classification_loaders
@@ -26,7 +26,7 @@ def get_args_parser():
     parser.set_defaults(epochs=50, model="vit_large_patch16", blr=1e-3, min_lr=1e-6, warmup_epochs=5, save_freq=1)
     parser.add_argument("--drop_path", type=below_one, default=0.1, metavar="PCT",
                         help="drop path rate")
-    parser.add_argument("--clip_grad", type=non_negative_float, default=None, metavar="NORM",
+    parser.add_argument("--clip_grad", type=positive_float, default=None, metavar="NORM",
                         help="clip gradient norm (default: no clipping)")
     parser.add_argument("--layer_decay", type=non_negative_float, default=0.75,
                         help="layer-wise lr decay from ELECTRA/BEiT")

@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 
 from util import auto_augment as aa
-from util.crop import RandomResizedCrop as LinprobeCrop
 from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
 from util.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from util.random_erasing import RandomErasing
-from util.transforms import RandomResizedCrop, eval_transform, finetune_transform
+from util.transforms import RandomResizedCrop, SingleDrawResizedCrop, eval_transform, finetune_transform
 
 
 def _photo(size=64, seed=0):
@@ -115,7 +114,7 @@ def test_random_resized_crop_statistics_and_fallback():
 
 def test_linprobe_crop_is_one_draw_clamped():
     random.seed(0)
-    crop = LinprobeCrop(8, scale=(1.0, 1.0), ratio=(4.0, 4.0))
+    crop = SingleDrawResizedCrop(8, scale=(1.0, 1.0), ratio=(4.0, 4.0))
     top, left, h, w = crop.get_params(_photo(40))
     assert (w, h) == (40, 20) and left == 0  # w = 80 clamped to the image, h = 20
 

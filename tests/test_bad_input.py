@@ -1,6 +1,6 @@
 """Bad input tried as a user (or an attacker) would: every case ends with a one-line error that names the
-file, flag or key, the right exit code, no traceback and no hang, and leaves earlier outputs intact; the
-cases that used to give a silently wrong result now stop or warn."""
+file, flag or key, the right exit code, no traceback and no hang, and leaves earlier outputs intact; inputs
+that would give a silently wrong result stop or warn."""
 import hashlib
 import json
 import os

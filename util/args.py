@@ -27,6 +27,13 @@ def non_negative_float(value):
     return v
 
 
+def positive_float(value):
+    v = float(value)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return v
+
+
 def probability(value):
     v = float(value)
     if not 0.0 <= v <= 1.0:

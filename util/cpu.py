@@ -14,7 +14,7 @@ def configure_cpu():
     fast MKL code path (MKL reads MKL_DEBUG_CPU_TYPE at its first call, so this works after import), and
     dense transposes/slices instead of strided views (Paddle's strided copies are slow on CPU), and freed
     memory kept by malloc for reuse (Paddle's CPU tensors come straight from malloc, which gave large
-    blocks back to the OS on every free: a fine-tuning step now spends a third less time in the kernel)."""
+    blocks back to the OS on every free: a third of a fine-tuning step's system time)."""
     try:
         with open("/proc/cpuinfo") as f:
             if "AuthenticAMD" in f.read(4096):

@@ -1,7 +1,7 @@
 """Optimizer parameter groups: weight decay groups for pre-training, layer-wise lr decay for fine-tuning.
 
-Each group carries 'weight_decay' and, for layer-wise decay, 'learning_rate' = lr_scale (Paddle multiplies
-the optimizer's lr by it), plus the official 'lr_scale' key for reference.
+Each group carries 'weight_decay' and, for layer-wise decay, 'learning_rate': the official lr_scale, by which
+Paddle multiplies the optimizer's lr.
 """
 
 
@@ -45,9 +45,7 @@ def param_groups_lrd(model, weight_decay=0.05, no_weight_decay_list=(), layer_de
         layer_id = get_layer_id_for_vit(name, num_layers)
         group_name = f"layer_{layer_id}_{g_decay}"
         if group_name not in groups:
-            scale = layer_scales[layer_id]
-            groups[group_name] = {"name": group_name, "lr_scale": scale, "learning_rate": scale,
-                                  "weight_decay": this_decay, "params": [], "param_names": []}
+            scale = layer_scales[layer_id]  # the official lr_scale
+            groups[group_name] = {"learning_rate": scale, "weight_decay": this_decay, "params": []}
         groups[group_name]["params"].append(param)
-        groups[group_name]["param_names"].append(name)
     return list(groups.values())

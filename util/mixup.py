@@ -74,11 +74,10 @@ class Mixup:
         self.mix_prob, self.switch_prob = prob, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
         self.mode, self.correct_lam = mode, correct_lam
-        self.mixup_enabled = True
 
     def _params_per_batch(self):
         lam, use_cutmix = 1.0, False
-        if self.mixup_enabled and np.random.rand() < self.mix_prob:
+        if np.random.rand() < self.mix_prob:
             if self.mixup_alpha > 0.0 and self.cutmix_alpha > 0.0:
                 use_cutmix = np.random.rand() < self.switch_prob
                 alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
@@ -91,17 +90,16 @@ class Mixup:
 
     def _params_per_elem(self, n):
         lam, use_cutmix = np.ones(n, dtype=np.float32), np.zeros(n, dtype=bool)
-        if self.mixup_enabled:
-            if self.mixup_alpha > 0.0 and self.cutmix_alpha > 0.0:
-                use_cutmix = np.random.rand(n) < self.switch_prob
-                lam_mix = np.where(use_cutmix, np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n),
-                                   np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n))
-            elif self.mixup_alpha > 0.0:
-                lam_mix = np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n)
-            else:
-                use_cutmix = np.ones(n, dtype=bool)
-                lam_mix = np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n)
-            lam = np.where(np.random.rand(n) < self.mix_prob, lam_mix.astype(np.float32), lam)
+        if self.mixup_alpha > 0.0 and self.cutmix_alpha > 0.0:
+            use_cutmix = np.random.rand(n) < self.switch_prob
+            lam_mix = np.where(use_cutmix, np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n),
+                               np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n))
+        elif self.mixup_alpha > 0.0:
+            lam_mix = np.random.beta(self.mixup_alpha, self.mixup_alpha, size=n)
+        else:
+            use_cutmix = np.ones(n, dtype=bool)
+            lam_mix = np.random.beta(self.cutmix_alpha, self.cutmix_alpha, size=n)
+        lam = np.where(np.random.rand(n) < self.mix_prob, lam_mix.astype(np.float32), lam)
         return lam, use_cutmix
 
     def _mix_per_sample(self, x):

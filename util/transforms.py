@@ -5,6 +5,9 @@ import random
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from util.auto_augment import rand_augment_transform
+from util.random_erasing import RandomErasing
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -132,9 +135,6 @@ def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None,
                        recount=1):
     """timm create_transform(is_training=True) as the official fine-tuning calls it: random resized crop
     (0.08-1, bicubic), flip, RandAugment (or colour jitter when aa is off), normalize, random erasing."""
-    from util.auto_augment import rand_augment_transform
-    from util.random_erasing import RandomErasing
-
     tfl = [RandomResizedCrop(input_size, scale=(0.08, 1.0), interpolation="bicubic"), RandomHorizontalFlip()]
     if aa:
         aa_params = dict(translate_const=int(input_size * 0.45),
@@ -149,8 +149,21 @@ def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None,
     return Compose(tfl)
 
 
+class SingleDrawResizedCrop(RandomResizedCrop):
+    """The linear-probing crop (TF/BYOL style): no retry loop, w and h from one (area, log-ratio) draw, each
+    clamped to the image; uniform offsets."""
+
+    def get_params(self, img):
+        width, height = img.size
+        target_area = height * width * random.uniform(*self.scale)
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect_ratio = math.exp(random.uniform(*log_ratio))
+        w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
+        h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+        return random.randint(0, height - h), random.randint(0, width - w), h, w
+
+
 def linprobe_transform(input_size):
     """The official linear-probing augmentation: one-draw random resized crop (bicubic) and flip."""
-    from util.crop import RandomResizedCrop as LinprobeCrop
-
-    return Compose([LinprobeCrop(input_size, interpolation="bicubic"), RandomHorizontalFlip(), ToNormalizedArray()])
+    return Compose([SingleDrawResizedCrop(input_size, interpolation="bicubic"), RandomHorizontalFlip(),
+                    ToNormalizedArray()])

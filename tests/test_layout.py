@@ -1,0 +1,76 @@
+"""The shape of the code: no import cycles among the project's modules (imports inside functions count),
+modules of a readable size, and a README layout section that names every script and util module."""
+import ast
+import glob
+import os
+import re
+
+from conftest import ROOT
+
+
+def project_modules():
+    """Module name -> file, for the top-level scripts and util/."""
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "util", "*.py"))
+    return {os.path.relpath(f, ROOT)[:-3].replace(os.sep, "."): f for f in files}
+
+
+def imports_of(path, modules):
+    """Project modules that a file imports anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in modules}
+    return found - {"util"}
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {m: imports_of(f, modules) for m, f in modules.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert "util.cpu" in graph and not graph["util.cpu"]  # CPU tuning imports nothing of the project
+    assert not {"util.misc", "util.dist", "util.checkpoint", "util.datasets"} & _reachable(graph, "layer")
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()]:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def test_module_sizes():
+    sizes = {m: sum(1 for _ in open(f, encoding="utf-8")) for m, f in project_modules().items()}
+    assert sizes["util.misc"] <= 250
+    assert {m: n for m, n in sizes.items() if n > 350} == {}
+
+
+def test_readme_layout_names_every_module():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    layout = re.search(r"^## Repository layout\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    named = set(re.findall(r"`([\w/.]+)`", layout))
+    missing = [os.path.relpath(f, ROOT) for f in project_modules().values()
+               if os.path.basename(f) != "__init__.py" and os.path.relpath(f, ROOT) not in named]
+    assert missing == []
