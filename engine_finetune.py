@@ -5,21 +5,24 @@ import paddle.nn.functional as F
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.amp import autocast
-from util.dist import grad_sync
-from util.epochs import end_epoch, epoch_meters, log_step, train_epochs
+from util.dist import get_rank, grad_sync
+from util.epochs import epoch_meters, log_step, train_epochs
 from util.run_state import load_model
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
-                    log_writer=None, args=None, start_iter=0):
-    """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
+                    log_writer=None, args=None, start_iter=0, metric_logger=None):
+    """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
+    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (mixup, drop path)
+    are seeded from (seed, rank, epoch, step), so that a resumed run draws what the uninterrupted one did."""
     model.train()
-    metric_logger, header = epoch_meters(epoch)
+    metric_logger, header = epoch_meters(epoch, metric_logger)
     optimizer.clear_grad()
     accum_iter = args.accum_iter
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, targets) in enumerate(batches, start=start_iter):
+        misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
         if mixup_fn is not None:
@@ -40,7 +43,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
         if log_step(metric_logger, log_writer, loss_value, max(lr_sched.group_lrs(optimizer)), data_iter_step,
                          len(data_loader), epoch, update):
             break
-    return end_epoch(metric_logger, data_loader, loss_scaler, epoch)
+    return metric_logger
 
 
 def accuracy(output, target, topk=(1,)):
@@ -86,8 +89,8 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
         evaluate_and_report()
         return
 
-    def train_epoch(epoch, start_iter, log_writer):
+    def train_epoch(epoch, start_iter, log_writer, metric_logger):
         return train_one_epoch(model, criterion, data_loader_train, optimizer, epoch, loss_scaler, max_norm, mixup_fn,
-                               log_writer=log_writer, args=args, start_iter=start_iter)
+                               log_writer=log_writer, args=args, start_iter=start_iter, metric_logger=metric_logger)
 
     train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, evaluate_and_report)

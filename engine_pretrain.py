@@ -2,19 +2,23 @@
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.amp import autocast
-from util.dist import grad_sync
-from util.epochs import end_epoch, epoch_meters, log_step
+from util.dist import get_rank, grad_sync
+from util.epochs import epoch_meters, log_step
 
 
-def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0):
-    """One pass over data_loader (from batch start_iter when resuming inside the epoch)."""
+def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0,
+                    metric_logger=None):
+    """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
+    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (masks) are seeded
+    from (seed, rank, epoch, step), so that a resumed run draws what the uninterrupted one did."""
     model.train()
-    metric_logger, header = epoch_meters(epoch)
+    metric_logger, header = epoch_meters(epoch, metric_logger)
     optimizer.clear_grad()
     accum_iter = args.accum_iter
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
+        misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
 
@@ -31,4 +35,4 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         if log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
                          epoch, update, loss_tag="train_loss"):
             break
-    return end_epoch(metric_logger, data_loader, loss_scaler, epoch)
+    return metric_logger

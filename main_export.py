@@ -16,7 +16,7 @@ import sys
 import paddle
 
 import models_vit
-from util.args import check_file, check_model_input, positive_int
+from util.args import check_model_input, checkpoint_file, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import classifier_from_checkpoint
 
@@ -40,7 +40,7 @@ def export(args):
     paddle.jit.save(model, args.output, input_spec=spec)
     with open(args.output + ".info", "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
-                   "source": os.path.abspath(args.resume)}, f, indent=1)
+                   "class_names": model.class_names, "source": os.path.abspath(args.resume)}, f, indent=1)
     print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:
         try:
@@ -55,7 +55,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
-    check_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume)
     if os.path.isdir(args.output):
         parser.error(f"argument --output: {args.output} is a folder; give a path prefix such as {args.output}/model")
     try:

@@ -85,6 +85,7 @@ def main(args):
 
     train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount)
     loaders = classification_loaders(args, train_tf, eval_transform(args.input_size))
+    args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None:

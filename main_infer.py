@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 import models_vit
-from util.args import check_file, check_model_input, device, positive_int
+from util.args import check_model_input, checkpoint_file, device, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
@@ -94,18 +94,20 @@ def predict(args):
     if args.exported:
         model = ExportedModel(args.exported, args.device.startswith("gpu"))
         input_size, num_classes = model.info["input_size"], model.info["num_classes"]
+        recorded = model.info.get("class_names")
         forward = model
     else:
         if not args.resume:
             raise CheckpointError("--resume or --exported is required")
         model = classifier_from_checkpoint(args.model, args.resume, args.input_size)
         input_size, num_classes = model.patch_embed.img_size[0], model.num_classes
+        recorded = model.class_names
 
         def forward(x):
             with paddle.no_grad():
                 return model(paddle.to_tensor(x)).numpy()
 
-    names = class_names(args.class_names, args.data_path, num_classes)
+    names = class_names(args.class_names, args.data_path, num_classes, recorded)
     batch = load_batch(paths, eval_transform(input_size))
     logits = np.concatenate([forward(batch[i:i + args.batch_size]) for i in range(0, len(batch), args.batch_size)])
     logits = logits - logits.max(1, keepdims=True)
@@ -119,7 +121,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
-    check_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume)
     try:
         paths, top, probs, names = predict(args)
     except (DataError, CheckpointError) as e:

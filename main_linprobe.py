@@ -56,6 +56,7 @@ def main(args):
     check_dist_eval(args)
 
     loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
+    args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     model_without_ddp = build_model(args)
     misc.print_model(model_without_ddp, args)

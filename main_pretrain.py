@@ -65,9 +65,9 @@ def main(args):
     optimizer = create_optimizer(model_without_ddp, args)
     loss_scaler = create_loss_scaler(args)
 
-    def train_epoch(epoch, start_iter, log_writer):
+    def train_epoch(epoch, start_iter, log_writer, metric_logger):
         return train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler, log_writer=log_writer,
-                               args=args, start_iter=start_iter)
+                               args=args, start_iter=start_iter, metric_logger=metric_logger)
 
     train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch)
 

@@ -17,7 +17,7 @@ import paddle
 from PIL import Image
 
 import models_mae
-from util.args import check_file, check_model_input, positive_int, ratio
+from util.args import check_model_input, checkpoint_file, positive_int, ratio
 from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
@@ -125,7 +125,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_mae.MODELS)
-    check_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume)
     paddle.set_device("cpu")
     configure_cpu()
     try:

@@ -1,4 +1,6 @@
 """Vision Transformer for fine-tuning and linear probing, with optional global average pooling."""
+import warnings
+
 import paddle
 import paddle.nn as nn
 
@@ -76,9 +78,12 @@ class BatchNorm1D(nn.BatchNorm1D):
         if x.shape[0] < 2:
             raise ValueError(f"BatchNorm needs more than one sample per batch in training, got {x.shape[0]}")
         running_var = self._variance.clone()
-        y = super().forward(x)
+        with warnings.catch_warnings():  # Paddle's note that training tracks the running statistics
+            warnings.filterwarnings("ignore", message="When training, we now always track")
+            y = super().forward(x)
         with paddle.no_grad():
-            batch_var = paddle.var(x.astype("float32"), axis=0, unbiased=True)
+            centred = x.astype("float32") - x.astype("float32").mean(axis=0)
+            batch_var = (centred * centred).sum(axis=0) / (x.shape[0] - 1)
             self._variance.set_value(running_var * self._momentum + batch_var * (1.0 - self._momentum))
         return y
 

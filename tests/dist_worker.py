@@ -19,7 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import util.datasets  # noqa: E402
-import util.misc as misc  # noqa: E402
 import util.run_state  # noqa: E402
 from util.dist import get_rank, get_world_size  # noqa: E402
 
@@ -31,7 +30,6 @@ if os.environ.get("RANK_CWD"):
 sys.argv = [script] + sys.argv[3:]
 seen, writes, models = {}, [], []
 real_open, real_getitem = builtins.open, util.datasets.ImageFolder.__getitem__
-real_seed = misc.seed_everything
 
 
 def spy_open(file, mode="r", *args, **kwargs):
@@ -40,20 +38,14 @@ def spy_open(file, mode="r", *args, **kwargs):
     return real_open(file, mode, *args, **kwargs)
 
 
-def spy_getitem(self, index):
-    seen.setdefault(str(spy_seed.epoch), []).append(int(index))
-    return real_getitem(self, index)
+def spy_getitem(self, key):
+    epoch, index = key
+    seen.setdefault(str(epoch), []).append(int(index))
+    return real_getitem(self, key)
 
 
-def spy_seed(seed, epoch=0):
-    spy_seed.epoch = epoch
-    return real_seed(seed, epoch)
-
-
-spy_seed.epoch = 0
 builtins.open = spy_open
 util.datasets.ImageFolder.__getitem__ = spy_getitem
-misc.seed_everything = spy_seed
 real_save = util.run_state.save_model
 
 

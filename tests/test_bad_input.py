@@ -203,8 +203,8 @@ def test_decompression_bomb_names_the_file(data, tmp_path, bomb, command):
         out = run_script("main_visualize.py", "--model", "mae_vit_micro_patch4", "--resume", golden("mae_tiny.pth"),
                          "--img_path", target, "--output", str(tmp_path / "r.png"))
     elif command == "benchmark":
-        out = run_script("benchmark.py", "--job", "data", "--data_path", root, "--batch_size", "4", "--iters", "3",
-                         "--input_size", "32")
+        out = run_script("benchmark.py", "--job", "data", "--data_path", root, "--batch_size", "13", "--iters", "1",
+                         "--input_size", "32")  # one batch of all 13 images
     else:
         workers = "2" if command == "pretrain_workers" else "0"
         out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", root, "--output_dir",

@@ -152,7 +152,7 @@ def test_non_finite_loss_names_epoch_and_iteration():
     model = Exploding()
     opt = paddle.optimizer.AdamW(parameters=model.parameters())
     args = argparse.Namespace(accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=1, epochs=2, mask_ratio=0.75,
-                              print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="")
+                              print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="", seed=0)
     with pytest.raises(misc.NonFiniteLossError, match="Loss is nan at epoch 3, iteration 0"):
         train_one_epoch(model, [(paddle.zeros([2, 3, 4, 4]), None)], opt, 3, NativeScalerWithGradNormCount(False),
                         args=args)

@@ -92,10 +92,22 @@ def check_model_input(parser, model_name, input_size, model_names):
         parser.error(f"argument --input_size: img_size {input_size} is not divisible by patch_size {patch}")
 
 
-def check_file(parser, flag, path):
-    """parser.error (exit 2) unless path is an existing file."""
-    if path and not os.path.isfile(path):
-        parser.error(f"argument {flag}: {path}: " + ("is a folder, not a file" if os.path.isdir(path) else "not found"))
+def checkpoint_file(parser, flag, value):
+    """The local file for a checkpoint flag: a path, or a released name (util.hub: fetched into the cache on
+    first use). parser.error (exit 2) for neither; a failed download ends with its one-line error (exit 1)."""
+    from util.hub import DownloadError, resolve
+
+    if not value:
+        return value
+    try:
+        path = resolve(value)
+    except DownloadError as e:
+        sys.exit(f"error: {e}")
+    if not os.path.isfile(path):
+        parser.error(f"argument {flag}: {path}: " + ("is a folder, not a file" if os.path.isdir(path) else
+                                                     "not found (a path, or a released name such as "
+                                                     "mae_pretrain_vit_base)"))
+    return path
 
 
 def add_common_args(parser):
@@ -175,8 +187,9 @@ def resolve(parser, args, model_names):
     check_model_input(parser, args.model, args.input_size, model_names)
     if args.input_size is None:
         args.input_size = default_img_size(args.model)
-    check_file(parser, "--resume", args.resume)
-    check_file(parser, "--finetune", getattr(args, "finetune", ""))
+    args.resume = checkpoint_file(parser, "--resume", args.resume)
+    if hasattr(args, "finetune"):
+        args.finetune = checkpoint_file(parser, "--finetune", args.finetune)
     for flag in IGNORED:
         if getattr(args, flag) != parser.get_default(flag):
             print(f"--{flag} is accepted for compatibility with the official scripts and ignored "

@@ -15,7 +15,8 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ima
 def classifier_from_checkpoint(model_name, path, input_size=None):
     """Build `model_name` with the head, pooling and input size the checkpoint was trained with
     (a fine-tuned or linear-probing checkpoint of ours, or an official fine-tuned .pth)."""
-    state = dict(load_checkpoint(path)["model"])
+    ckpt = load_checkpoint(path)
+    state = dict(ckpt["model"])
     probe = "head.1.weight" in state
     head = state.get("head.1.weight" if probe else "head.weight")
     if head is None:
@@ -28,11 +29,13 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
     interpolate_pos_embed(model, state)
     load_model_weights(model, state, path)
     model.eval()
+    model.class_names = (ckpt.get("args") or {}).get("classes")  # recorded by fine-tuning and linear probing
     return model
 
 
-def class_names(path=None, data_path=None, num_classes=1000):
-    """Names from a text file (one per line), the class folders of a dataset, or ImageNet's for 1000 classes."""
+def class_names(path=None, data_path=None, num_classes=1000, recorded=None):
+    """Names from a text file (one per line), the class folders of a dataset, those the model recorded (its
+    checkpoint's training classes), or ImageNet's for 1000 classes; else the class numbers."""
     if path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: class names file not found")
@@ -46,6 +49,8 @@ def class_names(path=None, data_path=None, num_classes=1000):
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
         names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    elif recorded and len(recorded) == num_classes:
+        return list(recorded)
     elif num_classes == 1000:
         return class_names(IMAGENET_CLASSES)
     else:

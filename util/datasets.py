@@ -1,4 +1,6 @@
 """ImageFolder datasets, image decoding with clear errors, and data loaders."""
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import random
@@ -8,6 +10,7 @@ import numpy as np
 import paddle
 from PIL import Image, UnidentifiedImageError
 
+PR_SET_PDEATHSIG = 1  # Linux prctl option
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -38,7 +41,7 @@ class ImageFolder(paddle.io.Dataset):
     def __init__(self, root, transform=None, classes=None, classes_from=None):
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
-        self.root, self.transform, self.replaced = root, transform, None
+        self.root, self.transform, self.replaced, self.seed = root, transform, None, 0
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
@@ -63,10 +66,13 @@ class ImageFolder(paddle.io.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
-        """(image, label). An unreadable file is replaced by the next readable sample and its index is sent to
+    def __getitem__(self, key):
+        """(image, label) of `index` or `(epoch, index)`. The augmentation's random draws are seeded from
+        (self.seed, epoch, index), so that a sample is augmented the same whichever worker or resumed run
+        produces it. An unreadable file is replaced by the next readable sample and its index is sent to
         self.replaced (a queue that also crosses worker processes), so that the loader can report or skip it
         without a per-batch marker travelling to the device."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         for offset in range(min(len(self), 100)):
             i = (index + offset) % len(self)
             path, target = self.samples[i]
@@ -77,9 +83,24 @@ class ImageFolder(paddle.io.Dataset):
             if offset and self.replaced is not None:
                 self.replaced.put(index)
             if self.transform is not None:
-                img = self.transform(img)
+                with sample_random_state(self.seed, epoch, index):
+                    img = self.transform(img)
             return img, np.int64(target)
         raise DataError(f"{self.samples[index][0]} and the {min(len(self), 100) - 1} files after it are unreadable")
+
+
+@contextlib.contextmanager
+def sample_random_state(seed, epoch, index):
+    """Python's and NumPy's random streams seeded from (seed, epoch, index) inside, as they were outside."""
+    saved = random.getstate(), np.random.get_state()
+    s = ((seed * 1000003 + epoch) * 1000003 + index) % (2 ** 32)
+    random.seed(s)
+    np.random.seed(s)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
 
 
 def _image_files(folder, seen):
@@ -115,12 +136,14 @@ def _collate(batch):
 
 
 class _Skippable:
-    """A batch sampler whose next pass leaves out its first `skip` batches (resuming inside an epoch)."""
+    """A batch sampler of (epoch, index) keys whose next pass leaves out its first `skip` batches (resuming
+    inside an epoch)."""
 
     def __init__(self, batch_sampler):
-        self.batch_sampler, self.skip = batch_sampler, 0
+        self.batch_sampler, self.skip, self.epoch = batch_sampler, 0, 0
 
     def set_epoch(self, epoch):
+        self.epoch = epoch
         self.batch_sampler.set_epoch(epoch)
 
     def __len__(self):
@@ -130,17 +153,21 @@ class _Skippable:
         skip, self.skip = self.skip, 0
         for i, indices in enumerate(self.batch_sampler):
             if i >= skip:
-                yield indices
+                yield [(self.epoch, index) for index in indices]
 
 
-def _seed_worker(worker_id):
-    """Workers fork with the parent's (per-epoch seeded) state: give each its own stream. They ignore
-    SIGINT (Ctrl-C reaches the whole process group) so that the main process can finish its iteration
-    and save (see util.preempt); the loader itself ends them with SIGTERM."""
-    seed = (random.getrandbits(31) + worker_id * 7919) % (2 ** 31)
-    random.seed(seed)
-    np.random.seed(seed)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(worker_id):
+    """Each worker leaves the process group, so that the signals launchers and Ctrl-C send to the whole group
+    (SIGTERM, SIGINT) reach only the training process, which then finishes its iteration and saves (see
+    util.preempt); the loader still ends its workers itself. A worker dies with the training process
+    (Linux's parent-death signal), so that a killed run leaves none behind."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
 
 
 class Loader:
@@ -156,7 +183,7 @@ class Loader:
         self.loader = None
         if num_workers > 0:
             self.loader = paddle.io.DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=num_workers,
-                                               collate_fn=_collate, worker_init_fn=_seed_worker,
+                                               collate_fn=_collate, worker_init_fn=_init_worker,
                                                use_shared_memory=pin_mem)
 
     def __len__(self):
@@ -201,6 +228,7 @@ def train_loader(dataset, args):
     """Shuffled, drop_last batches of batch_size per rank; call .batch_sampler.set_epoch(epoch) every epoch."""
     sampler = paddle.io.DistributedBatchSampler(dataset, args.batch_size, num_replicas=args.world_size,
                                                 rank=args.rank, shuffle=True, drop_last=True)
+    dataset.seed = args.seed
     if len(sampler) == 0:
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")

@@ -5,15 +5,18 @@ import os
 import time
 
 from util import misc, run_state
-from util.dist import all_reduce_sum, broadcast_buffers, get_rank, get_world_size
+from util.dist import all_gather, all_reduce_sum, broadcast_buffers, get_rank, get_world_size
 from util.preempt import STOP
 
 
 def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, train_one_epoch, evaluate=None):
     """Resume from --output_dir (or --resume), then for each remaining epoch: train_one_epoch(epoch, start_iter,
-    log_writer) -> stats; evaluate() -> test stats (keeping checkpoint-best.pd at the best top-1 of the whole
-    run); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq); append a log.txt line."""
-    best = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    log_writer, metric_logger) -> its meters; evaluate() -> test stats (keeping checkpoint-best.pd at the best
+    top-1 of the whole run); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq); append a
+    log.txt line. A run stopped inside an epoch continues from the batch, the meters and the random draws
+    where it stopped, so that it ends as the uninterrupted run would have."""
+    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    best = resumed["best"]
     if args.start_epoch >= args.epochs:
         print(f"nothing to do: {args.epochs} of {args.epochs} epochs done in {args.output_dir}")
         return
@@ -22,15 +25,19 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_everything(args.seed + get_rank(), epoch)
         data_loader.batch_sampler.set_epoch(epoch)  # also in a single process (the official only when distributed)
         start_iter = args.start_iter if epoch == args.start_epoch else 0
         data_loader.skip_batches(start_iter)
-        train_stats = train_one_epoch(epoch, start_iter, log_writer)
+        metric_logger = None
+        if start_iter and resumed["meters"]:
+            metric_logger, _ = epoch_meters(epoch)
+            metric_logger.load_state(resumed["meters"][get_rank()])
+        metric_logger = train_one_epoch(epoch, start_iter, log_writer, metric_logger)
         broadcast_buffers(model_without_ddp)
         if STOP.iteration is not None:
-            save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
+            save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best, metric_logger)
             return
+        train_stats = end_epoch(metric_logger, data_loader, loss_scaler, epoch)
         stats = {f"train_{k}": v for k, v in train_stats.items()}
         if evaluate is not None:
             test_stats = evaluate()
@@ -55,19 +62,23 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
-def save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
-    """A signal broke the epoch off: save checkpoint-last.pd with the position inside it, and say so."""
+def save_stop_position(args, epoch, model_without_ddp, optimizer, loss_scaler, best, metric_logger):
+    """A signal broke the epoch off: save checkpoint-last.pd with the position inside it and every rank's
+    meters of the epoch so far, and say so."""
+    meters = all_gather(metric_logger.state())
     run_state.save_model(args, epoch - 1, model_without_ddp, optimizer, loss_scaler, best, tag="last",
-                         iteration=STOP.iteration)
+                         iteration=STOP.iteration, meters=meters)
     where = os.path.join(args.output_dir, "checkpoint-last.pd") if args.output_dir else "nowhere (no --output_dir)"
     print(f"Stopped in epoch {epoch} after iteration {STOP.iteration}; saved {where}. "
           "Run the same command again to continue from there.")
 
 
-def epoch_meters(epoch):
-    """The meters of a training epoch (lr first, as the official log keys) and its log header."""
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+def epoch_meters(epoch, metric_logger=None):
+    """The meters of a training epoch (lr first, as the official log keys; new unless resumed) and its log
+    header."""
+    if metric_logger is None:
+        metric_logger = misc.MetricLogger(delimiter="  ")
+        metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     return metric_logger, f"Epoch: [{epoch}]"
 
 

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import threading
 import time
@@ -107,6 +108,16 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
+    def state(self):
+        """Count, total and recent values of every meter: enough to continue an epoch after a resume."""
+        return {name: {"count": m.count, "total": m.total, "values": list(m.deque)} for name, m in self.meters.items()}
+
+    def load_state(self, state):
+        for name, s in state.items():
+            meter = self.meters[name]
+            meter.count, meter.total = s["count"], s["total"]
+            meter.deque.extend(s["values"])
+
     def log_every(self, iterable, print_freq, header="", start=0):
         """Yield from iterable, printing every print_freq iterations (counted from start, when resuming)."""
         i = start
@@ -137,9 +148,10 @@ def start_run(args):
     init_distributed_mode(args)
     if threading.current_thread() is threading.main_thread():
         STOP.install()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit fails, not the process
     print(f"job dir: {os.path.dirname(os.path.realpath(sys.argv[0]))}")
     print(f"{args}".replace(", ", ",\n"))
-    seed_everything(args.seed + get_rank())
+    seed_everything(args.seed + get_rank(), 0)
     prepare_outputs(args)
 
 def prepare_outputs(args):
@@ -177,12 +189,17 @@ def check_loss(loss_value, epoch, step):
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {step}, stopping training")
 
-def seed_everything(seed, epoch=0):
-    """Seed paddle, numpy and python's random from (seed, epoch), so that a resumed epoch draws the same."""
-    s = (seed * 1000003 + epoch) % (2 ** 31)
+def seed_everything(seed, *position):
+    """Seed paddle, numpy and python's random from seed and a position in training (epoch, step), so that a
+    resumed run draws the same numbers at the same position."""
+    s = seed
+    for p in position:
+        s = s * 1000003 + p
+    s %= 2 ** 31
     paddle.seed(s)
     np.random.seed(s)
     random.seed(s)
+
 
 def create_log_writer(args):
     """VisualDL writer on rank 0 when --log_dir is set."""

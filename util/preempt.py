@@ -6,7 +6,8 @@ from util.dist import all_reduce_sum
 
 class StopSignal:
     """SIGTERM / SIGINT (as SLURM and Kubernetes send before killing a job) ask training to stop at the
-    next optimizer step; all ranks agree through an all-reduce. A second SIGINT interrupts at once."""
+    next optimizer step; all ranks agree through an all-reduce. Further SIGTERMs (launchers repeat theirs)
+    are ignored, so that the process saves and exits 0; a second SIGINT interrupts at once."""
 
     def __init__(self):
         self.signum = None
@@ -20,6 +21,8 @@ class StopSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"Received {signal.Signals(signum).name}: stopping after this iteration", force=True)
 
     def local_flag(self):
@@ -29,5 +32,6 @@ class StopSignal:
     def requested(self):
         """Whether any rank received a stop signal (a collective: every rank calls it)."""
         return all_reduce_sum([self.local_flag()])[0] > 0
+
 
 STOP = StopSignal()

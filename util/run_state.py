@@ -3,25 +3,32 @@ import json
 import os
 
 from util import checkpoint
+from util.run_dir import RunDirError
 from util.dist import all_gather, from_main_process, get_world_size, is_main_process
 
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag=None, iteration=0):
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag=None, iteration=0, meters=None):
     """Rank 0 writes {output_dir}/checkpoint-{tag or epoch}.pd: model, optimizer, epoch (the last complete
-    one), iteration (batches done in the next epoch, when stopped inside it), scaler, the best test top-1 so
-    far and its epoch, args."""
+    one), iteration and every rank's meters (when stopped inside the next epoch), scaler, the best test top-1
+    so far and its epoch, args. A failed write leaves the earlier checkpoints as they were."""
     if not (args.output_dir and is_main_process()):
         return
     path = os.path.join(args.output_dir, f"checkpoint-{tag if tag is not None else epoch}.pd")
-    checkpoint.save_file({
-        "model": model_without_ddp.state_dict(),
-        "optimizer": checkpoint.optimizer_state(optimizer, model_without_ddp),
-        "epoch": epoch,
-        "iteration": iteration,
-        "scaler": loss_scaler.state_dict(),
-        "best": best,
-        "args": vars(args),
-    }, path)
+    try:
+        checkpoint.save_file({
+            "model": model_without_ddp.state_dict(),
+            "optimizer": checkpoint.optimizer_state(optimizer, model_without_ddp),
+            "epoch": epoch,
+            "iteration": iteration,
+            "scaler": loss_scaler.state_dict(),
+            "best": best,
+            "meters": meters,
+            "args": vars(args),
+        }, path)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the earlier checkpoints "
+                          "are intact") from None
+
 
 def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
     """checkpoint-{epoch}.pd every --save_freq epochs and at the end; checkpoint-last.pd every epoch."""
@@ -48,9 +55,11 @@ def newest_checkpoint(output_dir):
 def load_model(args, model_without_ddp, optimizer, loss_scaler):
     """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
     model strictly; with optimizer and epoch (and not --eval), continue training where it stopped. Returns
-    the best test top-1 so far and its epoch (0 and None for a new run)."""
+    {'best': the best test top-1 so far and its epoch (0 and None for a new run), 'meters': every rank's
+    meters of a stopped epoch}."""
     args.start_iter = 0
     best = {"acc1": 0.0, "epoch": None}
+    resumed = {"best": best, "meters": None}
     path, ckpt = args.resume, None
     if not path and getattr(args, "auto_resume", False) and not getattr(args, "eval", False):
         path, ckpt = newest_checkpoint(args.output_dir) if is_main_process() else (None, None)
@@ -58,7 +67,7 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         if path:
             print(f"Auto-resume from {path}")
     if not path:
-        return best
+        return resumed
     args.resume = path
     ckpt = read_on_every_rank(path, ckpt)
     checkpoint.load_model_weights(model_without_ddp, ckpt["model"], path)
@@ -72,8 +81,12 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
                                        if args.start_iter else ""))
         truncate_log(args, args.start_epoch)
-        best = dict(ckpt.get("best") or best)
-    return best
+        resumed = {"best": dict(ckpt.get("best") or best), "meters": ckpt.get("meters")}
+        if args.start_iter and resumed["meters"] is not None and len(resumed["meters"]) != get_world_size():
+            raise checkpoint.CheckpointError(
+                f"{path}: stopped inside epoch {args.start_epoch} with {len(resumed['meters'])} process(es); "
+                f"resume it with as many (this run has {get_world_size()})")
+    return resumed
 
 def read_on_every_rank(path, ckpt=None):
     """Read the checkpoint on every rank and check that all ranks read the same training position, so that
