@@ -20,6 +20,11 @@ class StopSignal:
     def _handler(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        self.receive(signum)
+
+    def receive(self, signum):
+        """Ask for the stop, as the signal signum does (also for signals others handle, such as submitit's
+        preemption signal)."""
         self.signum = signum
         if signum == signal.SIGTERM:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

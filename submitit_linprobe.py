@@ -1,0 +1,11 @@
+"""MAE linear probing on SLURM through submitit, as the official submitit_linprobe.py: one task per GPU, requeued
+on preemption or time-out and resumed from the job folder.
+
+    python submitit_linprobe.py --nodes 4 --ngpus 8 --job_dir JOB_DIR [main_linprobe.py flags...]
+"""
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
+from util import slurm
+
+if __name__ == "__main__":
+    submit_args, args = slurm.parse("Submitit for MAE linear probing", "main_linprobe")
+    slurm.submit("main_linprobe", submit_args, args)

@@ -1,0 +1,11 @@
+"""MAE pre-training on SLURM through submitit, as the official submitit_pretrain.py: one task per GPU, requeued
+on preemption or time-out and resumed from the job folder.
+
+    python submitit_pretrain.py --nodes 4 --ngpus 8 --job_dir JOB_DIR [main_pretrain.py flags...]
+"""
+import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
+from util import slurm
+
+if __name__ == "__main__":
+    submit_args, args = slurm.parse("Submitit for MAE pre-training", "main_pretrain")
+    slurm.submit("main_pretrain", submit_args, args)
