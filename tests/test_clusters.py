@@ -30,12 +30,13 @@ def training(data, epochs):
             "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu", "--print_freq", "1"]
 
 
-def submit_local(data, job_dir, epochs, monkeypatch):
+def submit_local(data, job_dir, epochs, monkeypatch, timeout_min=None):
     from util import slurm
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() adds the repo; undone after
     cpu_kernels.available()
     submit_args, args = slurm.parse("test", "main_pretrain", ["--cluster", "local", "--nodes", "1", "--ngpus", "2",
                                                               "--job_dir", job_dir, *training(data, epochs)])
+    submit_args.timeout = timeout_min or submit_args.timeout
     return slurm.submit("main_pretrain", submit_args, args)
 
 
@@ -90,6 +91,17 @@ def test_preempted_job_is_requeued_and_completes_the_run(data, uninterrupted, tm
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert open(os.path.join(folder, "log.txt")).read() == \
         open(os.path.join(str(uninterrupted.paths.folder), "log.txt")).read()
+
+
+def test_time_limit_requeues_until_the_run_is_complete(data, tmp_path, monkeypatch):
+    """submitit's own time limit on the local executor: a 1-minute job whose controller sends the preemption
+    signal 30 s in; the run needs more than that, so it is requeued, resumes and completes, with every epoch
+    once in log.txt."""
+    job = submit_local(data, str(tmp_path / "%j"), 120, monkeypatch, timeout_min=1)
+    job.results()
+    log = open(job.task(0).paths.stdout).read()
+    assert "Requeued job" in open(job.task(0).paths.stderr).read() and "Auto-resume from" in log
+    assert epochs_logged(str(job.paths.folder)) == list(range(120))
 
 
 def _parent(pid):
