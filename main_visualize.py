@@ -36,6 +36,9 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", default=0.75, type=ratio)
     parser.add_argument("--seed", default=2, type=int, help="the same seed gives the same mask")
     parser.add_argument("--input_size", default=None, type=positive_int, help="default: the checkpoint's")
+    parser.add_argument("--scale", default=1, type=positive_int,
+                        help="enlarge every panel this many times (nearest neighbour), so that patches and masks of "
+                             "small images can be seen")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="the model was trained with norm_pix_loss (read from our checkpoints' args)")
     return parser
@@ -142,6 +145,7 @@ def main(argv=None):
         print("norm_pix_loss model: removed patches are un-normalised with the mean and std of nearby visible patches")
     rows = reconstruct(model, imgs, args.mask_ratio, args.seed, norm_pix)
     grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
+    grid = grid.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
     try:
         write_png(grid, args.output)
     except OSError as e:

@@ -21,7 +21,7 @@ python main_pretrain.py --model mae_vit_micro_patch4 --norm_pix_loss --mask_rati
 PRETRAINED="$OUT/pretrain/checkpoint-$((PE - 1)).pd"
 
 step "2/6 reconstructions of validation images"
-python main_visualize.py --model mae_vit_micro_patch4 --resume "$PRETRAINED" --output "$OUT/reconstruction.png" \
+python main_visualize.py --model mae_vit_micro_patch4 --resume "$PRETRAINED" --output "$OUT/reconstruction.png" --scale 6 \
     --img_path "$DATA"/val/0_t-shirt_top/00019.png "$DATA"/val/5_sandal/00008.png "$DATA"/val/8_bag/00018.png
 
 step "3/6 fine-tune vit_micro_patch4 for $FE epochs"

@@ -123,6 +123,10 @@ def test_visualisation_png(tmp_path):
     other = str(tmp_path / "other.png")
     run_script(*args[:-1], other, "--seed", "7")
     assert not np.array_equal(_panels(other)[1], masked)
+    large = str(tmp_path / "large.png")
+    run_script(*args[:-1], large, "--scale", "3")  # each pixel as a 3 x 3 block
+    assert np.array_equal(np.asarray(Image.open(large))[::3, ::3], np.asarray(grid))
+    assert Image.open(large).size == (3 * 4 * 32, 3 * 2 * 32)
 
 
 def test_visualisation_refuses_encoder_only(tmp_path):
