@@ -18,9 +18,9 @@ from util.hub import resolve as _resolve
 
 dependencies = ["paddle", "numpy", "PIL"]
 
-_RELEASE_OF = {**{f"vit_{s}_patch{p}": f"mae_finetuned_vit_{s}" for s, p in (("base", 16), ("large", 16), ("huge", 14))},
-              **{f"mae_vit_{s}_patch{p}": f"mae_visualize_vit_{s}" for s, p in (("base", 16), ("large", 16),
-                                                                               ("huge", 14))}}
+_SIZES = (("base", 16), ("large", 16), ("huge", 14))
+_RELEASE_OF = {**{f"vit_{s}_patch{p}": f"mae_finetuned_vit_{s}" for s, p in _SIZES},
+               **{f"mae_vit_{s}_patch{p}": f"mae_visualize_vit_{s}" for s, p in _SIZES}}
 
 
 def _source(name, pretrained, checkpoint):

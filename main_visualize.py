@@ -56,7 +56,7 @@ def load_mae(args):
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not (k.endswith("pos_embed") and list(np.shape(v)) != own[k].shape)}
     check_state_dict(model, state, args.resume, allow_missing=("pos_embed", "decoder_pos_embed"))
-    model.set_state_dict(match_dtypes(model, state, args.resume))  # fixed sin-cos tables are rebuilt for another input size
+    model.set_state_dict(match_dtypes(model, state, args.resume))  # sin-cos tables: rebuilt for another size
     model.eval()
     return model, norm_pix
 

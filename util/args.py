@@ -86,8 +86,8 @@ def check_model_input(parser, model_name, input_size, model_names):
     with paddle.LazyGuard():
         patch = create_model(model_name).patch_embed.patch_size[0]
     if (input_size // patch) ** 2 > MAX_PATCHES:
-        parser.error(f"argument --input_size: {input_size} px makes {(input_size // patch) ** 2} patches of {patch} px; "
-                     f"at most {MAX_PATCHES} are supported")
+        parser.error(f"argument --input_size: {input_size} px makes {(input_size // patch) ** 2} patches of "
+                     f"{patch} px; at most {MAX_PATCHES} are supported")
     if input_size % patch:
         parser.error(f"argument --input_size: img_size {input_size} is not divisible by patch_size {patch}")
 

@@ -30,7 +30,8 @@ def init_distributed_mode(args):
     """Set this process's device; join the process group when started by paddle.distributed.launch."""
     device = process_device(args.device)
     if device != args.device and ":" in args.device:
-        print(f"--device {args.device}: each of the {launched_processes()} processes uses its own device ({device} here)")
+        print(f"--device {args.device}: each of the {launched_processes()} processes uses its own device "
+              f"({device} here)")
     paddle.set_device(device)
     if launched_processes() > 1:
         dist.init_parallel_env()

@@ -1,4 +1,4 @@
-"""The epoch loop of pre-training, fine-tuning and linear probing: resume, per-epoch seeding, stop on a
+"""The epoch loop of pre-training, fine-tuning and linear probing: resume, the epoch's batch order, stop on a
 signal, evaluation, checkpoints and logs are written once here; the engines supply one epoch of training."""
 import datetime
 import os
@@ -39,11 +39,12 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
             return
         train_stats = end_epoch(metric_logger, data_loader, loss_scaler, epoch)
         stats = {f"train_{k}": v for k, v in train_stats.items()}
+        improved = False
         if evaluate is not None:
             test_stats = evaluate()
-            if test_stats["acc1"] > best["acc1"]:
+            improved = test_stats["acc1"] > best["acc1"]
+            if improved:
                 best = {"acc1": test_stats["acc1"], "epoch": epoch}
-                run_state.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="best")
             print(f"Max accuracy: {best['acc1']:.2f}% (epoch {best['epoch']})")
             if log_writer is not None:
                 for k in ("acc1", "acc5", "loss"):
@@ -52,8 +53,10 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
             stats.update({"epoch": epoch, "n_parameters": n_parameters})
         else:
             stats["epoch"] = epoch
+        misc.log_stats(args, stats)  # before the checkpoints: a kill in between reruns the epoch and its log line
+        if improved:
+            run_state.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="best")
         run_state.save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
-        misc.log_stats(args, stats)
         if log_writer is not None:
             log_writer.flush()
         if STOP.requested():

@@ -3,8 +3,8 @@ import json
 import os
 
 from util import checkpoint
-from util.run_dir import RunDirError
 from util.dist import all_gather, from_main_process, get_world_size, is_main_process
+from util.run_dir import RunDirError
 
 
 def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag=None, iteration=0, meters=None):
@@ -36,6 +36,7 @@ def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
         save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
     save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="last")
 
+
 def newest_checkpoint(output_dir):
     """The newest readable training checkpoint in output_dir (a corrupt one is reported and passed over)."""
     if not output_dir or not os.path.isdir(output_dir):
@@ -51,6 +52,7 @@ def newest_checkpoint(output_dir):
         if "optimizer" in ckpt and "epoch" in ckpt:
             return path, ckpt
     return None, None
+
 
 def load_model(args, model_without_ddp, optimizer, loss_scaler):
     """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
