@@ -16,7 +16,7 @@ import sys
 import paddle
 
 import models_vit
-from util.args import check_model_input, checkpoint_file, positive_int
+from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import classifier_from_checkpoint
 
@@ -28,6 +28,7 @@ def get_args_parser():
     parser.add_argument("--output", required=True, help="output path prefix, e.g. export/vit_base")
     parser.add_argument("--input_size", default=None, type=positive_int)
     parser.add_argument("--onnx", action="store_true", help="also write OUTPUT.onnx with paddle2onnx")
+    add_cache_arg(parser)
     return parser
 
 
@@ -55,7 +56,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
-    args.resume = checkpoint_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     if os.path.isdir(args.output):
         parser.error(f"argument --output: {args.output} is a folder; give a path prefix such as {args.output}/model")
     try:

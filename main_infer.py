@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 import models_vit
-from util.args import check_model_input, checkpoint_file, device, positive_int
+from util.args import add_cache_arg, check_model_input, checkpoint_file, device, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
@@ -36,6 +36,7 @@ def get_args_parser():
     parser.add_argument("--batch_size", default=16, type=positive_int)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument("--device", default="gpu" if paddle.is_compiled_with_cuda() else "cpu", type=device)
+    add_cache_arg(parser)
     return parser
 
 
@@ -121,7 +122,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
-    args.resume = checkpoint_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     try:
         paths, top, probs, names = predict(args)
     except (DataError, CheckpointError) as e:

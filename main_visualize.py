@@ -17,7 +17,7 @@ import paddle
 from PIL import Image
 
 import models_mae
-from util.args import check_model_input, checkpoint_file, positive_int, ratio
+from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int, ratio
 from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
@@ -41,6 +41,7 @@ def get_args_parser():
                              "small images can be seen")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="the model was trained with norm_pix_loss (read from our checkpoints' args)")
+    add_cache_arg(parser)
     return parser
 
 
@@ -128,7 +129,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_mae.MODELS)
-    args.resume = checkpoint_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     paddle.set_device("cpu")
     configure_cpu()
     try:

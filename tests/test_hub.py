@@ -177,3 +177,11 @@ def test_class_names_travel_with_the_fine_tuned_model(tmp_path):
                                                                                            "class_2"]
     model = paddle.hub.load(ROOT, "vit_micro_patch4", source="local", checkpoint=ckpt)
     assert model.class_names == ["class_0", "class_1", "class_2"]
+
+
+def test_cache_dir_flag_overrides_mae_home(cache, tmp_path):
+    other = tmp_path / "elsewhere"
+    out = run_script("-m", "util.convert_weights", NAME, str(tmp_path / "m.pd"), "--cache_dir", str(other))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(os.listdir(other)) == [f"{NAME}.pd", "partial"]
+    assert not os.path.exists(cache / f"{NAME}.pd")

@@ -92,7 +92,13 @@ def check_model_input(parser, model_name, input_size, model_names):
         parser.error(f"argument --input_size: img_size {input_size} is not divisible by patch_size {patch}")
 
 
-def checkpoint_file(parser, flag, value):
+def add_cache_arg(parser):
+    parser.add_argument("--cache_dir", default=None,
+                        help="where released checkpoints named in place of a path are kept (default: $MAE_HOME, "
+                             "else ~/.cache/mae_paddle)")
+
+
+def checkpoint_file(parser, flag, value, cache=None):
     """The local file for a checkpoint flag: a path, or a released name (util.hub: fetched into the cache on
     first use). parser.error (exit 2) for neither; a failed download ends with its one-line error (exit 1)."""
     from util.hub import DownloadError, resolve
@@ -100,7 +106,7 @@ def checkpoint_file(parser, flag, value):
     if not value:
         return value
     try:
-        path = resolve(value)
+        path = resolve(value, cache)
     except DownloadError as e:
         sys.exit(f"error: {e}")
     if not os.path.isfile(path):
@@ -141,6 +147,7 @@ def add_common_args(parser):
                         help="recompute block activations in the backward pass: less memory (ViT-L/H), more time")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint (.pd, or an official .pth)")
+    add_cache_arg(parser)
     parser.add_argument("--auto_resume", action="store_true",
                         help="without --resume, continue from the newest checkpoint in --output_dir (default)")
     parser.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
@@ -187,9 +194,9 @@ def resolve(parser, args, model_names):
     check_model_input(parser, args.model, args.input_size, model_names)
     if args.input_size is None:
         args.input_size = default_img_size(args.model)
-    args.resume = checkpoint_file(parser, "--resume", args.resume)
+    args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     if hasattr(args, "finetune"):
-        args.finetune = checkpoint_file(parser, "--finetune", args.finetune)
+        args.finetune = checkpoint_file(parser, "--finetune", args.finetune, args.cache_dir)
     for flag in IGNORED:
         if getattr(args, flag) != parser.get_default(flag):
             print(f"--{flag} is accepted for compatibility with the official scripts and ignored "

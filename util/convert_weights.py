@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from util.args import checkpoint_file
+from util.args import add_cache_arg, checkpoint_file
 from util.checkpoint import CheckpointError, load_checkpoint, save_file
 
 
@@ -14,8 +14,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="official .pth checkpoint (torch zip format), or a released name")
     parser.add_argument("dst", help="output .pd file, {'model': state_dict}")
+    add_cache_arg(parser)
     args = parser.parse_args(argv)
-    args.src = checkpoint_file(parser, "src", args.src)
+    args.src = checkpoint_file(parser, "src", args.src, args.cache_dir)
     if os.path.exists(args.dst) and os.path.exists(args.src) and os.path.samefile(args.src, args.dst):
         parser.error(f"argument dst: {args.dst} is the source file; choose another output path")
     try:

@@ -1,7 +1,7 @@
 """The official released checkpoints by name: downloaded once per machine into a cache, checked, converted to
 this project's format, and from then on loaded from there.
 
-Cache: $MAE_HOME, else $XDG_CACHE_HOME/mae_paddle, else ~/.cache/mae_paddle. It holds only complete,
+Cache: the scripts' --cache_dir, else $MAE_HOME, else $XDG_CACHE_HOME/mae_paddle, else ~/.cache/mae_paddle. It holds only complete,
 checked files (NAME.pd); a download in progress lives in its partial/ folder and continues where it stopped
 (HTTP range requests) when asked again. $MAE_MIRROR replaces the download host
 (https://dl.fbaipublicfiles.com/mae), for clusters that reach the internet through a mirror of its tree.
@@ -50,19 +50,19 @@ def url_of(name):
     return f"{os.environ.get('MAE_MIRROR') or HOST}".rstrip("/") + "/" + RELEASED[name][0]
 
 
-def resolve(path_or_name):
+def resolve(path_or_name, cache=None):
     """A local file for a path, or for a released name the cached converted checkpoint (fetched on first
-    use); anything else unchanged, for the caller's 'not found'."""
+    use into `cache`, default cache_dir()); anything else unchanged, for the caller's 'not found'."""
     name = path_or_name[:-4] if path_or_name.endswith(".pth") else path_or_name
     if os.path.exists(path_or_name) or name not in RELEASED:
         return path_or_name
-    return fetch(name)
+    return fetch(name, cache)
 
 
-def fetch(name):
+def fetch(name, cache=None):
     """The cached NAME.pd, downloading and converting it first if needed; one process at a time per name, so
     that ranks starting together download once."""
-    folder = cache_dir()
+    folder = cache or cache_dir()
     final = os.path.join(folder, f"{name}.pd")
     try:
         os.makedirs(os.path.join(folder, "partial"), exist_ok=True)
