@@ -1,9 +1,9 @@
 """The official released checkpoints by name: downloaded once per machine into a cache, checked, converted to
 this project's format, and from then on loaded from there.
 
-Cache: the scripts' --cache_dir, else $MAE_HOME, else $XDG_CACHE_HOME/mae_paddle, else ~/.cache/mae_paddle. It holds only complete,
-checked files (NAME.pd); a download in progress lives in its partial/ folder and continues where it stopped
-(HTTP range requests) when asked again. $MAE_MIRROR replaces the download host
+Cache: the scripts' --cache_dir, else $MAE_HOME, else $XDG_CACHE_HOME/mae_paddle, else ~/.cache/mae_paddle.
+It holds only complete, checked files (NAME.pd); a download in progress lives in its partial/ folder and
+continues where it stopped (HTTP range requests) when asked again. $MAE_MIRROR replaces the download host
 (https://dl.fbaipublicfiles.com/mae), for clusters that reach the internet through a mirror of its tree.
 """
 import contextlib
