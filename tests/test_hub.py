@@ -185,3 +185,12 @@ def test_cache_dir_flag_overrides_mae_home(cache, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(os.listdir(other)) == [f"{NAME}.pd", "partial"]
     assert not os.path.exists(cache / f"{NAME}.pd")
+
+
+@pytest.mark.parametrize("mirror,message", [("notaurl", "not a download address"),
+                                            ("http://127.0.0.1:1", "Connection refused")])
+def test_unreachable_or_malformed_mirror(cache, monkeypatch, mirror, message):
+    monkeypatch.setenv("MAE_MIRROR", mirror)
+    with pytest.raises(hub.DownloadError, match=message):
+        hub.resolve(NAME)
+    assert cache_files(cache) == []

@@ -67,7 +67,8 @@ def fetch(name, cache=None):
     try:
         os.makedirs(os.path.join(folder, "partial"), exist_ok=True)
     except OSError as e:
-        raise DownloadError(f"cannot create the checkpoint cache {folder} ({e.strerror}); set MAE_HOME") from None
+        raise DownloadError(f"cannot create the checkpoint cache {folder} ({e.strerror}); choose another with "
+                            "--cache_dir or MAE_HOME") from None
     with open(os.path.join(folder, "partial", f"{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(final):
@@ -91,7 +92,10 @@ def fetch(name, cache=None):
 def download(url, part, hand):
     """url into `part`, continuing an earlier partial download where the server allows."""
     have = os.path.getsize(part) if os.path.isfile(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    except ValueError as e:
+        raise DownloadError(f"{url}: not a download address ({e}); check MAE_MIRROR") from None
     try:
         with contextlib.closing(urllib.request.urlopen(request, timeout=60)) as response:
             resumed = have and response.status == 206
