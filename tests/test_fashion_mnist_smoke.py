@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -32,27 +33,43 @@ def test_study_driver_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.load(open(os.path.join(out, "results.json")))
     results = report["stages"]
-    expected = {f"{kind}_{r}" for kind in ("pretrain", "linprobe") for r in (0.25, 0.5, 0.75, 0.9)}
-    expected |= {"finetune_0.75", "linprobe_random_init", "finetune_from_scratch"}
+    expected = {"pretrain", "baselines"} | {f"{kind}_{p}" for kind in ("linprobe_mae", "finetune_mae",
+                                                                       "finetune_scratch") for p in (1, 10, 100)}
     assert set(results) == expected
+    subsets = {}
     for name, entry in results.items():
         logs = [json.loads(line) for line in open(entry["log"])]
+        assert entry["wall_clock_s"] > 0
+        if name == "baselines":
+            assert entry["rows"] == logs and len(logs) == 9
+            continue
         assert entry["epochs"] == len(logs) == 1 and entry["final_train_loss"] == logs[-1]["train_loss"]
-        assert ("final_acc1" in entry) == (not name.startswith("pretrain"))
-        assert entry["command"].startswith("python main_") and entry["wall_clock_s"] > 0
-    for what, pair in (("linear probe", ("linprobe_0.75", "linprobe_random_init")),
-                       ("fine-tune", ("finetune_0.75", "finetune_from_scratch"))):
-        c = report["comparisons"][what]
-        assert (c["mae"], c["baseline"]) == tuple(results[s]["final_acc1"] for s in pair)
-        assert c["difference"] == c["mae"] - c["baseline"]
+        assert ("final_acc1" in entry) == (name != "pretrain")
+        assert entry["command"].startswith("python main_")
+        if name != "pretrain":
+            subsets[name.rsplit("_", 1)[1]] = entry["train_images"]
+            assert report["test_top1"][name.rsplit("_", 1)[0]][name.rsplit("_", 1)[1]] == entry["final_acc1"]
+    # class-balanced subsets: 1% and 10% of 30 per class round to at least 2 and 3 per class
+    assert subsets == {"1": 20, "10": 30, "100": 300}
+    train_1 = open(os.path.join(data + "_labels1pct", "subset.txt")).read().split()
+    train_10 = open(os.path.join(data + "_labels10pct", "subset.txt")).read().split()
+    assert set(train_1) < set(train_10)
+    assert len(os.listdir(os.path.join(data + "_labels1pct", "val", "0_t-shirt_top"))) == 10
+    for row in results["baselines"]["rows"]:
+        assert report["test_top1"][row["method"]][row["percent"]] == row["test_acc1"]
+    for p in ("1", "10", "100"):
+        gain = report["finetune_mae_minus_scratch"][p]
+        assert gain == report["test_top1"]["finetune_mae"][p] - report["test_top1"]["finetune_scratch"][p]
     table = open(os.path.join(out, "results.md")).read()
-    assert "| linprobe_0.75 | 1 |" in table
+    assert "| finetune_mae_1 | 20 | 1 | 1 |" in table
     assert open(os.path.join(out, "README.md")).read() == (
         f"intro\n<!-- results: written by run.py -->\n{table}<!-- end of results -->\nconclusions\n")
-    for picture in ("loss_curves.png", "reconstruction.png"):
-        assert os.path.getsize(os.path.join(out, picture)) > 0
-    again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_0.75")
-    assert again.returncode == 0 and "[linprobe_0.75] done already" in again.stdout
+    reports = ("results.json", "results.md", "label_efficiency.png", "loss_curves.png", "reconstruction.png")
+    written = {f: open(os.path.join(out, f), "rb").read() for f in reports}
+    assert all(written.values())
+    again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_mae_10")
+    assert again.returncode == 0 and "[linprobe_mae_10] done already" in again.stdout
+    assert {f: open(os.path.join(out, f), "rb").read() for f in reports} == written  # the report step rewrites
     bad = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "nothing")
     assert bad.returncode == 2 and "unknown stage(s) nothing" in bad.stderr
 
@@ -66,3 +83,28 @@ def test_study_driver_bad_paths(tmp_path):
     _subset(str(data), {"train": 1, "val": 1})
     res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(blocker / "out"))
     assert res.returncode == 1 and f"--out {blocker / 'out'}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_study_baselines_solvers():
+    """kNN equals a direct count of the K nearest by cosine; logistic regression reaches a vanishing gradient."""
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import baselines
+
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.normal(size=(300, 20)), rng.normal(size=(50, 20))
+    train_y = rng.integers(0, 4, 300)
+    pred = baselines.knn_predict(train_x, train_y, test_x, 4, chunk=7)
+    cos = (test_x / np.linalg.norm(test_x, axis=1, keepdims=True)) @ (
+        train_x / np.linalg.norm(train_x, axis=1, keepdims=True)).T
+    for i in range(len(test_x)):
+        near = train_y[np.argsort(-cos[i])[:baselines.K]]
+        counts = np.bincount(near, minlength=4)
+        winners = np.flatnonzero(counts == counts.max())
+        assert pred[i] == next(c for c in near if c in winners)  # ties: the class met first
+    centres = rng.normal(size=(3, 20)) * 3
+    y = rng.integers(0, 3, 400)
+    x = (centres[y] + rng.normal(size=(400, 20))).astype(np.float32)
+    w, b, iterations, grad = baselines.logistic_regression(x, y, 3)
+    assert grad < 1e-6 and 0 < iterations < 5000
+    assert (np.argmax(x @ w + b, axis=1) == y).mean() > 0.95
