@@ -3,7 +3,7 @@
     python benchmark.py --job pretrain --model mae_vit_base_patch16 --batch_size 8 --input_size 224 --iters 10
     python benchmark.py --job finetune --model vit_base_patch16 --batch_size 8 --iters 10
     python benchmark.py --job infer --model vit_base_patch16 --batch_size 8 --iters 10 [--backend inference]
-    python benchmark.py --job data --data_path demo/fashion_mnist_small --num_workers 2 --iters 20
+    python benchmark.py --job data --data_path data/jpeg_bench --transform pretrain --num_workers 2 --batch_size 64
 
 Prints one JSON line: images per second, median seconds per iteration, peak memory (RSS on CPU, allocated
 on GPU), the model's FLOPs per image and achieved GFLOP/s, and next to them the GFLOP/s of a float32
@@ -231,6 +231,9 @@ def main(argv=None):
     median = statistics.median(times)
     result.update({"img_per_s": round(args.batch_size / median, 3), "s_per_iter_median": round(median, 4),
                    "peak_mem_mb": round(misc.max_memory_mb(), 1)})
+    if args.job == "data":
+        result.update(transform=args.transform, num_workers=args.num_workers,
+                      img_per_s_per_worker=round(args.batch_size / median / max(1, args.num_workers), 1))
     if flops is not None:
         result["gflop_per_img"] = round(flops / 1e9, 3)
         result["model_gflop_per_s"] = round(flops * args.batch_size / median / 1e9, 1)

@@ -87,7 +87,8 @@ def test_rand_augment_fixed_seed_is_reproducible():
     def draw():
         random.seed(5)
         np.random.seed(5)
-        return tf(_photo(48))
+        img, boxes = tf(_photo(48))
+        return tf.batch(img[None], boxes[None]).numpy()[0]
 
     a, b = draw(), draw()
     assert a.shape == (3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
@@ -96,7 +97,7 @@ def test_rand_augment_fixed_seed_is_reproducible():
 def test_random_resized_crop_statistics_and_fallback():
     random.seed(0)
     crop = RandomResizedCrop(16, scale=(0.2, 1.0))
-    img = _photo(100)
+    img = np.asarray(_photo(100))
     areas, ratios = [], []
     for _ in range(3000):
         top, left, h, w = crop.get_params(img)
@@ -106,16 +107,16 @@ def test_random_resized_crop_statistics_and_fallback():
     assert min(areas) > 0.19 and max(areas) <= 1.0
     assert abs(np.mean(np.log(ratios))) < 0.02  # log-uniform around 1
     impossible = RandomResizedCrop(16, scale=(2.0, 3.0))  # never fits: centre crop of the whole (ratio-clamped)
-    assert impossible.get_params(_photo(100)) == (0, 0, 100, 100)
-    wide = Image.new("RGB", (300, 100))
+    assert impossible.get_params(img) == (0, 0, 100, 100)
+    wide = np.zeros((100, 300, 3), np.uint8)
     assert impossible.get_params(wide) == (0, 83, 100, 133)  # width clamped to 4/3 of the height
-    assert crop(img).size == (16, 16)
+    assert crop(img).shape == (16, 16, 3)
 
 
 def test_linprobe_crop_is_one_draw_clamped():
     random.seed(0)
     crop = SingleDrawResizedCrop(8, scale=(1.0, 1.0), ratio=(4.0, 4.0))
-    top, left, h, w = crop.get_params(_photo(40))
+    top, left, h, w = crop.get_params(np.asarray(_photo(40)))
     assert (w, h) == (40, 20) and left == 0  # w = 80 clamped to the image, h = 20
 
 
@@ -124,18 +125,26 @@ def test_eval_transform_sizes():
     assert eval_transform(448).transforms[0].size == 448
     assert eval_transform(32).transforms[0].size == 36
     out = eval_transform(32)(Image.new("RGB", (60, 40)))
-    assert out.shape == (3, 32, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def _erase(re, x):
+    """The two halves of random erasing on one normalised CHW image: boxes drawn, then filled."""
+    boxes = re.draw(*x.shape[1:])
+    re.fill(x[None], boxes[None])
+    return boxes
 
 
 def test_random_erasing_statistics():
     random.seed(0)
-    np.random.seed(0)
     re = RandomErasing(0.25, mode="pixel", max_count=1)
     erased, areas = 0, []
     for _ in range(2000):
         x = np.full((3, 40, 40), 7.0, np.float32)
-        re(x)
+        boxes = _erase(re, x)
         hit = x[0] != 7.0
+        top, left, h, w, _ = boxes[0]
+        assert hit.sum() == h * w and hit[top:top + h, left:left + w].all()
         if hit.any():
             erased += 1
             areas.append(hit.mean())
@@ -144,10 +153,10 @@ def test_random_erasing_statistics():
     assert min(areas) >= 0.015 and max(areas) <= 1 / 3 + 0.02
     x = np.ones((3, 20, 20), np.float32)
     random.seed(3)
-    RandomErasing(1.0, mode="const")(x)
+    _erase(RandomErasing(1.0, mode="const"), x)
     assert (x == 0).any() and set(np.unique(x)) == {0.0, 1.0}
     x = np.ones((3, 20, 20), np.float32)
-    RandomErasing(1.0, mode="rand")(x)
+    _erase(RandomErasing(1.0, mode="rand"), x)
     erased = x[:, x[0] != 1.0]
     assert erased.size and np.all(erased == erased[:, :1])  # one colour per channel
     with pytest.raises(ValueError):
@@ -156,18 +165,9 @@ def test_random_erasing_statistics():
 
 def test_random_erasing_count():
     """count is uniform in [1, max_count]; each box then gets area / count."""
-    class Counting(RandomErasing):
-        def _pixels(self, chan, h, w):
-            self.calls += 1
-            return super()._pixels(chan, h, w)
-
     random.seed(0)
-    re = Counting(1.0, mode="pixel", min_area=0.01, max_area=0.02, max_count=3)
-    counts = []
-    for _ in range(600):
-        re.calls = 0
-        re(np.zeros((1, 64, 64), np.float32))
-        counts.append(re.calls)
+    re = RandomErasing(1.0, mode="pixel", min_area=0.01, max_area=0.02, max_count=3)
+    counts = [int((re.draw(64, 64)[:, 2] > 0).sum()) for _ in range(600)]
     assert sorted(set(counts)) == [1, 2, 3] and all(abs(counts.count(c) / 600 - 1 / 3) < 0.06 for c in (1, 2, 3))
 
 

@@ -22,7 +22,8 @@ def _by_hand(path):
     model = vit_micro_patch4(num_classes=10, global_pool=True)
     load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
     model.eval()
-    x = paddle.to_tensor(eval_transform(32)(load_image(path))[None])
+    tf = eval_transform(32)
+    x = tf.batch(tf(load_image(path))[None])
     probs = paddle.nn.functional.softmax(model(x), -1).numpy()[0]
     top = np.argsort(-probs)[:5]
     return top.tolist(), probs[top]

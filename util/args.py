@@ -5,6 +5,8 @@ import sys
 
 import paddle
 
+from util.cpu import cpu_threads
+
 
 def positive_int(value):
     v = int(value)
@@ -156,7 +158,9 @@ def add_common_args(parser):
                         help="replace unreadable images by other samples (logged once, counted per epoch) "
                              "instead of stopping with the file's name")
     parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N")
-    parser.add_argument("--num_workers", default=10, type=non_negative_int)
+    parser.add_argument("--num_workers", default=min(10, cpu_threads()), type=non_negative_int,
+                        help="loader worker processes (default: 10 as the official, at most this process's share "
+                             "of the cores)")
     parser.add_argument("--pin_mem", action="store_true",
                         help="pass batches through shared memory (faster with workers)")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

@@ -76,5 +76,5 @@ def image_paths(paths):
 
 
 def load_batch(paths, transform):
-    """Decode and transform every image first, so that a bad file stops the run before any output."""
-    return np.stack([transform(load_image(p)) for p in paths])
+    """Decode and transform every image first, so that a bad file stops the run before any output; NCHW float32."""
+    return transform.batch(np.stack([transform(load_image(p)) for p in paths])).numpy()

@@ -1,8 +1,10 @@
-"""RandomErasing as timm 0.3.2 applies it, on the normalized CHW float array of one image."""
+"""RandomErasing as timm 0.3.2 applies it, split in two: the boxes are drawn per sample (in the loader
+worker, from the sample's seeded stream), the normalised pixels are replaced per batch (training process)."""
 import math
 import random
 
 import numpy as np
+import paddle
 
 
 class RandomErasing:
@@ -21,28 +23,41 @@ class RandomErasing:
             raise ValueError(f"random erasing mode must be const, rand or pixel, got '{mode}'")
         self.mode = mode
 
-    def _pixels(self, chan, h, w):
-        if self.mode == "pixel":
-            return np.random.standard_normal((chan, h, w)).astype(np.float32)
-        if self.mode == "rand":
-            return np.random.standard_normal((chan, 1, 1)).astype(np.float32)
-        return np.zeros((chan, 1, 1), np.float32)
-
-    def __call__(self, img):
+    def draw(self, img_h, img_w):
+        """The boxes for one image: rows (top, left, h, w, noise seed), h = 0 for none, max_count rows."""
+        boxes = np.zeros((self.max_count, 5), np.int64)
         if random.random() > self.probability:
-            return img
-        chan, img_h, img_w = img.shape
+            return boxes
         area = img_h * img_w
         count = self.min_count if self.min_count == self.max_count else random.randint(self.min_count, self.max_count)
-        for _ in range(count):
+        for i in range(count):
             for _ in range(10):
                 target_area = random.uniform(self.min_area, self.max_area) * area / count
                 aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
                 h = int(round(math.sqrt(target_area * aspect_ratio)))
                 w = int(round(math.sqrt(target_area / aspect_ratio)))
                 if w < img_w and h < img_h:
-                    top = random.randint(0, img_h - h)
-                    left = random.randint(0, img_w - w)
-                    img[:, top:top + h, left:left + w] = self._pixels(chan, h, w)
+                    boxes[i, :4] = random.randint(0, img_h - h), random.randint(0, img_w - w), h, w
                     break
-        return img
+        boxes[:, 4] = random.getrandbits(31)  # after every decision, so that the boxes are timm's draws
+        return boxes
+
+    def __call__(self, img):
+        """Per-sample step on an HWC array: (img, its boxes)."""
+        return img, self.draw(*img.shape[:2])
+
+    def fill(self, x, boxes):
+        """Erase in place the boxes (N, max_count, 5) of the NCHW float32 batch x (array or tensor)."""
+        for i, sample in enumerate(boxes):
+            rng = np.random.default_rng(int(sample[0, 4]))
+            for top, left, h, w, _ in sample:
+                if h == 0:
+                    continue
+                chan = x.shape[1]
+                if self.mode == "pixel":
+                    noise = rng.standard_normal((chan, h, w), dtype=np.float32)
+                elif self.mode == "rand":
+                    noise = np.broadcast_to(rng.standard_normal((chan, 1, 1), dtype=np.float32), (chan, h, w))
+                else:
+                    noise = np.zeros((chan, h, w), np.float32)
+                x[i, :, top:top + h, left:left + w] = noise if isinstance(x, np.ndarray) else paddle.to_tensor(noise)

@@ -1,12 +1,18 @@
-"""Image transforms on PIL images (python `random`), with torchvision/timm semantics, ending in CHW float32."""
+"""Image transforms with torchvision/timm semantics in two halves: per sample on HWC uint8 RGB arrays
+(python `random`) in the loader workers, with Pillow's pixels (crops are views, bicubic resizing is
+util.fast_image's copy of Pillow's arithmetic, RandAugment and colour jitter run on PIL images); per batch in
+the training process, the normalisation to NCHW float32 (and random erasing, which acts on normalised
+values)."""
 import math
 import random
 
 import numpy as np
+import paddle
 from PIL import Image, ImageEnhance
 
 from util.auto_augment import rand_augment_transform
 from util.random_erasing import RandomErasing
+from util.fast_image import available as fast_image_available, normalize_nhwc, resize_bicubic
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -14,11 +20,26 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
+def _array(img):
+    return img if isinstance(img, np.ndarray) else np.asarray(img)
+
+
+def _resize(img, height, width, interpolation):
+    if interpolation == Image.BICUBIC:
+        return resize_bicubic(img, (height, width))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), interpolation))
+
+
 class Compose:
-    def __init__(self, transforms):
+    """The per-sample steps, from a PIL image or an HWC array; `batch` is the per-batch half that the loader
+    applies in the training process."""
+
+    def __init__(self, transforms, batch=None):
         self.transforms = transforms
+        self.batch = batch or BatchNormalize()
 
     def __call__(self, img):
+        img = _array(img)
         for t in self.transforms:
             img = t(img)
         return img
@@ -32,9 +53,10 @@ class RandomResizedCrop:
         self.size = (size, size)
         self.scale, self.ratio = scale, ratio
         self.interpolation = _INTERPOLATION[interpolation]
+        fast_image_available()  # built or loaded here, before loader workers start
 
     def get_params(self, img):
-        width, height = img.size
+        height, width = img.shape[:2]
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -55,7 +77,7 @@ class RandomResizedCrop:
 
     def __call__(self, img):
         top, left, h, w = self.get_params(img)
-        return img.crop((left, top, left + w, top + h)).resize(self.size, self.interpolation)
+        return _resize(img[top:top + h, left:left + w], *self.size, self.interpolation)
 
 
 class RandomHorizontalFlip:
@@ -63,7 +85,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, img):
-        return img.transpose(Image.FLIP_LEFT_RIGHT) if random.random() < self.p else img
+        return img[:, ::-1] if random.random() < self.p else img
 
 
 class Resize:
@@ -72,14 +94,15 @@ class Resize:
     def __init__(self, size, interpolation="bicubic"):
         self.size = size
         self.interpolation = _INTERPOLATION[interpolation]
+        fast_image_available()  # built or loaded here, before loader workers start
 
     def __call__(self, img):
-        w, h = img.size
+        h, w = img.shape[:2]
         if w <= h:
             ow, oh = self.size, int(self.size * h / w)
         else:
             ow, oh = int(self.size * w / h), self.size
-        return img if (ow, oh) == (w, h) else img.resize((ow, oh), self.interpolation)
+        return img if (ow, oh) == (w, h) else _resize(img, oh, ow, self.interpolation)
 
 
 class CenterCrop:
@@ -87,22 +110,54 @@ class CenterCrop:
         self.size = size
 
     def __call__(self, img):
-        w, h = img.size
+        h, w = img.shape[:2]
         top = int(round((h - self.size) / 2.0))
         left = int(round((w - self.size) / 2.0))
-        return img.crop((left, top, left + self.size, top + self.size))
+        if top < 0 or left < 0:  # smaller than the crop: zero padding around it, as Pillow's crop
+            padded = np.zeros((max(h, self.size), max(w, self.size), 3), np.uint8)
+            padded[max(0, -top):max(0, -top) + h, max(0, -left):max(0, -left) + w] = img
+            img, top, left = padded, max(0, top), max(0, left)
+        return img[top:top + self.size, left:left + self.size]
 
 
-class ToNormalizedArray:
-    """PIL RGB -> CHW float32 in [0, 1], then (x - mean) / std."""
-
-    def __init__(self, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+class ToPIL:
+    """For the steps that work on PIL images (RandAugment, colour jitter)."""
 
     def __call__(self, img):
-        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (x - self.mean) / self.std
+        return Image.fromarray(np.ascontiguousarray(img))
+
+
+class ToUint8Array:
+    """-> contiguous HWC uint8 array: 4x less to send from a worker than float32, normalised per batch."""
+
+    def __call__(self, img):
+        return np.ascontiguousarray(img)
+
+
+class BatchNormalize:
+    """HWC uint8 batch (array or tensor) -> NCHW float32 tensor (x / 255 - mean) / std, then random erasing.
+    On the CPU through a 256-entry table per channel, computed with the per-pixel formula (so bit-identical to
+    it), in one pass into the tensor's memory; when training on a GPU, on the GPU, after 4x less
+    host-to-device traffic than float32."""
+
+    def __init__(self, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, erasing=None):
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+        self.table = (levels - self.mean[:, None]) / self.std[:, None]
+        self.erasing = erasing
+
+    def __call__(self, images, erase=None):
+        if paddle.device.get_device().startswith("gpu"):
+            x = images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images)
+            if not x.place.is_gpu_place():
+                x = x.cuda()
+            x = ((x.astype("float32") / 255.0 - paddle.to_tensor(self.mean)) / paddle.to_tensor(self.std))
+            x = x.transpose([0, 3, 1, 2])
+        else:
+            x = normalize_nhwc(images, self.table)
+        if erase is not None:
+            self.erasing.fill(x, erase.numpy() if isinstance(erase, paddle.Tensor) else erase)
+        return x
 
 
 class ColorJitter:
@@ -122,13 +177,13 @@ class ColorJitter:
 def pretrain_transform(input_size):
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
     return Compose([RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation="bicubic"),
-                    RandomHorizontalFlip(), ToNormalizedArray()])
+                    RandomHorizontalFlip(), ToUint8Array()])
 
 
 def eval_transform(input_size):
     """Resize to input_size / crop_pct (crop_pct 224/256 up to 224 px, else 1), bicubic, centre crop."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    return Compose([Resize(int(input_size / crop_pct)), CenterCrop(input_size), ToNormalizedArray()])
+    return Compose([Resize(int(input_size / crop_pct)), CenterCrop(input_size), ToUint8Array()])
 
 
 def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel",
@@ -140,13 +195,14 @@ def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None,
         aa_params = dict(translate_const=int(input_size * 0.45),
                          img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
                          interpolation=Image.BICUBIC)
-        tfl.append(rand_augment_transform(aa, aa_params))
+        tfl += [ToPIL(), rand_augment_transform(aa, aa_params)]
     elif color_jitter is not None:
-        tfl.append(ColorJitter(color_jitter, color_jitter, color_jitter))
-    tfl.append(ToNormalizedArray())
-    if reprob > 0:
-        tfl.append(RandomErasing(reprob, mode=remode, max_count=recount))
-    return Compose(tfl)
+        tfl += [ToPIL(), ColorJitter(color_jitter, color_jitter, color_jitter)]
+    tfl.append(ToUint8Array())
+    if reprob <= 0:
+        return Compose(tfl)
+    erasing = RandomErasing(reprob, mode=remode, max_count=recount)
+    return Compose(tfl + [erasing], BatchNormalize(erasing=erasing))
 
 
 class SingleDrawResizedCrop(RandomResizedCrop):
@@ -154,7 +210,7 @@ class SingleDrawResizedCrop(RandomResizedCrop):
     clamped to the image; uniform offsets."""
 
     def get_params(self, img):
-        width, height = img.size
+        height, width = img.shape[:2]
         target_area = height * width * random.uniform(*self.scale)
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         aspect_ratio = math.exp(random.uniform(*log_ratio))
@@ -166,4 +222,4 @@ class SingleDrawResizedCrop(RandomResizedCrop):
 def linprobe_transform(input_size):
     """The official linear-probing augmentation: one-draw random resized crop (bicubic) and flip."""
     return Compose([SingleDrawResizedCrop(input_size, interpolation="bicubic"), RandomHorizontalFlip(),
-                    ToNormalizedArray()])
+                    ToUint8Array()])

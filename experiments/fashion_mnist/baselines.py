@@ -44,7 +44,7 @@ def encoder_features(folder, model, input_size, batch_size=500):
     with paddle.no_grad():
         for i in range(0, len(data.samples), batch_size):
             batch = np.stack([transform(load_image(p)) for p, _ in data.samples[i:i + batch_size]])
-            feats.append(model.forward_features(paddle.to_tensor(batch)).numpy())
+            feats.append(model.forward_features(transform.batch(batch)).numpy())
     return np.concatenate(feats)
 
 
