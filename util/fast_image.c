@@ -62,27 +62,17 @@ static int weights(int in_size, int out_size, int **bounds, int32_t **kk) {
   return ksize;
 }
 
-// rows x in_w x 3 (row stride in_stride bytes, starting at input row `first`) -> rows x out_w x 3.
-__attribute__((target_clones("avx2", "default")))
-static void horizontal(const uint8_t *in, long in_stride, int first, int rows, uint8_t *out, int out_w,
-                       int ksize, const int *bounds, const int32_t *kk) {
-  for (int y = 0; y < rows; y++) {
-    const uint8_t *line = in + (long)(y + first) * in_stride;
-    uint8_t *dst = out + (long)y * out_w * 3;
-    for (int xx = 0; xx < out_w; xx++) {
-      const int32_t *k = kk + xx * ksize;
-      const uint8_t *src = line + bounds[xx * 2] * 3;
-      int32_t s0 = HALF, s1 = HALF, s2 = HALF;
-      for (int x = 0; x < bounds[xx * 2 + 1]; x++) {
-        s0 += src[x * 3] * k[x];
-        s1 += src[x * 3 + 1] * k[x];
-        s2 += src[x * 3 + 2] * k[x];
-      }
-      dst[xx * 3] = clip8(s0);
-      dst[xx * 3 + 1] = clip8(s1);
-      dst[xx * 3 + 2] = clip8(s2);
-    }
-  }
+// rows x cols pixels of 3 bytes (row stride in_stride) -> cols x rows, in cache-sized tiles.
+static void transpose(const uint8_t *in, long in_stride, int rows, int cols, uint8_t *out) {
+  const int tile = 32;
+  for (int y0 = 0; y0 < rows; y0 += tile)
+    for (int x0 = 0; x0 < cols; x0 += tile)
+      for (int x = x0; x < x0 + tile && x < cols; x++)
+        for (int y = y0; y < y0 + tile && y < rows; y++) {
+          const uint8_t *s = in + (long)y * in_stride + x * 3;
+          uint8_t *d = out + ((long)x * rows + y) * 3;
+          d[0] = s[0], d[1] = s[1], d[2] = s[2];
+        }
 }
 
 // rows of n bytes (stride in_stride) -> out_h rows: output row yy mixes input rows bounds[2yy] + shift ...
@@ -103,6 +93,22 @@ static void vertical(const uint8_t *in, long in_stride, int shift, int n, uint8_
   }
 }
 
+// The horizontal pass (rows x in_w -> rows x out_w, input from row `first`) as the vertical pass of the
+// transposed image, whose rows are contiguous: the same sums, vectorized.
+static int horizontal(const uint8_t *in, long in_stride, int first, int rows, int in_w, uint8_t *out, int out_w,
+                      int ksize, const int *bounds, const int32_t *kk, int32_t *acc) {
+  uint8_t *t_in = malloc((size_t)in_w * rows * 3), *t_out = malloc((size_t)out_w * rows * 3);
+  if (!t_in || !t_out) {
+    free(t_in), free(t_out);
+    return -1;
+  }
+  transpose(in + (long)first * in_stride, in_stride, rows, in_w, t_in);
+  vertical(t_in, (long)rows * 3, 0, rows * 3, t_out, out_w, ksize, bounds, kk, acc);
+  transpose(t_out, (long)rows * 3, out_w, rows, out);
+  free(t_in), free(t_out);
+  return 0;
+}
+
 // in: in_h x in_w x 3 with row stride in_stride bytes; out: out_h x out_w x 3, contiguous. 0 on success.
 int resize_bicubic_rgb(const uint8_t *in, int in_h, int in_w, long in_stride, uint8_t *out, int out_h, int out_w) {
   int need_h = out_w != in_w, need_v = out_h != in_h;
@@ -118,17 +124,20 @@ int resize_bicubic_rgb(const uint8_t *in, int in_h, int in_w, long in_stride, ui
     if (!(kv = weights(in_h, out_h, &bv, &wv))) goto end;
   }
   if (need_h && !(kh = weights(in_w, out_w, &bh, &wh))) goto end;
-  acc = malloc(sizeof(int32_t) * 3 * (size_t)(in_w > out_w ? in_w : out_w));
+  int longest = in_w > in_h ? in_w : in_h;
+  longest = out_w > longest ? out_w : longest;
+  longest = out_h > longest ? out_h : longest;
+  acc = malloc(sizeof(int32_t) * 3 * (size_t)longest);
   if (!acc) goto end;
   if (horizontal_first) {
     if (!need_v) {
-      horizontal(in, in_stride, 0, in_h, out, out_w, kh, bh, wh);
+      if (horizontal(in, in_stride, 0, in_h, in_w, out, out_w, kh, bh, wh, acc)) goto end;
     } else if (!need_h) {
       vertical(in, in_stride, 0, in_w * 3, out, out_h, kv, bv, wv, acc);
     } else {
       int first = bv[0], last = bv[out_h * 2 - 2] + bv[out_h * 2 - 1];
       if (!(tmp = malloc((size_t)(last - first) * out_w * 3))) goto end;
-      horizontal(in, in_stride, first, last - first, tmp, out_w, kh, bh, wh);
+      if (horizontal(in, in_stride, first, last - first, in_w, tmp, out_w, kh, bh, wh, acc)) goto end;
       vertical(tmp, (long)out_w * 3, first, out_w * 3, out, out_h, kv, bv, wv, acc);
     }
   } else {
@@ -137,7 +146,7 @@ int resize_bicubic_rgb(const uint8_t *in, int in_h, int in_w, long in_stride, ui
     } else {
       if (!(tmp = malloc((size_t)out_h * in_w * 3))) goto end;
       vertical(in, in_stride, 0, in_w * 3, tmp, out_h, kv, bv, wv, acc);
-      horizontal(tmp, (long)in_w * 3, 0, out_h, out, out_w, kh, bh, wh);
+      if (horizontal(tmp, (long)in_w * 3, 0, out_h, in_w, out, out_w, kh, bh, wh, acc)) goto end;
     }
   }
   status = 0;

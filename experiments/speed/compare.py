@@ -60,7 +60,7 @@ def main():
         if args.data_path:
             # 64-image batches; the first 4 intervals are left out: they drain the batches prefetched at start
             common = ["--data_path", args.data_path, "--num_workers", str(args.num_workers), "--batch_size", "64",
-                      "--iters", "10", "--warmup", "4"]
+                      "--iters", "24", "--warmup", "4"]
             for name, transform, _ in DATA_JOBS:
                 rows[name][0].append(run([sys.executable, "benchmark.py", "--job", "data", "--transform", transform,
                                           *common]))

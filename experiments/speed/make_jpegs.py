@@ -1,6 +1,6 @@
 """An ImageNet-like JPEG test set for the input-pipeline timing, made from the photos shipped in demo/.
 
-    python experiments/speed/make_jpegs.py --out data/jpeg_bench --count 1024
+    python experiments/speed/make_jpegs.py --out data/jpeg_bench --count 2048
 
 Each image is a random crop of one of the photos (area 30-100%, aspect 3:4 to 16:9), resized to a width of
 400-520 px (ImageNet's typical size), randomly flipped, saved as baseline JPEG at quality 90 with 4:2:0
@@ -32,7 +32,7 @@ def make_image(photo, rng):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--count", type=int, default=1024, help="training images (val gets a quarter)")
+    parser.add_argument("--count", type=int, default=2048, help="training images (val gets a quarter)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
