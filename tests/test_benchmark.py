@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 from helpers import run_script
@@ -40,3 +41,21 @@ def test_benchmark_data_pipeline():
                      "--input_size", "32", "--batch_size", "16", "--iters", "3", "--warmup", "1")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["img_per_s"] > 0
+
+
+def test_benchmark_data_on_generated_jpegs(tmp_path):
+    """The JPEG timing set: ImageNet-like widths, JPEG 4:2:0; timed with workers, up to the float batch."""
+    res = run_script(os.path.join("experiments", "speed", "make_jpegs.py"), "--out", str(tmp_path), "--count", "24")
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = sorted(str(p) for p in tmp_path.glob("train/*/*.jpg"))
+    assert len(files) == 24 and len(list(tmp_path.glob("val/*/*.jpg"))) == 6
+    for path in files:
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and 400 <= img.size[0] <= 520
+            assert img.layer[0][1:3] == (2, 2)  # luma sampled 2x2 per chroma sample: 4:2:0
+    res = run_script("benchmark.py", "--job", "data", "--data_path", str(tmp_path), "--transform", "finetune",
+                     "--batch_size", "4", "--iters", "3", "--warmup", "1", "--num_workers", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["transform"] == "finetune" and out["num_workers"] == 2
+    assert out["img_per_s_per_worker"] == round(out["img_per_s"] / 2, 1)
