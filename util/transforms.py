@@ -11,8 +11,8 @@ import paddle
 from PIL import Image, ImageEnhance
 
 from util.auto_augment import rand_augment_transform
-from util.random_erasing import RandomErasing
 from util.fast_image import available as fast_image_available, normalize_nhwc, resize_bicubic
+from util.random_erasing import RandomErasing
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
