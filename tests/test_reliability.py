@@ -69,7 +69,8 @@ def test_kill_9_then_rerun_resumes(dataset, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
     out = str(tmp_path / "out")
-    proc = _start(_args(dataset, out))
+    one = ("--batch_size", "1")  # 40 short iterations per epoch: the signal lands inside one
+    proc = _start(_args(dataset, out, *one))
     _wait_for_epochs(out, 1, proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -78,12 +79,12 @@ def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
     assert "Received SIGTERM" in stdout
     epoch = int(re.search(r"Stopped in epoch (\d) after iteration", stdout).group(1))  # 1, or 2 on a fast machine
     ckpt = paddle.load(os.path.join(out, "checkpoint-last.pd"))
-    assert ckpt["epoch"] == epoch - 1 and 0 < ckpt["iteration"] < 10
+    assert ckpt["epoch"] == epoch - 1 and 0 < ckpt["iteration"] < 40
     assert _epochs(out) == list(range(epoch))
-    res = run_script(*_args(dataset, out))
+    res = run_script(*_args(dataset, out, *one))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"Continuing epoch {epoch} at iteration {ckpt['iteration']}" in res.stdout
-    first = re.search(rf"Epoch: \[{epoch}\]  \[\s*(\d+)/10\]", res.stdout)
+    first = re.search(rf"Epoch: \[{epoch}\]  \[\s*(\d+)/40\]", res.stdout)
     assert int(first.group(1)) == ckpt["iteration"]  # the batches already done are not repeated
     assert _epochs(out) == [0, 1, 2]
 
