@@ -61,7 +61,8 @@ def submit(script, submit_args, args):
     except RunDirError as e:
         sys.exit(f"error: {e}")
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    executor = submitit.AutoExecutor(folder=folder, cluster=submit_args.cluster, slurm_max_num_timeout=30)
+    executor = submitit.AutoExecutor(folder=folder, cluster=submit_args.cluster, slurm_max_num_timeout=30,
+                                     local_max_num_timeout=30)
     executor.update_parameters(gpus_per_node=submit_args.ngpus, tasks_per_node=submit_args.ngpus,
                                nodes=submit_args.nodes, timeout_min=submit_args.timeout, name="mae")
     if submit_args.cluster == "slurm":
