@@ -29,6 +29,7 @@ from layer import set_recompute
 from util.amp import autocast, create_loss_scaler
 from util.args import check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
+from util.cpu_layer import attach_cpu_paths
 
 
 def get_args_parser():
@@ -173,11 +174,15 @@ def bench_data(args):
     from util.datasets import ImageFolder, Loader
     from util.transforms import eval_transform, finetune_transform, pretrain_transform
     tf = {"pretrain": pretrain_transform, "finetune": finetune_transform, "eval": eval_transform}[args.transform]
-    dataset = ImageFolder(os.path.join(args.data_path, "train"), transform=tf(args.input_size))
+    transform = tf(args.input_size)
+    dataset = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
     sampler = paddle.io.BatchSampler(dataset, shuffle=True, batch_size=args.batch_size, drop_last=True)
     loader = Loader(dataset, sampler, args.num_workers)
+    erasing = getattr(transform, "erasing", None)
     stamps = []
-    for i, _ in enumerate(loader):
+    for x, *boxes, _ in loader:
+        if erasing is not None:  # as the fine-tuning step does
+            erasing.fill(x, boxes[0]).numpy()
         stamps.append(time.perf_counter())
         if len(stamps) >= args.warmup + args.iters + 1:
             break
@@ -223,6 +228,7 @@ def main(argv=None):
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
         set_recompute(model, args.recompute)
+        attach_cpu_paths(model)
         result["model"] = args.model
         x = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
         y = paddle.randint(0, 1000, [args.batch_size])

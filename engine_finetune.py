@@ -6,25 +6,28 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 from util.amp import autocast
 from util.dist import get_rank, grad_sync
-from util.epochs import epoch_meters, log_step, train_epochs
+from util.epochs import epoch_meters, log_step, read_step, train_epochs
 from util.run_state import load_model
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
-                    log_writer=None, args=None, start_iter=0, metric_logger=None):
+                    log_writer=None, args=None, start_iter=0, metric_logger=None, erasing=None):
     """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
-    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (mixup, drop path)
-    are seeded from (seed, rank, epoch, step), so that a resumed run draws what the uninterrupted one did."""
+    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (erasing values,
+    mixup, drop path) are seeded from (seed, rank, epoch, step), so that a resumed run draws what the
+    uninterrupted one did. The step reads one number from the device: the loss (util.epochs.step_loss)."""
     model.train()
     metric_logger, header = epoch_meters(epoch, metric_logger)
     optimizer.clear_grad()
     accum_iter = args.accum_iter
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
-    for data_iter_step, (samples, targets) in enumerate(batches, start=start_iter):
+    for data_iter_step, (samples, *boxes, targets) in enumerate(batches, start=start_iter):
         misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
+        if erasing is not None:
+            samples = erasing.fill(samples, boxes[0])
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
@@ -33,7 +36,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             with autocast(args):
                 outputs = model(samples)
                 loss = criterion(outputs.astype("float32"), targets)
-            loss_value = loss.item()
+            loss_value, stop = read_step(loss, update)
             misc.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                         update_grad=update)
@@ -41,7 +44,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             optimizer.clear_grad()
 
         if log_step(metric_logger, log_writer, loss_value, max(lr_sched.group_lrs(optimizer)), data_iter_step,
-                         len(data_loader), epoch, update):
+                    len(data_loader), epoch, update, stop):
             break
     return metric_logger
 
@@ -75,7 +78,8 @@ def evaluate(data_loader, model, args):
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn=None, max_norm=None):
+def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn=None, max_norm=None,
+        erasing=None):
     """--eval: evaluate the --resume checkpoint. Otherwise train the remaining epochs, evaluating after each."""
     data_loader_train, data_loader_val = loaders
 
@@ -91,6 +95,7 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
 
     def train_epoch(epoch, start_iter, log_writer, metric_logger):
         return train_one_epoch(model, criterion, data_loader_train, optimizer, epoch, loss_scaler, max_norm, mixup_fn,
-                               log_writer=log_writer, args=args, start_iter=start_iter, metric_logger=metric_logger)
+                               log_writer=log_writer, args=args, start_iter=start_iter, metric_logger=metric_logger,
+                               erasing=erasing)
 
     train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, evaluate_and_report)

@@ -3,7 +3,7 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 from util.amp import autocast
 from util.dist import get_rank, grad_sync
-from util.epochs import epoch_meters, log_step
+from util.epochs import epoch_meters, log_step, read_step
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0,
@@ -26,13 +26,13 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         with grad_sync(model, update):
             with autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value = loss.item()
+            loss_value, stop = read_step(loss, update)
             misc.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.clear_grad()
 
         if log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
-                         epoch, update, loss_tag="train_loss"):
+                    epoch, update, stop, loss_tag="train_loss"):
             break
     return metric_logger

@@ -4,10 +4,7 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
 from paddle.distributed.fleet.utils import recompute
-
-from util import cpu_kernels
 
 
 def xavier_uniform_(param, fan_in, fan_out):
@@ -40,53 +37,10 @@ def conv_default_bias_(bias, fan_in):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with timm's epsilon (1e-6); a fused kernel on CPU."""
+    """nn.LayerNorm with timm's epsilon (1e-6)."""
 
     def __init__(self, normalized_shape, epsilon=1e-6, **kwargs):
         super().__init__(normalized_shape, epsilon=epsilon, **kwargs)
-
-    def forward(self, x):
-        if self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1 \
-                and cpu_kernels.usable(x):
-            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
-        return super().forward(x)
-
-
-def on_gpu():
-    """Ops run on a GPU (the fused kernels); the CPU paths below avoid Paddle's slow CPU kernels."""
-    return paddle.get_device().startswith("gpu")
-
-
-class CPULinear(PyLayer):
-    """x @ W + b on CPU: the bias enters through addmm, and its gradient is the matrix product ones @ dy.
-    Paddle's own CPU linear adds the bias and sums its gradient in single-threaded loops (~30x slower)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.needs_grad = [not t.stop_gradient for t in (x, weight, bias)]
-        y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
-        return y.reshape([*x.shape[:-1], weight.shape[1]])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensor()
-        dy2 = dy.reshape([-1, dy.shape[-1]])
-        needs_x, needs_w, needs_b = ctx.needs_grad  # None for a frozen input
-        dx = paddle.matmul(dy2, weight, transpose_y=True).reshape(x.shape) if needs_x else None
-        dw = paddle.matmul(x.reshape([-1, x.shape[-1]]), dy2, transpose_x=True) if needs_w else None
-        db = paddle.matmul(paddle.ones([1, dy2.shape[0]], dy2.dtype), dy2).reshape([-1]) if needs_b else None
-        return dx, dw, db
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by CPULinear on CPU in dynamic mode (same output, bit for bit); exported and GPU
-    models use F.linear, which Paddle Inference fuses."""
-
-    def forward(self, x):
-        if self.bias is None or on_gpu() or not paddle.in_dynamic_mode():
-            return F.linear(x, self.weight, self.bias)
-        return CPULinear.apply(x, self.weight, self.bias)
 
 
 class PatchEmbed(nn.Layer):
@@ -130,30 +84,29 @@ class DropPath(nn.Layer):
 
 
 class Attention(nn.Layer):
+    """Multi-head self-attention. With fused_attn (the default) through F.scaled_dot_product_attention, which
+    takes the flash kernel on GPUs; otherwise softmax(q k^T * scale) v written out, as timm's (exported models
+    use that form)."""
+
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x)
-        if on_gpu():  # fused attention, layout [B, N, H, hd]; its default scale is head_dim ** -0.5, and
-            # Paddle picks the flash kernel only when no explicit scale is passed
-            q, k, v = qkv.reshape([B, N, 3, self.num_heads, self.head_dim]).unbind(2)
+        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim])
+        if self.fused_attn:  # layout [B, N, H, hd]; its default scale is head_dim ** -0.5, and Paddle picks
+            # the flash kernel only when no explicit scale is passed
+            q, k, v = qkv.unbind(2)
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop, training=self.training)
-        elif cpu_kernels.usable(qkv):  # the same math as below, with fused layout changes and softmax
-            q, k, v = cpu_kernels.split_heads(qkv, self.num_heads, self.scale)
-            attn = cpu_kernels.softmax(paddle.matmul(q, k, transpose_y=True))
-            attn = F.dropout(attn, self.attn_drop, training=self.training)
-            x = cpu_kernels.merge_heads(attn @ v)
-        else:  # Paddle's ops: exported models, or no fused kernels (its fused attention is plain math on CPU)
-            qkv = qkv.reshape([B, N, 3, self.num_heads, self.head_dim])
+        else:
             q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, H, N, hd]
             attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)  # scale the smaller operand
             attn = F.dropout(attn, self.attn_drop, training=self.training)
@@ -164,17 +117,13 @@ class Attention(nn.Layer):
 class Mlp(nn.Layer):
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self.fc1.bias is not None and cpu_kernels.usable(x):
-            x = cpu_kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias)
-        else:
-            x = self.act(self.fc1(x))
-        return self.drop(self.fc2(self.drop(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Layer):
@@ -191,15 +140,12 @@ class Block(nn.Layer):
         self.recompute = False  # recompute activations in the backward pass (memory for time)
 
     def _forward(self, x):
-        x = self._residual(x, self.attn(self.norm1(x)))
-        return self._residual(x, self.mlp(self.norm2(x)))
+        x = self.residual(x, self.attn(self.norm1(x)))
+        return self.residual(x, self.mlp(self.norm2(x)))
 
-    def _residual(self, x, branch):
-        """x + DropPath(branch), in one fused pass on CPU."""
-        dp = self.drop_path
-        if isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0.0 and cpu_kernels.usable(x):
-            return cpu_kernels.residual_drop_path(x, branch, dp.keep_mask(x), 1.0 - dp.drop_prob)
-        return x + dp(branch)
+    def residual(self, x, branch):
+        """x + DropPath(branch)."""
+        return x + self.drop_path(branch)
 
     def forward(self, x):
         if self.recompute and self.training:
@@ -220,3 +166,10 @@ def set_recompute(model, enabled):
     for layer in model.sublayers():
         if isinstance(layer, Block):
             layer.recompute = enabled
+
+
+def set_fused_attention(model, enabled):
+    """Attention through F.scaled_dot_product_attention (True) or written out (False) in every block."""
+    for layer in model.sublayers():
+        if isinstance(layer, Attention):
+            layer.fused_attn = enabled

@@ -16,6 +16,7 @@ import sys
 import paddle
 
 import models_vit
+from layer import set_fused_attention
 from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
 from util.checkpoint import CheckpointError
 from util.classifier import classifier_from_checkpoint
@@ -35,6 +36,7 @@ def get_args_parser():
 def export(args):
     paddle.set_device("cpu")
     model = classifier_from_checkpoint(args.model, args.resume, args.input_size)
+    set_fused_attention(model, False)  # attention written out: every Paddle Inference and ONNX backend runs it
     size = model.patch_embed.img_size[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]

@@ -12,6 +12,7 @@ from util.args import (add_classification_args, add_common_args, below_one, chec
                        positive_float, positive_int, probability, resolve, scale_lr)
 from util.auto_augment import rand_augment_transform
 from util.checkpoint import load_pretrained
+from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
 from util.dist import data_parallel
 from util.losses import build_criterion
@@ -101,6 +102,7 @@ def main(args):
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
         trunc_normal_(model.head.weight, std=2e-5)
     set_recompute(model, args.recompute)
+    attach_cpu_paths(model)
     model_without_ddp = model
     misc.print_model(model_without_ddp, args)
     model = data_parallel(model_without_ddp, args.distributed)
@@ -109,7 +111,8 @@ def main(args):
     loss_scaler = create_loss_scaler(args)
     criterion = build_criterion(mixup_fn, args.smoothing)
     print(f"criterion = {criterion}")
-    fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn, args.clip_grad)
+    fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loaders, mixup_fn, args.clip_grad,
+        train_tf.erasing)
 
 
 if __name__ == "__main__":

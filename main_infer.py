@@ -19,6 +19,7 @@ from util.checkpoint import CheckpointError
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
 from util.cpu import configure_cpu, cpu_threads
+from util.cpu_layer import attach_cpu_paths
 from util.transforms import eval_transform
 
 
@@ -100,7 +101,7 @@ def predict(args):
     else:
         if not args.resume:
             raise CheckpointError("--resume or --exported is required")
-        model = classifier_from_checkpoint(args.model, args.resume, args.input_size)
+        model = attach_cpu_paths(classifier_from_checkpoint(args.model, args.resume, args.input_size))
         input_size, num_classes = model.patch_embed.img_size[0], model.num_classes
         recorded = model.class_names
 

@@ -10,6 +10,7 @@ from layer import trunc_normal_
 from util.amp import create_loss_scaler
 from util.args import add_classification_args, add_common_args, check_dist_eval, resolve, scale_lr
 from util.checkpoint import load_pretrained
+from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
 from util.dist import data_parallel
 from util.lars import LARS
@@ -58,7 +59,7 @@ def main(args):
     loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
     args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
-    model_without_ddp = build_model(args)
+    model_without_ddp = attach_cpu_paths(build_model(args))
     misc.print_model(model_without_ddp, args)
     model = data_parallel(model_without_ddp, args.distributed)
 

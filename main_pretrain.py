@@ -12,6 +12,7 @@ from layer import set_recompute
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
 from util.args import add_common_args, ratio, resolve, scale_lr
+from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, train_loader
 from util.dist import data_parallel
 from util.epochs import train_epochs
@@ -59,6 +60,7 @@ def main(args):
 
     model_without_ddp = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
     set_recompute(model_without_ddp, args.recompute)
+    attach_cpu_paths(model_without_ddp)
     misc.print_model(model_without_ddp, args)
     model = data_parallel(model_without_ddp, args.distributed)
 

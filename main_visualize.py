@@ -23,6 +23,7 @@ from util.classifier import image_paths
 from util.datasets import DataError, load_image
 from util.factory import checkpoint_img_size
 from util.cpu import configure_cpu
+from util.cpu_layer import attach_cpu_paths
 from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
@@ -59,7 +60,7 @@ def load_mae(args):
     check_state_dict(model, state, args.resume, allow_missing=("pos_embed", "decoder_pos_embed"))
     model.set_state_dict(match_dtypes(model, state, args.resume))  # sin-cos tables: rebuilt for another size
     model.eval()
-    return model, norm_pix
+    return attach_cpu_paths(model), norm_pix
 
 
 def unnormalise_patches(pred, target, mask, grid):

@@ -3,7 +3,7 @@
 import paddle
 import paddle.nn as nn
 
-from layer import Block, LayerNorm, Linear, PatchEmbed, normal_, ones_, xavier_uniform_, zeros_
+from layer import Block, LayerNorm, PatchEmbed, normal_, ones_, xavier_uniform_, zeros_
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -26,7 +26,7 @@ class MaskedAutoencoderViT(nn.Layer):
                                     for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
 
-        self.decoder_embed = Linear(embed_dim, decoder_embed_dim)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = self.create_parameter([1, 1, decoder_embed_dim],
                                                 default_initializer=nn.initializer.Constant(0.0))
         self.decoder_pos_embed = self.create_parameter([1, num_patches + 1, decoder_embed_dim],
@@ -36,7 +36,7 @@ class MaskedAutoencoderViT(nn.Layer):
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
 
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()

@@ -87,8 +87,9 @@ def test_rand_augment_fixed_seed_is_reproducible():
     def draw():
         random.seed(5)
         np.random.seed(5)
+        paddle.seed(5)
         img, boxes = tf(_photo(48))
-        return tf.batch(img[None], boxes[None]).numpy()[0]
+        return tf.erasing.fill(tf.batch(img[None]), paddle.to_tensor(boxes[None])).numpy()[0]
 
     a, b = draw(), draw()
     assert a.shape == (3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
@@ -129,10 +130,10 @@ def test_eval_transform_sizes():
 
 
 def _erase(re, x):
-    """The two halves of random erasing on one normalised CHW image: boxes drawn, then filled."""
+    """The two halves of random erasing on one normalised CHW image: boxes drawn, then filled on the device;
+    (the erased image, its boxes)."""
     boxes = re.draw(*x.shape[1:])
-    re.fill(x[None], boxes[None])
-    return boxes
+    return re.fill(paddle.to_tensor(x[None]), paddle.to_tensor(boxes[None])).numpy()[0], boxes
 
 
 def test_random_erasing_statistics():
@@ -140,10 +141,9 @@ def test_random_erasing_statistics():
     re = RandomErasing(0.25, mode="pixel", max_count=1)
     erased, areas = 0, []
     for _ in range(2000):
-        x = np.full((3, 40, 40), 7.0, np.float32)
-        boxes = _erase(re, x)
+        x, boxes = _erase(re, np.full((3, 40, 40), 7.0, np.float32))
         hit = x[0] != 7.0
-        top, left, h, w, _ = boxes[0]
+        top, left, h, w = boxes[0]
         assert hit.sum() == h * w and hit[top:top + h, left:left + w].all()
         if hit.any():
             erased += 1
@@ -151,12 +151,10 @@ def test_random_erasing_statistics():
             assert np.allclose(x[:, hit][1:].std(), 1.0, atol=0.5) or hit.sum() < 30
     assert abs(erased / 2000 - 0.25) < 0.03
     assert min(areas) >= 0.015 and max(areas) <= 1 / 3 + 0.02
-    x = np.ones((3, 20, 20), np.float32)
     random.seed(3)
-    _erase(RandomErasing(1.0, mode="const"), x)
+    x, _ = _erase(RandomErasing(1.0, mode="const"), np.ones((3, 20, 20), np.float32))
     assert (x == 0).any() and set(np.unique(x)) == {0.0, 1.0}
-    x = np.ones((3, 20, 20), np.float32)
-    _erase(RandomErasing(1.0, mode="rand"), x)
+    x, _ = _erase(RandomErasing(1.0, mode="rand"), np.ones((3, 20, 20), np.float32))
     erased = x[:, x[0] != 1.0]
     assert erased.size and np.all(erased == erased[:, :1])  # one colour per channel
     with pytest.raises(ValueError):

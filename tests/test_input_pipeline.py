@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from util import fast_image
+from util import fast_image, transforms
 from util.auto_augment import rand_augment_transform
 from util.datasets import ImageFolder, Loader, read_rgb
 from util.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, BatchNormalize, eval_transform,
@@ -67,7 +67,7 @@ def test_without_a_compiler_pillow_resizes(tmp_path):
     env = dict(os.environ, CC="false", PADDLE_EXTENSION_DIR=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.split() == ["False", "(10,", "12,", "3)"], res.stderr
-    assert res.stderr.count("warning: fast image kernels not built") == 1
+    assert res.stderr.count("warning: native CPU code mae_fast_image not used") == 1
 
 
 def _normalized(img):
@@ -123,7 +123,10 @@ def test_same_decisions_and_pixels_as_the_pillow_pipeline(kind):
         random.seed(seed)
         np.random.seed(seed)
         out = tf(np.asarray(img))
-        got = (tf.batch(out[0][None], out[1][None]) if isinstance(out, tuple) else tf.batch(out[None])).numpy()[0]
+        if isinstance(out, tuple):
+            got = tf.erasing.fill(tf.batch(out[0][None]), paddle.to_tensor(out[1][None])).numpy()[0]
+        else:
+            got = tf.batch(out[None]).numpy()[0]
         keep = np.ones((size, size), bool)
         for top, left, h, w in boxes:
             keep[top:top + h, left:left + w] = False
@@ -136,13 +139,16 @@ def test_same_decisions_and_pixels_as_the_pillow_pipeline(kind):
     assert kind == "pretrain" or erased > 15
 
 
-def test_batch_normalisation_equals_per_sample():
+def test_batch_normalisation_equals_per_sample(monkeypatch):
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
     want = np.stack([_normalized(img) for img in batch])
     got = BatchNormalize()(batch).numpy()
     assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-6
     assert np.array_equal(BatchNormalize()(paddle.to_tensor(batch)).numpy(), got)
+    with monkeypatch.context() as m:  # the device path (GPU, or no native code): the same values, bit for bit
+        m.setattr(transforms, "fast_image_available", lambda: False)
+        assert np.array_equal(BatchNormalize()(paddle.to_tensor(batch)).numpy(), got)
 
 
 def test_eval_transform_equals_pillow_resize_and_crop():
@@ -165,11 +171,12 @@ def test_loader_yields_normalised_float_batches(tmp_path):
     sampler = paddle.io.BatchSampler(data, batch_size=3, drop_last=True)
     batches = {}
     for workers in (0, 2):
-        batches[workers] = [(x.numpy(), y.numpy()) for x, y in Loader(data, sampler, workers)]
-        assert [x.shape for x, _ in batches[workers]] == [(3, 3, 32, 32)] * 2
-        assert all(x.dtype == np.float32 for x, _ in batches[workers])
-    for (a, ya), (b, yb) in zip(batches[0], batches[2]):  # workers or not, the same seeded samples
-        assert np.array_equal(a, b) and np.array_equal(ya, yb)
+        batches[workers] = [[t.numpy() for t in batch] for batch in Loader(data, sampler, workers)]
+        assert [x.shape for x, _, _ in batches[workers]] == [(3, 3, 32, 32)] * 2
+        assert all(x.dtype == np.float32 for x, _, _ in batches[workers])
+        assert all(boxes.shape == (3, 1, 4) and (boxes[:, 0, 2] > 0).all() for _, boxes, _ in batches[workers])
+    for a, b in zip(batches[0], batches[2]):  # workers or not, the same seeded samples and erasing boxes
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
 def test_decoding_stops_or_skips_at_a_bad_jpeg(tmp_path):

@@ -10,7 +10,8 @@ import models_mae
 import models_vit
 from conftest import golden
 from helpers import head_before_step, max_abs, tiny_mae, tiny_vit, to_torch_layout
-from layer import Attention, DropPath, Linear, drop_path_schedule, set_recompute
+from layer import Attention, DropPath, drop_path_schedule, set_recompute
+from util.cpu_layer import attach_cpu_paths
 from util.checkpoint import load_pretrained
 from util.factory import create_model
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
@@ -191,21 +192,27 @@ def test_drop_path():
 
 
 def test_attention_paths_agree():
-    """The CPU path (explicit softmax) and the fused kernel used on GPU compute the same attention."""
+    """Fused attention (the default, flash on GPU), attention written out, and the attached CPU path compute
+    the same attention; with an explicit scale as reference."""
     paddle.seed(1)
     attn = Attention(64, num_heads=4)
     x = paddle.randn([2, 17, 64])
     q, k, v = attn.qkv(x).reshape([2, 17, 3, 4, 16]).unbind(2)
     fused = paddle.nn.functional.scaled_dot_product_attention(q, k, v, scale=16 ** -0.5)
-    ref = attn.proj(fused.reshape([2, 17, 64]))
-    assert max_abs(attn(x).numpy(), ref.numpy()) < 1e-6
+    ref = attn.proj(fused.reshape([2, 17, 64])).numpy()
+    assert attn.fused_attn and max_abs(attn(x).numpy(), ref) < 1e-6
+    attn.fused_attn = False
+    assert max_abs(attn(x).numpy(), ref) < 1e-6
+    cpu = attach_cpu_paths(Attention(64, num_heads=4))
+    cpu.set_state_dict(attn.state_dict())
+    assert max_abs(cpu(x).numpy(), ref) < 1e-6
 
 
 def test_cpu_linear_equals_the_plain_one():
     """The CPU path (addmm; bias gradient through a matrix product) gives F.linear's output and gradients,
     and no gradient for frozen parameters."""
     paddle.seed(0)
-    layer = Linear(24, 40)
+    layer = attach_cpu_paths(paddle.nn.Linear(24, 40))
     x = paddle.randn([3, 7, 24])
     x.stop_gradient = False
     dy = paddle.randn([3, 7, 40])

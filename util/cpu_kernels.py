@@ -1,83 +1,55 @@
 """Fused CPU kernels (cpu_kernels.cc) for bias + GELU, layer norm, softmax, the attention heads' layout
 and residual branches under stochastic depth, forward and backward; and AdamW's step (util/adamw.py).
 
-Compiled once per machine with Paddle's C++ extension tool (g++ with OpenMP, about 20 s) into Paddle's
-extension directory, then loaded from there. Used for float32 CPU tensors in dynamic mode only: exported
-and GPU models keep Paddle's ops. Without a compiler the blocks fall back to Paddle's ops, with one warning.
+Compiled once per machine with Paddle's C++ extension tool (g++ with OpenMP, about 20 s) through
+util.native, then loaded from its cache. Used for float32 CPU tensors in dynamic mode only, by the CPU layer
+(util/cpu_layer.py) and AdamW: exported and GPU models keep Paddle's ops. When they cannot be built or
+loaded, Paddle's ops do the work, after one warning.
 """
-import contextlib
-import fcntl
-import hashlib
+import glob
+import json
 import os
 import sys
-import tempfile
-import warnings
+import sysconfig
 
 import paddle
 
+from util import native
 from util.cpu import cpu_threads
-
-with warnings.catch_warnings():  # its import warns that ccache is missing, which only slows a rebuild
-    warnings.simplefilter("ignore")
-    from paddle.utils import cpp_extension
 
 NAME = "mae_cpu_kernels"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]  # no FMA contraction: AdamW rounds as Paddle
 LDFLAGS = ["-l:libiomp5.so", "-lmvec"]  # the OpenMP runtime that MKL uses: one thread pool
+# the build, in a process of its own: Paddle's extension tool compiles with $CC/$CXX and links the library
+BUILD = ("import json, sys, warnings; warnings.simplefilter('ignore'); from paddle.utils import cpp_extension; "
+         "cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cxx_cflags=json.loads(sys.argv[3]), "
+         "extra_ldflags=json.loads(sys.argv[4]), build_directory=sys.argv[5])")
 _state = {}
 
 
-@contextlib.contextmanager
-def _quiet(log):
-    """Send this process's stdout/stderr (the compiler's and the extension tool's) to `log`."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-
-
-def _build_dir():
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha1(f.read() + " ".join([paddle.__version__] + CFLAGS + LDFLAGS).encode()).hexdigest()
-    return os.path.join(cpp_extension.get_build_directory(), f"{NAME}_{key[:12]}")
+def _compiler():
+    return os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
 
 
 def _load():
     """Register the kernels with Paddle (building them first if needed); False if that is not possible."""
-    build_dir = _build_dir()
-    library, ready = os.path.join(build_dir, NAME, NAME + ".so"), os.path.join(build_dir, "built")
-    if os.path.exists(ready):
-        cpp_extension.load_op_meta_info_and_register_op(library)
-        return True
-    os.makedirs(build_dir, exist_ok=True)
-    with open(build_dir + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build when several ranks start together
-        if os.path.exists(ready):
-            cpp_extension.load_op_meta_info_and_register_op(library)
-            return True
-        with tempfile.TemporaryFile("w+") as log:
-            try:
-                with _quiet(log):
-                    cpp_extension.load(NAME, [SOURCE], extra_cxx_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                                       build_directory=build_dir)
-            except Exception as e:  # noqa: BLE001 -- no compiler, no OpenMP: Paddle's own ops do the work
-                log.seek(0)
-                errors = [line for line in log.read().splitlines() if "error" in line.lower()]
-                reason = errors[0].strip() if errors else f"{type(e).__name__}: {e}".splitlines()[0]
-                print(f"warning: fused CPU kernels not built ({reason}); using Paddle's ops", file=sys.stderr)
-                return False
-        with open(ready, "w"):
-            pass
-        return True
+    flags = CFLAGS + LDFLAGS + [f"paddle {paddle.__version__}", f"CXX {os.environ.get('CXX', '')}",
+                                f"python {sys.version_info[:2]}"]
+    path = native.library(
+        NAME, [SOURCE], _compiler(), flags,
+        lambda out: [sys.executable, "-c", BUILD, NAME, SOURCE, json.dumps(CFLAGS), json.dumps(LDFLAGS), out],
+        lambda out: next(iter(glob.glob(os.path.join(out, "**", NAME + "*.so"), recursive=True)), None))
+    if path is None:
+        return False
+    try:
+        from paddle.utils import cpp_extension
+        cpp_extension.load_op_meta_info_and_register_op(path)
+    except Exception as e:  # noqa: BLE001 -- whatever the loader raises, Paddle's own ops do the work
+        native.warn(f"native CPU code {NAME} not loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    "running on Paddle's ops")
+        return False
+    return True
 
 
 def available():

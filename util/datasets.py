@@ -233,8 +233,7 @@ class Loader:
             yield from self.loader
         else:
             for indices in self.batch_sampler:
-                *imgs, targets = _collate([self.dataset[i] for i in indices])
-                yield (*imgs, paddle.to_tensor(targets))
+                yield tuple(paddle.to_tensor(part) for part in _collate([self.dataset[i] for i in indices]))
 
     def _check_replaced(self):
         """Stop naming the first unreadable file, or (skip_bad) count and log the replaced ones."""
@@ -252,12 +251,14 @@ class Loader:
                     print(f"skipping unreadable image: {e}")
 
     def __iter__(self):
-        """(normalised NCHW float32 images, labels): the transform's per-batch half runs here."""
+        """(normalised NCHW float32 images, labels), with the random erasing boxes in between when the
+        transform draws them (for RandomErasing.fill in the training step): the transform's per-batch half
+        runs here."""
         self.skipped = 0
         finish = self.dataset.transform.batch
-        for *imgs, targets in self._batches():
+        for images, *boxes, targets in self._batches():
             self._check_replaced()
-            yield finish(*imgs), targets
+            yield (finish(images), *boxes, targets)
         self._check_replaced()
 
 

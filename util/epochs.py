@@ -4,8 +4,11 @@ import datetime
 import os
 import time
 
+import paddle
+import paddle.distributed as dist
+
 from util import misc, run_state
-from util.dist import all_gather, all_reduce_sum, broadcast_buffers, get_rank, get_world_size
+from util.dist import all_gather, broadcast_buffers, get_rank, get_world_size
 from util.preempt import STOP
 
 
@@ -85,22 +88,34 @@ def epoch_meters(epoch, metric_logger=None):
     return metric_logger, f"Epoch: [{epoch}]"
 
 
-def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, loss_tag="loss"):
-    """Meters and VisualDL scalars of one iteration; True when a stop signal ends the epoch here.
+def read_step(loss, update):
+    """(the step's loss as a number, whether any rank asked to stop): the one value a step reads from the
+    device, which the official non-finite check needs every step. With several processes, update steps
+    first sum [loss, stop flag] over the ranks on the device (one collective, one read): the loss is then
+    the mean over ranks, so that every rank sees a non-finite loss of any rank; other micro-steps
+    communicate nothing."""
+    if not update or get_world_size() == 1:
+        return loss.item(), update and STOP.local_flag() > 0
+    both = paddle.stack([loss.detach().astype("float32").reshape([]),
+                         paddle.full([], STOP.local_flag(), "float32")])
+    dist.all_reduce(both)
+    loss_sum, stop = both.tolist()
+    return loss_sum / get_world_size(), stop > 0
 
-    On update steps one all-reduce carries the loss (for VisualDL) and the stop request together; other
-    micro-steps communicate nothing."""
+
+def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, stop, loss_tag="loss"):
+    """Meters and VisualDL scalars of one iteration (numbers already on the host); True when a stop signal
+    (read_step) ends the epoch here."""
     metric_logger.update(loss=loss_value)
     metric_logger.update(lr=lr)
     if not update:
         return False
-    loss_sum, stop = all_reduce_sum([loss_value, STOP.local_flag()])
     if log_writer is not None:
         # x axis in 1000ths of an epoch, so that runs with different batch sizes line up
         epoch_1000x = int((step / steps + epoch) * 1000)
-        log_writer.add_scalar(tag=loss_tag, value=loss_sum / get_world_size(), step=epoch_1000x)
+        log_writer.add_scalar(tag=loss_tag, value=loss_value, step=epoch_1000x)
         log_writer.add_scalar(tag="lr", value=lr, step=epoch_1000x)
-    if stop > 0 and step + 1 < steps:  # at the last step the epoch simply ends
+    if stop and step + 1 < steps:  # at the last step the epoch simply ends
         STOP.iteration = step + 1
         return True
     return False

@@ -1,52 +1,33 @@
 """The input pipeline's hot loops in C (fast_image.c): bicubic resizing of RGB arrays with Pillow's pixels,
-~2x faster than Pillow, and the per-batch normalisation by table lookup straight into a Paddle tensor.
-Compiled once per machine with the C compiler (about 1 s) into Paddle's extension directory and loaded with
-ctypes; without a compiler Pillow and NumPy do the work, with one warning."""
+~2x faster than Pillow, and the per-batch normalisation by table lookup straight into a CPU tensor.
+Compiled once per machine with the C compiler (about 1 s) through util.native and loaded with ctypes; when
+that is not possible Pillow and Paddle's ops do the work, after one warning."""
 import ctypes
-import fcntl
-import hashlib
 import os
-import subprocess
-import sys
-import warnings
 
 import numpy as np
 import paddle
 from PIL import Image
+
+from util import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_image.c")
 CFLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: the weights round as Pillow's
 _state = {}
 
 
-def _library_path():
-    with warnings.catch_warnings():  # its import warns that ccache is missing
-        warnings.simplefilter("ignore")
-        from paddle.utils.cpp_extension import get_build_directory
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha1(f.read() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    return os.path.join(get_build_directory(), f"mae_fast_image_{key}.so")
-
-
 def _load():
-    path = _library_path()
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one build when several processes start together
-            if not os.path.exists(path):
-                cc = os.environ.get("CC", "cc")
-                try:
-                    out = subprocess.run([cc, *CFLAGS, SOURCE, "-o", path + ".tmp"], capture_output=True, text=True)
-                except OSError as e:
-                    out = subprocess.CompletedProcess([cc], 1, "", f"{cc}: {e.strerror}")
-                if out.returncode != 0:
-                    reason = (out.stderr.strip().splitlines() or ["failed"])[0]
-                    print(f"warning: fast image kernels not built ({reason}); using Pillow and NumPy",
-                          file=sys.stderr)
-                    return None
-                os.replace(path + ".tmp", path)
-    lib = ctypes.CDLL(path)
+    cc = os.environ.get("CC", "cc")
+    path = native.library("mae_fast_image", [SOURCE], cc, CFLAGS,
+                          lambda out: [cc, *CFLAGS, SOURCE, "-o", os.path.join(out, "fast_image.so")],
+                          lambda out: os.path.join(out, "fast_image.so"))
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        native.warn(f"native CPU code mae_fast_image not loaded ({e}); running on Pillow and NumPy")
+        return None
     lib.resize_bicubic_rgb.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_int]
     lib.resize_bicubic_rgb.restype = ctypes.c_int
@@ -75,20 +56,11 @@ def resize_bicubic(img, size):
 
 
 def normalize_nhwc(images, table):
-    """N x H x W x 3 uint8 (contiguous array, or CPU tensor) -> N x 3 x H x W float32 tensor, each channel's
-    levels mapped through table (3 x 256 float32). For training on the CPU (the tensor is made on the
-    current device)."""
-    if not available():
-        images = images.numpy() if isinstance(images, paddle.Tensor) else images
-        out = np.empty((images.shape[0], 3, *images.shape[1:3]), np.float32)
-        for ch in range(3):
-            np.take(table[ch], images[..., ch], out=out[:, ch])
-        return paddle.to_tensor(out)
-    if not isinstance(images, paddle.Tensor):
-        images = np.ascontiguousarray(images)
+    """N x H x W x 3 uint8 CPU tensor -> N x 3 x H x W float32 tensor, each channel's levels mapped through
+    table (3 x 256 float32), in one pass of C. Only when available() and the current device is the CPU."""
+    images = images.contiguous()
     n, h, w, _ = images.shape
     out = paddle.empty([n, 3, h, w], "float32")
     table = np.ascontiguousarray(table, np.float32)
-    src = images.data_ptr() if isinstance(images, paddle.Tensor) else images.ctypes.data
-    _state["lib"].normalize_nhwc(src, n, h * w, table.ctypes.data, out.data_ptr())
+    _state["lib"].normalize_nhwc(images.data_ptr(), n, h * w, table.ctypes.data, out.data_ptr())
     return out

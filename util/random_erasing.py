@@ -1,5 +1,6 @@
 """RandomErasing as timm 0.3.2 applies it, split in two: the boxes are drawn per sample (in the loader
-worker, from the sample's seeded stream), the normalised pixels are replaced per batch (training process)."""
+worker, from the sample's seeded stream, as timm's decisions), and the normalised pixels are replaced on the
+training device by batched operations, with values drawn from Paddle's generator in the training step."""
 import math
 import random
 
@@ -24,8 +25,8 @@ class RandomErasing:
         self.mode = mode
 
     def draw(self, img_h, img_w):
-        """The boxes for one image: rows (top, left, h, w, noise seed), h = 0 for none, max_count rows."""
-        boxes = np.zeros((self.max_count, 5), np.int64)
+        """The boxes for one image: max_count rows (top, left, h, w), h = 0 for none."""
+        boxes = np.zeros((self.max_count, 4), np.int64)
         if random.random() > self.probability:
             return boxes
         area = img_h * img_w
@@ -37,9 +38,8 @@ class RandomErasing:
                 h = int(round(math.sqrt(target_area * aspect_ratio)))
                 w = int(round(math.sqrt(target_area / aspect_ratio)))
                 if w < img_w and h < img_h:
-                    boxes[i, :4] = random.randint(0, img_h - h), random.randint(0, img_w - w), h, w
+                    boxes[i] = random.randint(0, img_h - h), random.randint(0, img_w - w), h, w
                     break
-        boxes[:, 4] = random.getrandbits(31)  # after every decision, so that the boxes are timm's draws
         return boxes
 
     def __call__(self, img):
@@ -47,17 +47,19 @@ class RandomErasing:
         return img, self.draw(*img.shape[:2])
 
     def fill(self, x, boxes):
-        """Erase in place the boxes (N, max_count, 5) of the NCHW float32 batch x (array or tensor)."""
-        for i, sample in enumerate(boxes):
-            rng = np.random.default_rng(int(sample[0, 4]))
-            for top, left, h, w, _ in sample:
-                if h == 0:
-                    continue
-                chan = x.shape[1]
-                if self.mode == "pixel":
-                    noise = rng.standard_normal((chan, h, w), dtype=np.float32)
-                elif self.mode == "rand":
-                    noise = np.broadcast_to(rng.standard_normal((chan, 1, 1), dtype=np.float32), (chan, h, w))
-                else:
-                    noise = np.zeros((chan, h, w), np.float32)
-                x[i, :, top:top + h, left:left + w] = noise if isinstance(x, np.ndarray) else paddle.to_tensor(noise)
+        """The NCHW float32 batch tensor x with the boxes (N x max_count x 4 int64 tensor) erased: per-pixel
+        N(0, 1) noise ('pixel'), one N(0, 1) colour per channel and box ('rand') or zeros ('const'), drawn
+        from Paddle's generator. Whole-batch operations on x's device: no per-sample loop, nothing read back."""
+        n, c, h, w = x.shape
+        rows = paddle.arange(h, dtype=boxes.dtype).reshape([1, 1, h, 1])
+        cols = paddle.arange(w, dtype=boxes.dtype).reshape([1, 1, 1, w])
+        top, left, height, width = (b.reshape([n, -1, 1, 1]) for b in boxes.unbind(-1))
+        inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)  # N x K x H x W
+        if self.mode == "rand":
+            colours = paddle.randn([n, inside.shape[1], c, 1, 1], dtype=x.dtype)
+            for k in range(inside.shape[1]):  # a later box covers an earlier one, as in timm's loop
+                x = paddle.where(inside[:, k:k + 1], colours[:, k], x)
+            return x
+        erased = inside.any(axis=1, keepdim=True)
+        values = paddle.randn(x.shape, dtype=x.dtype) if self.mode == "pixel" else paddle.zeros_like(x)
+        return paddle.where(erased, values, x)

@@ -1,0 +1,196 @@
+"""Native CPU code built at run time: one place that builds, caches and loads it, so that nothing about a
+compiler or a cache folder can crash or hang a run.
+
+The build folder is Paddle's: $PADDLE_EXTENSION_DIR, else ~/.cache/paddle_extensions. A library is cached
+under a key of its source, the machine architecture, the compiler (its --version line) and the flags, with
+the SHA-256 of the file beside it. A build runs in its own process group under a time limit
+($MAE_NATIVE_TIMEOUT seconds, default 300) in a private folder, and is renamed into place only when complete.
+A failed build is remembered for its key (a `.failed` file with the reason: delete it to retry), so that
+later processes and ranks don't retry it. Any failure (no compiler, a compiler error or time-out, an
+unusable build folder, a file system without flock, a lock held too long, a damaged or foreign library)
+gives one warning per run and None: the caller then uses Paddle's ops and Pillow. MAE_NATIVE=0 turns every
+build off."""
+import errno
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+WARNED = "MAE_NATIVE_WARNED"  # set once a process of this run has warned; children inherit it
+
+
+def enabled():
+    return os.environ.get("MAE_NATIVE", "1") != "0"
+
+
+def timeout():
+    try:
+        return max(1.0, float(os.environ.get("MAE_NATIVE_TIMEOUT", "300")))
+    except ValueError:
+        return 300.0
+
+
+def build_directory():
+    """Paddle's extension folder (paddle.utils.cpp_extension.get_build_directory, without importing it)."""
+    return os.path.abspath(os.environ.get("PADDLE_EXTENSION_DIR")
+                           or os.path.join(os.path.expanduser("~"), ".cache", "paddle_extensions"))
+
+
+def warn(message):
+    """One warning per run: rank 0 prints it, the first time in the run's process tree."""
+    if os.environ.get(WARNED):
+        return
+    os.environ[WARNED] = "1"
+    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def compiler_version(compiler):
+    """The compiler's --version line ('missing' when it does not answer within 5 s)."""
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=5,
+                             stdin=subprocess.DEVNULL)
+        return (out.stdout.strip().splitlines() or ["?"])[0]
+    except (OSError, subprocess.SubprocessError):
+        return "missing"
+
+
+def cache_key(sources, compiler, flags):
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    for part in (platform.machine(), compiler, compiler_version(compiler), *flags):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _elf_header(path):
+    """(class, machine) of an ELF file, None for anything else."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return head[4], head[18:20]
+
+
+def check_library(path):
+    """Reason why the cached file at path cannot be this machine's library, or None when it can."""
+    with open(path + ".sha256") as f:
+        if f.read().strip() != _sha256(path):
+            return f"{path} does not match its recorded checksum"
+    own = _elf_header(os.path.realpath(sys.executable))
+    if own is not None and _elf_header(path) != own:
+        return f"{path} is not a library for this machine ({platform.machine()})"
+    return None
+
+
+def _run_build(command, cwd, env, limit):
+    """Run the build command in its own process group; (ok, reason)."""
+    try:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    except OSError as e:
+        return False, f"{command[0]}: {e.strerror}"
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return False, f"the build did not finish within {limit:.0f} s (MAE_NATIVE_TIMEOUT)"
+    if proc.returncode != 0:
+        lines = out.strip().splitlines()
+        errors = [line.strip() for line in lines if "error" in line.lower()]
+        return False, (errors or lines or [f"exit code {proc.returncode}"])[0][:300]
+    return True, ""
+
+
+def _lock(path, limit):
+    """An exclusive flock on path within limit seconds: the open file, or raise OSError with the reason."""
+    f = open(path, "a")
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise OSError(e.errno, f"cannot lock {path} ({e.strerror}): the file system has no flock")
+            if time.monotonic() > deadline:
+                f.close()
+                raise OSError(errno.ETIMEDOUT, f"{path} stayed locked by another process for {limit:.0f} s")
+            time.sleep(0.2)
+
+
+def library(name, sources, compiler, flags, build_command, find_output):
+    """Path of the built library `name` for this machine, building it once if needed; None (after one
+    warning per run) when that is not possible. build_command(out_dir) is the command that builds into
+    out_dir; find_output(out_dir) names the library it produced."""
+    if not enabled():
+        return None
+    try:
+        folder = build_directory()
+        os.makedirs(folder, exist_ok=True)
+        key = cache_key(sources, compiler, flags)
+        path = os.path.join(folder, f"{name}_{key}.so")
+        failed = path + ".failed"
+        if not os.path.exists(path + ".sha256"):
+            with _lock(path + ".lock", timeout()):
+                if not os.path.exists(path + ".sha256") and not os.path.exists(failed):
+                    _build(path, folder, build_command, find_output)
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise OSError(f"{f.read().strip()} (remembered in {failed}; delete it to retry)")
+        reason = check_library(path)
+        if reason:
+            raise OSError(f"{reason}; delete it to rebuild")
+        return path
+    except OSError as e:
+        warn(f"native CPU code {name} not used: {describe(e)}; running on Paddle's ops and Pillow")
+        return None
+
+
+def describe(error):
+    """One line for an OSError: its message and the file it names."""
+    if error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return str(error.strerror or error).splitlines()[0]
+
+
+def _build(path, folder, build_command, find_output):
+    """Build into a private folder, then move the library into place with its checksum; on failure write the
+    .failed file."""
+    work = tempfile.mkdtemp(prefix=os.path.basename(path) + ".build.", dir=folder)
+    try:
+        ok, reason = _run_build(build_command(work), work, dict(os.environ), timeout())
+        output = find_output(work) if ok else None
+        if ok and not output:
+            ok, reason = False, "the build produced no library"
+        if not ok:
+            _write(path + ".failed", reason)
+            return
+        os.replace(output, path)
+        _write(path + ".sha256", _sha256(path))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
