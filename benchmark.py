@@ -25,7 +25,7 @@ import paddle
 import models_mae
 import models_vit
 import util.misc as misc
-from layer import set_recompute
+from layer import set_fused_attention, set_recompute
 from util.amp import autocast, create_loss_scaler
 from util.args import check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
@@ -228,7 +228,10 @@ def main(argv=None):
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
         set_recompute(model, args.recompute)
-        attach_cpu_paths(model)
+        if args.job == "infer" and args.backend == "inference":
+            set_fused_attention(model, False)  # exported as main_export.py does
+        else:
+            attach_cpu_paths(model)
         result["model"] = args.model
         x = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
         y = paddle.randint(0, 1000, [args.batch_size])

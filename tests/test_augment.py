@@ -8,7 +8,8 @@ import paddle
 import pytest
 from PIL import Image
 
-from util import auto_augment as aa
+import util.misc as misc
+from util import auto_augment as aa, fast_image
 from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
 from util.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from util.random_erasing import RandomErasing
@@ -136,7 +137,11 @@ def _erase(re, x):
     return re.fill(paddle.to_tensor(x[None]), paddle.to_tensor(boxes[None])).numpy()[0], boxes
 
 
-def test_random_erasing_statistics():
+@pytest.mark.parametrize("native", [True, False])
+def test_random_erasing_statistics(native, monkeypatch):
+    """Both fills: the native one on the CPU and the batched device one (what a GPU runs)."""
+    if not native:
+        monkeypatch.setattr(fast_image, "available", lambda: False)
     random.seed(0)
     re = RandomErasing(0.25, mode="pixel", max_count=1)
     erased, areas = 0, []
@@ -159,6 +164,23 @@ def test_random_erasing_statistics():
     assert erased.size and np.all(erased == erased[:, :1])  # one colour per channel
     with pytest.raises(ValueError):
         RandomErasing(mode="noise")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_random_erasing_same_seed_same_pixels(native, monkeypatch):
+    """Exact resume needs the fill to depend on the step's seed only."""
+    if not native:
+        monkeypatch.setattr(fast_image, "available", lambda: False)
+    re = RandomErasing(1.0, mode="pixel", max_count=2)
+    random.seed(1)
+    boxes = paddle.to_tensor(np.stack([re.draw(24, 24) for _ in range(4)]))
+    filled = []
+    for _ in range(2):
+        misc.seed_everything(3, 0, 7)
+        filled.append(re.fill(paddle.zeros([4, 3, 24, 24]), boxes).numpy())
+    misc.seed_everything(3, 0, 8)
+    other = re.fill(paddle.zeros([4, 3, 24, 24]), boxes).numpy()
+    assert np.array_equal(filled[0], filled[1]) and not np.array_equal(filled[0], other)
 
 
 def test_random_erasing_count():

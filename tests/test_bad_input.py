@@ -112,6 +112,40 @@ def test_symlinks_into_the_dataset_are_not_followed_twice(data, tmp_path):
         assert f"Warning: skipping {os.path.join(root, 'train', 'class_1', name)}" in out.stdout
 
 
+def test_class_folders_that_link_into_the_dataset_are_skipped(data, tmp_path):
+    """A class folder linked to another class (or to the split, or around it) is not an extra class, in
+    train/ and val/; a class folder linked from outside the dataset is one."""
+    from util.datasets import ImageFolder
+    root = str(tmp_path / "d")
+    shutil.copytree(data, root)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(os.path.join(data, "train", "class_0"), outside)
+    for split in ("train", "val"):
+        folder = os.path.join(root, split)
+        os.symlink(os.path.join(folder, "class_0"), os.path.join(folder, "z_link_to_class_0"))
+        os.symlink(folder, os.path.join(folder, "z_link_to_split"))
+        os.symlink(os.path.dirname(folder), os.path.join(folder, "z_link_around"))
+    os.symlink(outside, os.path.join(root, "train", "class_9_linked"))
+    assert ImageFolder(os.path.join(root, "train")).classes == sorted(os.listdir(os.path.join(data, "train"))) + [
+        "class_9_linked"]
+    os.remove(os.path.join(root, "train", "class_9_linked"))
+    out = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--nb_classes", "10", "--data_path", root,
+                     "--output_dir", str(tmp_path / "o"), *FLAGS, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for split in ("train", "val"):
+        for name in ("z_link_to_class_0", "z_link_to_split", "z_link_around"):
+            assert f"Warning: skipping class folder {os.path.join(root, split, name)}" in out.stdout
+    ckpt = load_checkpoint(os.path.join(str(tmp_path / "o"), "checkpoint-last.pd"))
+    assert ckpt["args"]["classes"] == sorted(os.listdir(os.path.join(data, "train")))
+
+
+def test_start_epoch_beyond_the_run_is_a_flag_error(data, tmp_path):
+    out = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir",
+                     str(tmp_path / "o"), *FLAGS, "--start_epoch", "5")
+    assert_one_line_error(out, 2, "--start_epoch 5", "--epochs 1")
+    assert not os.path.exists(tmp_path / "o" / "log.txt")
+
+
 def test_one_run_per_output_dir(data, tmp_path):
     out_dir = str(tmp_path / "o")
     args = ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir", out_dir, *FLAGS]

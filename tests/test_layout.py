@@ -74,3 +74,16 @@ def test_readme_layout_names_every_module():
     missing = [os.path.relpath(f, ROOT) for f in project_modules().values()
                if os.path.basename(f) != "__init__.py" and os.path.relpath(f, ROOT) not in named]
     assert missing == []
+
+
+def test_the_vit_blocks_are_device_free():
+    """layer.py holds the ViT blocks only: no device checks, no native code; the CPU paths attach from
+    util/cpu_layer.py."""
+    tree = ast.parse(open(os.path.join(ROOT, "layer.py")).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"math", "paddle", "nn", "F", "recompute"}, imported
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)} | {
+        node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not names & {"get_device", "place", "is_cpu_place", "is_gpu_place", "in_dynamic_mode", "cpu_kernels"}

@@ -67,16 +67,22 @@ def test_kill_9_then_rerun_resumes(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path, sig):
+    """SIGTERM (preemption) or SIGHUP (a closed terminal): stop, save the position, continue on a rerun."""
     out = str(tmp_path / "out")
     one = ("--batch_size", "1")  # 40 short iterations per epoch: the signal lands inside one
     proc = _start(_args(dataset, out, *one))
-    _wait_for_epochs(out, 1, proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    seen = []
+    for line in proc.stdout:  # the signal goes once epoch 1's progress shows
+        seen.append(line)
+        if re.search(r"Epoch: \[1\]  \[\s*2/40\]", line):
+            proc.send_signal(sig)
+            break
     stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(seen) + stdout
     assert proc.returncode == 0, stderr[-2000:]
-    assert "Received SIGTERM" in stdout
+    assert f"Received {sig.name}" in stdout
     epoch = int(re.search(r"Stopped in epoch (\d) after iteration", stdout).group(1))  # 1, or 2 on a fast machine
     ckpt = paddle.load(os.path.join(out, "checkpoint-last.pd"))
     assert ckpt["epoch"] == epoch - 1 and 0 < ckpt["iteration"] < 40
@@ -87,6 +93,22 @@ def test_sigterm_saves_position_and_rerun_continues(dataset, tmp_path):
     first = re.search(rf"Epoch: \[{epoch}\]  \[\s*(\d+)/40\]", res.stdout)
     assert int(first.group(1)) == ckpt["iteration"]  # the batches already done are not repeated
     assert _epochs(out) == [0, 1, 2]
+
+
+def test_resume_inside_an_epoch_with_another_batch_size():
+    """The stop position means samples seen: another --batch_size continues after them, or stops with one
+    line when no optimizer step of the new run ends there."""
+    from types import SimpleNamespace
+
+    from util.checkpoint import CheckpointError
+    from util.run_state import position_in_epoch
+    ckpt = {"epoch": 0, "iteration": 73, "args": {"batch_size": 8}}
+    assert position_in_epoch(ckpt, SimpleNamespace(batch_size=8, accum_iter=1), "c") == 73
+    assert position_in_epoch({**ckpt, "iteration": 72}, SimpleNamespace(batch_size=64, accum_iter=1), "c") == 9
+    assert position_in_epoch({**ckpt, "iteration": 72}, SimpleNamespace(batch_size=4, accum_iter=2), "c") == 144
+    for batch_size, accum in ((64, 1), (16, 1), (24, 3)):
+        with pytest.raises(CheckpointError, match=r"after 584 samples per process .* resume with --batch_size 8"):
+            position_in_epoch(ckpt, SimpleNamespace(batch_size=batch_size, accum_iter=accum), "c")
 
 
 @pytest.mark.slow

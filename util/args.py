@@ -207,6 +207,8 @@ def resolve(parser, args, model_names):
                   "(paddle.distributed.launch sets up the processes)")
     if args.warmup_epochs > args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}")
+    if args.start_epoch >= args.epochs and not getattr(args, "eval", False):
+        parser.error(f"--start_epoch {args.start_epoch} leaves no epoch to train with --epochs {args.epochs}")
     if getattr(args, "eval", False) and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (the model to evaluate)")
     return args

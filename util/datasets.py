@@ -70,7 +70,7 @@ class ImageFolder(paddle.io.Dataset):
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
         self.root, self.transform, self.replaced, self.seed = root, transform, None, 0
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.classes = _class_folders(root)
         if not self.classes:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
         if classes is not None and self.classes != list(classes):
@@ -133,6 +133,27 @@ def sample_random_state(seed, epoch, index):
         if saved is not None:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
+
+
+def _class_folders(root):
+    """The names of root's class folders, sorted. A link to a folder already in the dataset (another class,
+    anything inside root, or a folder around it) would be a duplicate class: it is skipped with a warning;
+    a link to a folder elsewhere is a class."""
+    entries = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: (e.is_symlink(), e.name))
+    names, reals = [], [os.path.realpath(root)]  # real folders first: they are inside root by definition
+
+    def overlaps(real):
+        return any(real == r or real.startswith(r + os.sep) or r.startswith(real + os.sep) for r in reals)
+
+    for e in entries:
+        real = os.path.realpath(e.path)
+        if e.is_symlink() and overlaps(real):
+            print(f"Warning: skipping class folder {e.path}: a link to {real}, already in the dataset")
+            continue
+        names.append(e.name)
+        if e.is_symlink():
+            reals.append(real)
+    return sorted(names)
 
 
 def _image_files(folder, seen):

@@ -167,3 +167,41 @@ void normalize_nhwc(const uint8_t *in, long n, long hw, const float *table, floa
     }
   }
 }
+
+/* Random erasing on an N x C x H x W float32 batch: for each sample, its k boxes (top, left, h, w; h = 0 for
+   none), in order, are filled with per-pixel N(0, 1) noise (mode 0), one N(0, 1) value per channel (mode 1)
+   or zeros (mode 2). The normals come from a splitmix64 stream of `seed` and the sample's index (polar
+   Box-Muller), so that the same seed gives the same pixels. */
+static uint64_t splitmix64(uint64_t *state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+static float normal(uint64_t *state) {
+  for (;;) {
+    double u = (splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+    double v = (splitmix64(state) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+    double s = u * u + v * v;
+    if (s > 0.0 && s < 1.0) return (float)(u * sqrt(-2.0 * log(s) / s));
+  }
+}
+
+void erase_boxes(float *x, const int64_t *boxes, long n, long k, long c, long h, long w, int mode, uint64_t seed) {
+  for (long i = 0; i < n; i++) {
+    uint64_t state = seed ^ (0x632be59bd9b4e019ULL * (uint64_t)(i + 1));
+    for (long b = 0; b < k; b++) {
+      const int64_t *box = boxes + (i * k + b) * 4;
+      long top = box[0], left = box[1], bh = box[2], bw = box[3];
+      if (bh <= 0 || bw <= 0 || top < 0 || left < 0 || top + bh > h || left + bw > w) continue;
+      for (long ch = 0; ch < c; ch++) {
+        float colour = mode == 1 ? normal(&state) : 0.0f;
+        for (long r = top; r < top + bh; r++) {
+          float *row = x + ((i * c + ch) * h + r) * w + left;
+          for (long q = 0; q < bw; q++) row[q] = mode == 0 ? normal(&state) : colour;
+        }
+      }
+    }
+  }
+}

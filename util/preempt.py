@@ -1,20 +1,23 @@
-"""The preemption signal: SIGTERM / SIGINT ask training to stop at the next optimizer step."""
+"""The preemption signal: SIGTERM / SIGINT / SIGHUP ask training to stop at the next optimizer step."""
+import os
 import signal
+import sys
 
 from util.dist import all_reduce_sum
 
 
 class StopSignal:
-    """SIGTERM / SIGINT (as SLURM and Kubernetes send before killing a job) ask training to stop at the
-    next optimizer step; all ranks agree through an all-reduce. Further SIGTERMs (launchers repeat theirs)
-    are ignored, so that the process saves and exits 0; a second SIGINT interrupts at once."""
+    """SIGTERM / SIGINT (as SLURM and Kubernetes send before killing a job) and SIGHUP (a closed terminal or
+    ssh session) ask training to stop at the next optimizer step; all ranks agree through an all-reduce.
+    Further SIGTERMs and SIGHUPs (launchers repeat theirs) are ignored, so that the process saves and exits
+    0; a second SIGINT interrupts at once. After SIGHUP, output meant for the lost terminal goes nowhere."""
 
     def __init__(self):
         self.signum = None
         self.iteration = None
 
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
@@ -26,8 +29,10 @@ class StopSignal:
         """Ask for the stop, as the signal signum does (also for signals others handle, such as submitit's
         preemption signal)."""
         self.signum = signum
-        if signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        if signum == signal.SIGHUP:
+            _leave_terminal()
         print(f"Received {signal.Signals(signum).name}: stopping after this iteration", force=True)
 
     def local_flag(self):
@@ -37,6 +42,19 @@ class StopSignal:
     def requested(self):
         """Whether any rank received a stop signal (a collective: every rank calls it)."""
         return all_reduce_sum([self.local_flag()])[0] > 0
+
+
+def _leave_terminal():
+    """Point stdout/stderr that are a terminal at /dev/null: writing to a hung-up terminal fails."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream.isatty():
+                stream.flush()
+                os.dup2(null, stream.fileno())
+        except (OSError, ValueError):
+            os.dup2(null, stream.fileno())
+    os.close(null)
 
 
 STOP = StopSignal()

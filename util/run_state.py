@@ -77,7 +77,7 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
     if "optimizer" in ckpt and "epoch" in ckpt and not getattr(args, "eval", False):
         checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, path)
         args.start_epoch = int(ckpt["epoch"]) + 1
-        args.start_iter = int(ckpt.get("iteration", 0))
+        args.start_iter = position_in_epoch(ckpt, args, path)
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
         print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
@@ -89,6 +89,24 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
                 f"{path}: stopped inside epoch {args.start_epoch} with {len(resumed['meters'])} process(es); "
                 f"resume it with as many (this run has {get_world_size()})")
     return resumed
+
+def position_in_epoch(ckpt, args, path):
+    """The batch at which a run stopped inside an epoch continues: the same samples seen whatever this run's
+    --batch_size, or a one-line error when no batch boundary (and update step) of this run falls there."""
+    iteration = int(ckpt.get("iteration", 0))
+    saved = ckpt.get("args").get("batch_size") if isinstance(ckpt.get("args"), dict) else None
+    if not iteration or not isinstance(saved, int) or saved == args.batch_size:
+        return iteration
+    samples = iteration * saved
+    if samples % args.batch_size or (samples // args.batch_size) % args.accum_iter:
+        raise checkpoint.CheckpointError(
+            f"{path}: stopped inside epoch {int(ckpt['epoch']) + 1} after {samples} samples per process "
+            f"(--batch_size {saved}), which is not a whole number of optimizer steps at --batch_size "
+            f"{args.batch_size} x --accum_iter {args.accum_iter}; resume with --batch_size {saved}")
+    print(f"--batch_size {args.batch_size} (the stopped run had {saved}): continuing after the same {samples} "
+          "samples per process")
+    return samples // args.batch_size
+
 
 def read_on_every_rank(path, ckpt=None):
     """Read the checkpoint on every rank and check that all ranks read the same training position, so that
