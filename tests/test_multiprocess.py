@@ -121,8 +121,9 @@ def test_fused_attention_gets_no_explicit_scale(monkeypatch):
     paddle.seed(0)
     model = tiny_vit().eval()
     x = paddle.randn([2, 3, 32, 32])
-    expected = model(x).numpy()
-    monkeypatch.setattr(layer, "on_gpu", lambda: True)
+    layer.set_fused_attention(model, False)
+    expected = model(x).numpy()  # attention written out
+    layer.set_fused_attention(model, True)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     assert np.abs(model(x).numpy() - expected).max() < 1e-5
     assert len(calls) == 2 and calls[0]["training"] is False
