@@ -104,6 +104,44 @@ def test_sigterm_then_rerun_is_the_same_run(data, reference, tmp_path, script, e
     assert_same_run(out, reference(script))
 
 
+def descendants(pid):
+    """The processes below pid (its data-loader workers), from /proc."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def test_sigterm_to_every_process_then_rerun_is_the_same_run(data, reference, tmp_path):
+    """SLURM's preemption and `pkill -f` signal the loader workers too: they ignore it, the run still stops after
+    its step and saves, and the rerun ends as the uninterrupted run."""
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, *argv("finetune", data, out)]
+
+    def everyone(proc):
+        workers = descendants(proc.pid)
+        assert len(workers) >= 2, workers
+        for pid in [*workers, proc.pid]:
+            os.kill(pid, signal.SIGTERM)
+
+    code, output, _ = interrupt(cmd, None, progress_line(1, 4), everyone)
+    assert code == 0 and "Traceback" not in output, output[-2000:]
+    assert re.search(r"Stopped in epoch 1 after iteration", output), output[-2000:]
+    res = run_script(*cmd[1:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_run(out, reference("finetune"))
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_kill_9_at_a_random_batch_then_rerun_is_the_same_run(data, reference, tmp_path, script):
     epoch, step = random.randrange(3), random.randrange(10)

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 
 import numpy as np
 import paddle
@@ -212,12 +213,25 @@ class _Skippable:
                 yield [(self.epoch, index) for index in indices]
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _serve_through_stop_signals():
+    """Launchers, SLURM (every process of a job step), Ctrl-C (the process group) and `pkill -f` send the stop
+    signals to the workers as well as to the training process, which finishes its iteration and saves (see
+    util.preempt) while its workers keep loading; only the training process's own SIGTERM (multiprocessing's
+    shutdown of its workers) ends a worker."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+            os._exit(0)
+
+
 def _init_worker(worker_id):
-    """Each worker leaves the process group, so that the signals launchers and Ctrl-C send to the whole group
-    (SIGTERM, SIGINT) reach only the training process, which then finishes its iteration and saves (see
-    util.preempt); the loader still ends its workers itself. A worker dies with the training process
-    (Linux's parent-death signal), so that a killed run leaves none behind."""
-    os.setpgrp()
+    """Each worker takes its stop signals in a thread of its own (see _serve_through_stop_signals); they are
+    blocked from before the fork (see Loader._batches), so none arrives in between. A worker dies with the
+    training process (Linux's parent-death signal), so that a killed run leaves none behind."""
+    threading.Thread(target=_serve_through_stop_signals, daemon=True).start()
     try:
         ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux
@@ -251,7 +265,12 @@ class Loader:
 
     def _batches(self):
         if self.loader is not None:
-            yield from self.loader
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the forked workers
+            try:
+                batches = iter(self.loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            yield from batches
         else:
             for indices in self.batch_sampler:
                 yield tuple(paddle.to_tensor(part) for part in _collate([self.dataset[i] for i in indices]))
