@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -22,56 +23,83 @@ def _subset(dst, per_split):
                 shutil.copy(os.path.join(src, c, f), os.path.join(dst, split, c, f))
 
 
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
+
+
 @pytest.mark.slow
 def test_study_driver_smoke(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    _subset(data, {"train": 30, "val": 10})
+    _subset(data, {"train": 45, "val": 10})
     os.makedirs(out)
     with open(os.path.join(out, "README.md"), "w") as f:  # the report's README gets its table replaced
         f.write("intro\n<!-- results: written by run.py -->\nold table\n<!-- end of results -->\nconclusions\n")
-    res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, timeout=900)
+    res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.load(open(os.path.join(out, "results.json")))
-    results = report["stages"]
-    expected = {"pretrain", "baselines"} | {f"{kind}_{p}" for kind in ("linprobe_mae", "finetune_mae",
-                                                                       "finetune_scratch") for p in (1, 10, 100)}
-    assert set(results) == expected
-    subsets = {}
-    for name, entry in results.items():
-        logs = [json.loads(line) for line in open(entry["log"])]
-        assert entry["wall_clock_s"] > 0
-        if name == "baselines":
-            assert entry["rows"] == logs and len(logs) == 9
-            continue
-        assert entry["epochs"] == len(logs) == 1 and entry["final_train_loss"] == logs[-1]["train_loss"]
-        assert ("final_acc1" in entry) == (name != "pretrain")
-        assert entry["command"].startswith("python main_")
-        if name != "pretrain":
-            subsets[name.rsplit("_", 1)[1]] = entry["train_images"]
-            assert report["test_top1"][name.rsplit("_", 1)[0]][name.rsplit("_", 1)[1]] == entry["final_acc1"]
-    # class-balanced subsets: 1% and 10% of 30 per class round to at least 2 and 3 per class
-    assert subsets == {"1": 20, "10": 30, "100": 300}
-    train_1 = open(os.path.join(data + "_labels1pct", "subset.txt")).read().split()
-    train_10 = open(os.path.join(data + "_labels10pct", "subset.txt")).read().split()
-    assert set(train_1) < set(train_10)
-    assert len(os.listdir(os.path.join(data + "_labels1pct", "val", "0_t-shirt_top"))) == 10
-    for row in results["baselines"]["rows"]:
-        assert report["test_top1"][row["method"]][row["percent"]] == row["test_acc1"]
-    for p in ("1", "10", "100"):
-        gain = report["finetune_mae_minus_scratch"][p]
-        assert gain == report["test_top1"]["finetune_mae"][p] - report["test_top1"]["finetune_scratch"][p]
+    assert report["protocol"]["selection"] == "val"
+
+    # the validation split: 5 per class held out of the training images, the test images in neither part
+    train, val = _files(data + "_dev/train"), _files(data + "_dev/val")
+    assert not train & val and train | val == _files(os.path.join(data, "train"))
+    assert {os.path.dirname(f) for f in val} == {os.path.dirname(f) for f in train} and len(val) == 50
+    # label draws: class-balanced, 1% inside 10% of the same draw, the draws differ
+    draws = {(p, d): _files(f"{data}_dev_labels{p}pct_draw{d}/train") for p in (1, 10) for d in (0, 1)}
+    assert all(len(draws[(1, d)]) == 20 and len(draws[(10, d)]) == 40 for d in (0, 1))
+    assert draws[(1, 0)] < draws[(10, 0)] and draws[(1, 1)] < draws[(10, 1)] and draws[(10, 0)] != draws[(10, 1)]
+    assert all(f in train for files in draws.values() for f in files)
+
+    runs = report["runs"]
+    chosen = report["protocol"]["chosen_blr"]
+    for method, sweep in report["sweeps_val_top1"].items():
+        for p in ("1", "10"):
+            assert chosen[method][p] == max(sweep[p], key=sweep[p].get)  # the best validation top-1
+            for blr, acc in sweep[p].items():
+                name = f"{method}_{p}pct_draw0_blr{blr}"
+                assert runs[name]["val_acc1"] == acc == json.loads(open(os.path.join(
+                    out, name, "log.txt")).read().splitlines()[-1])["test_acc1"]
+                assert ("test_acc1" in runs[name]) == (blr == chosen[method][p])  # the test set once, when chosen
+    summary = report["summary"]
+    assert set(summary) == {"finetune_mae", "finetune_scratch", "linprobe_mae", "logreg_mae", "logreg_pixels",
+                            "knn_mae", "knn_pixels", "cnn"}
+    for method, cells in summary.items():
+        assert set(cells) == {"1", "10", "100"}, method
+        for p, cell in cells.items():
+            assert cell["runs"] == len(cell["values"]) == (1 if p == "100" else 2)
+            assert cell["mean"] == pytest.approx(np.mean(cell["values"]))
+            assert cell["std"] == (None if p == "100" else pytest.approx(np.std(cell["values"], ddof=1)))
+            if method in chosen:
+                blr = chosen[method]["10" if p == "100" else p]
+                names = [f"{method}_{p}pct_draw{d}_blr{blr}" for d in ((0,) if p == "100" else (0, 1))]
+                assert cell["values"] == [runs[n]["test_acc1"] for n in names]
+                for n in names:
+                    shipped = open(os.path.join(out, "logs", n, "test.txt")).read()
+                    assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
+    baselines = [json.loads(line) for line in open(os.path.join(out, "baselines", "log.txt"))]
+    assert len(baselines) == 5 * 5
+    for row in baselines:
+        if row["draw"] == 0 and row["percent"] in ("1", "10"):  # chosen on validation from its grid
+            assert row["val_acc1"] == max(s["val_acc1"] for s in row["sweep"])
+        else:
+            source = next(r for r in baselines if r["method"] == row["method"] and r["draw"] == 0 and
+                          r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
+            assert row["setting"] == source["setting"] and "sweep" not in row
+        assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
+    assert set(report["pretrain_epochs"]) == {"1", "2"}
+    assert report["pretrain_epochs"]["2"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
+        "test_acc1"]
     table = open(os.path.join(out, "results.md")).read()
-    assert "| finetune_mae_1 | 20 | 1 | 1 |" in table
     assert open(os.path.join(out, "README.md")).read() == (
         f"intro\n<!-- results: written by run.py -->\n{table}<!-- end of results -->\nconclusions\n")
-    reports = ("results.json", "results.md", "label_efficiency.png", "loss_curves.png", "reconstruction.png")
+    reports = ("results.json", "results.md", "label_efficiency.png", "pretrain_epochs.png", "loss_curves.png",
+               "reconstruction.png")
     written = {f: open(os.path.join(out, f), "rb").read() for f in reports}
     assert all(written.values())
-    again = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "linprobe_mae_10")
-    assert again.returncode == 0 and "[linprobe_mae_10] done already" in again.stdout
+    again = run_script(DRIVER, "--smoke", "--data", data, "--out", out)
+    assert again.returncode == 0 and "[linprobe_mae_10pct_draw1_blr0.1] done already" in again.stdout
     assert {f: open(os.path.join(out, f), "rb").read() for f in reports} == written  # the report step rewrites
     bad = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "nothing")
-    assert bad.returncode == 2 and "unknown stage(s) nothing" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice: 'nothing'" in bad.stderr
 
 
 def test_study_driver_bad_paths(tmp_path):
@@ -86,25 +114,33 @@ def test_study_driver_bad_paths(tmp_path):
 
 
 def test_study_baselines_solvers():
-    """kNN equals a direct count of the K nearest by cosine; logistic regression reaches a vanishing gradient."""
-    import numpy as np
+    """kNN equals a direct count of the k nearest by cosine; logistic regression reaches a vanishing gradient;
+    the CNN learns separable classes."""
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
     import baselines
+    import cnn
 
     rng = np.random.default_rng(0)
     train_x, test_x = rng.normal(size=(300, 20)), rng.normal(size=(50, 20))
     train_y = rng.integers(0, 4, 300)
-    pred = baselines.knn_predict(train_x, train_y, test_x, 4, chunk=7)
     cos = (test_x / np.linalg.norm(test_x, axis=1, keepdims=True)) @ (
         train_x / np.linalg.norm(train_x, axis=1, keepdims=True)).T
-    for i in range(len(test_x)):
-        near = train_y[np.argsort(-cos[i])[:baselines.K]]
-        counts = np.bincount(near, minlength=4)
-        winners = np.flatnonzero(counts == counts.max())
-        assert pred[i] == next(c for c in near if c in winners)  # ties: the class met first
+    for k in (1, 5, 20):
+        pred = baselines.knn_predict(train_x, train_y, test_x, 4, k, chunk=7)
+        for i in range(len(test_x)):
+            near = train_y[np.argsort(-cos[i])[:k]]
+            counts = np.bincount(near, minlength=4)
+            winners = np.flatnonzero(counts == counts.max())
+            assert pred[i] == next(c for c in near if c in winners)  # ties: the class met first
     centres = rng.normal(size=(3, 20)) * 3
     y = rng.integers(0, 3, 400)
     x = (centres[y] + rng.normal(size=(400, 20))).astype(np.float32)
     w, b, iterations, grad = baselines.logistic_regression(x, y, 3)
     assert grad < 1e-6 and 0 < iterations < 5000
     assert (np.argmax(x @ w + b, axis=1) == y).mean() > 0.95
+    images = np.zeros((256, 784), dtype=np.float32)  # class 1: a bright top half, class 0: a bright bottom half
+    labels = rng.integers(0, 2, 256)
+    images[labels == 1, :392], images[labels == 0, 392:] = 1.0, 1.0
+    images += rng.normal(scale=0.1, size=images.shape).astype(np.float32)
+    model, loss = cnn.train(images, labels, 2, 1e-3, 3, seed=0, batch_size=32)
+    assert loss < 0.2 and (cnn.predict(model, images) == labels).mean() == 1.0

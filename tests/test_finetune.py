@@ -60,14 +60,14 @@ def test_finetune_eval_linprobe_eval(dataset, pretrained, tmp_path):
     assert {"loss", "lr", "perf/test_acc1", "perf/test_acc5", "perf/test_loss"} <= set(reader.get_tags()["scalar"])
 
     out = run_script("main_finetune.py", "--model", "vit_tiny_patch4", "--input_size", "48", "--eval", "--resume",
-                     os.path.join(ft, "checkpoint-best.pd"), *_common(dataset, ""))
+                     os.path.join(ft, "checkpoint-best.pd"), *_common(dataset, ""), "--batch_size", "64")
     assert out.returncode == 0, out.stderr[-3000:]
     acc1, acc5, _ = _accuracy(out.stdout)
     assert acc1 == pytest.approx(best, abs=1e-3) and acc5 == 100.0  # 3 classes: top-5 is every class
-    assert "Accuracy of the network on the 9 test images" in out.stdout
+    assert "Accuracy of the network on the 9 test images" in out.stdout  # a batch larger than train/ is no error
 
     lp = str(tmp_path / "lp")
-    out = run_script("main_linprobe.py", "--model", "vit_tiny_patch4", "--finetune", pretrained,
+    out = run_script("main_linprobe.py", "--model", "vit_tiny_patch4", "--finetune", pretrained, "--eval_freq", "2",
                      *_common(dataset, lp))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LARS(lr=0.0015625" in out.stdout  # blr 0.1 * 4 / 256
@@ -77,6 +77,8 @@ def test_finetune_eval_linprobe_eval(dataset, pretrained, tmp_path):
     assert {"head.0._mean", "head.0._variance", "head.1.weight", "head.1.bias"} <= set(state)
     assert not np.allclose(state["head.0._mean"], 0)  # BN statistics were tracked in train mode
     logs = [json.loads(line) for line in open(os.path.join(lp, "log.txt"))]
+    assert ["test_acc1" in r for r in logs] == [False, True]  # --eval_freq 2: after the second epoch only
+    assert out.stdout.count("Accuracy of the network") == 1
     out = run_script("main_linprobe.py", "--model", "vit_tiny_patch4", "--eval", "--resume",
                      os.path.join(lp, "checkpoint-1.pd"), *_common(dataset, ""))
     assert out.returncode == 0, out.stderr[-3000:]

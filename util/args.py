@@ -187,6 +187,8 @@ def add_classification_args(parser, global_pool):
                         help="classify the class token" + ("" if global_pool else " (default)"))
     parser.add_argument("--nb_classes", default=1000, type=positive_int, help="number of classification types")
     parser.add_argument("--eval", action="store_true", help="perform evaluation only")
+    parser.add_argument("--eval_freq", default=1, type=positive_int, metavar="N",
+                        help="evaluate after every N-th epoch and after the last (default 1: every epoch)")
     parser.add_argument("--dist_eval", action="store_true", default=False,
                         help="split evaluation over the processes (recommended during training for speed)")
 

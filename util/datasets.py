@@ -307,6 +307,8 @@ def train_loader(dataset, args):
     sampler = paddle.io.DistributedBatchSampler(dataset, args.batch_size, num_replicas=args.world_size,
                                                 rank=args.rank, shuffle=True, drop_last=True)
     dataset.seed = args.seed
+    if getattr(args, "eval", False):  # evaluation only: the training images are not loaded
+        return Loader(dataset, sampler, args.num_workers, args.pin_mem, args.skip_bad_images)
     if len(sampler) == 0:
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")

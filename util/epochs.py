@@ -43,7 +43,7 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
         train_stats = end_epoch(metric_logger, data_loader, loss_scaler, epoch)
         stats = {f"train_{k}": v for k, v in train_stats.items()}
         improved = False
-        if evaluate is not None:
+        if evaluate is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
             test_stats = evaluate()
             improved = test_stats["acc1"] > best["acc1"]
             if improved:
@@ -53,9 +53,9 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
                 for k in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
             stats.update({f"test_{k}": v for k, v in test_stats.items()})
-            stats.update({"epoch": epoch, "n_parameters": n_parameters})
-        else:
-            stats["epoch"] = epoch
+        stats["epoch"] = epoch
+        if evaluate is not None:
+            stats["n_parameters"] = n_parameters
         misc.log_stats(args, stats)  # before the checkpoints: a kill in between reruns the epoch and its log line
         if improved:
             run_state.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="best")

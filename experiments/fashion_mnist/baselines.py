@@ -1,11 +1,14 @@
-"""Baselines of the Fashion-MNIST study that need no training script: logistic regression and k-nearest
-neighbours on raw pixels, and kNN on the frozen MAE encoder's features.
+"""Baselines of the Fashion-MNIST study that need no training script: L-BFGS logistic regression and
+k-nearest neighbours on raw pixels and on the frozen MAE encoder's features, and a small CNN from scratch.
 
-    python experiments/fashion_mnist/baselines.py --train 1=DIR 10=DIR 100=DIR --val DIR \
-        --checkpoint PRETRAINED.pd --model vit_micro_patch4 --input_size 28 --log OUT/log.txt
+    python experiments/fashion_mnist/baselines.py --train 1:0=DIR 1:1=DIR ... 100:0=DIR --val DIR --test DIR \
+        --checkpoint PRETRAINED.pd --epochs 1=100 10=50 100=15 --log OUT/log.txt
 
-Each `--train` folder is an ImageFolder of one label fraction (in percent). One JSON line per method and
-fraction goes to --log; a method whose line is already there is skipped, so the stage resumes.
+Each `--train PERCENT:DRAW=DIR` is an ImageFolder of one label subset. A method's setting (C, k, the CNN's
+learning rate; for MAE features also the class token or the average-pooled patch tokens) is chosen by
+top-1 on --val with draw 0 at 1% and at 10%, over the grids below; other draws use that choice, and 100%
+uses the 10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction
+and draw goes to --log; a line already there is skipped, so the stage resumes.
 """
 import argparse
 import json
@@ -14,18 +17,24 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
 
 import util  # noqa: E402,F401  (first: filters Paddle's import-time warnings)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+import cnn  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import load_pretrained  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
 from util.transforms import eval_transform  # noqa: E402
 
-K = 5  # neighbours (scikit-learn's default)
-C = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's default)
+GRIDS = {"logreg": [{"C": c} for c in (0.01, 0.1, 1.0, 10.0)],  # inverse L2 strength
+         "knn": [{"k": k} for k in (1, 3, 5, 10, 20, 50)],
+         "cnn": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]}
+METHODS = {"logreg_pixels": ("logreg", ("pixels",)), "logreg_mae": ("logreg", ("mae_cls", "mae_avg")),
+           "knn_pixels": ("knn", ("pixels",)), "knn_mae": ("knn", ("mae_cls", "mae_avg")),
+           "cnn": ("cnn", ("pixels",))}
 
 
 def raw_pixels(folder):
@@ -36,19 +45,22 @@ def raw_pixels(folder):
     return x, np.array([t for _, t in data.samples], dtype=np.int64)
 
 
-def encoder_features(folder, model, input_size, batch_size=500):
-    """The class token after the final norm (what the linear probe sees), on the evaluation transform."""
+def encoder_features(folder, models, input_size, batch_size=500):
+    """{name: features} of the frozen encoders in `models` on the evaluation transform (as the probe sees
+    the images): the class token after the final norm, or the mean of the patch tokens through a fresh
+    LayerNorm (global pooling)."""
     transform = eval_transform(input_size)
-    data = ImageFolder(folder)
-    feats = []
+    samples = ImageFolder(folder).samples
+    feats = {name: [] for name in models}
     with paddle.no_grad():
-        for i in range(0, len(data.samples), batch_size):
-            batch = np.stack([transform(load_image(p)) for p, _ in data.samples[i:i + batch_size]])
-            feats.append(model.forward_features(transform.batch(batch)).numpy())
-    return np.concatenate(feats)
+        for i in range(0, len(samples), batch_size):
+            batch = transform.batch(np.stack([transform(load_image(p)) for p, _ in samples[i:i + batch_size]]))
+            for name, model in models.items():
+                feats[name].append(model.forward_features(batch).numpy())
+    return {name: np.concatenate(f) for name, f in feats.items()}
 
 
-def logistic_regression(x, y, classes, max_iter=5000):
+def logistic_regression(x, y, classes, c=1.0, max_iter=5000):
     """Multinomial logistic regression, mean cross-entropy + ||W||^2 / (2 C n), solved by full-batch L-BFGS
     until the gradient vanishes (tolerance 1e-6) or max_iter; returns (W, b, iterations, gradient norm)."""
     paddle.seed(0)
@@ -61,7 +73,7 @@ def logistic_regression(x, y, classes, max_iter=5000):
 
     def closure():
         opt.clear_grad()
-        loss = paddle.nn.functional.cross_entropy(x @ w + b, y) + (w * w).sum() / (2 * C * x.shape[0])
+        loss = paddle.nn.functional.cross_entropy(x @ w + b, y) + (w * w).sum() / (2 * c * x.shape[0])
         loss.backward()
         return loss
 
@@ -71,22 +83,23 @@ def logistic_regression(x, y, classes, max_iter=5000):
     return w.numpy(), b.numpy(), int(opt.state_dict()["state"]["n_iter"]), grad
 
 
-def knn_predict(train_x, train_y, test_x, classes, chunk=1000):
-    """Majority vote of the K nearest training rows by cosine similarity; a tie goes to the tied class whose
+def knn_predict(train_x, train_y, test_x, classes, k=5, chunk=1000):
+    """Majority vote of the k nearest training rows by cosine similarity; a tie goes to the tied class whose
     nearest neighbour is nearer."""
     train = train_x / np.linalg.norm(train_x, axis=1, keepdims=True).clip(1e-12)
     test = test_x / np.linalg.norm(test_x, axis=1, keepdims=True).clip(1e-12)
+    k = min(k, len(train))
     pred = []
     for i in range(0, len(test), chunk):
         sim = test[i:i + chunk] @ train.T
-        near = np.argsort(-sim, axis=1, kind="stable")[:, :K]
+        near = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         rows, labels = np.arange(len(near))[:, None], train_y[near]
         votes = np.zeros((len(near), classes))
         np.add.at(votes, (rows, labels), 1.0)
-        first = np.full((len(near), classes), K)
-        for rank in range(K - 1, -1, -1):  # ends with the rank of each class's nearest neighbour
+        first = np.full((len(near), classes), k)
+        for rank in range(k - 1, -1, -1):  # ends with the rank of each class's nearest neighbour
             first[rows[:, 0], labels[:, rank]] = rank
-        votes -= first / (K + 1)
+        votes -= first / (k + 1)
         pred.append(votes.argmax(axis=1))
     return np.concatenate(pred)
 
@@ -95,49 +108,97 @@ def top1(pred, y):
     return float((pred == y).mean() * 100.0)
 
 
+def fit(kind, setting, x, y, classes, epochs, seed, max_iter):
+    """(predict(x) -> labels, facts about the fit) for one method and setting."""
+    if kind == "logreg":
+        w, b, iterations, grad = logistic_regression(x, y, classes, setting["C"], max_iter)
+        return (lambda v: (v @ w + b).argmax(axis=1)), {"lbfgs_iterations": iterations, "max_abs_gradient": grad}
+    if kind == "knn":
+        return (lambda v: knn_predict(x, y, v, classes, setting["k"])), {}
+    model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed)
+    return (lambda v: cnn.predict(model, v)), {"final_train_loss": loss, "epochs": epochs}
+
+
+def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_iter):
+    """The log row of one method on one label subset: the sweep on val when `chosen` is None, then the test
+    top-1 of the chosen setting."""
+    kind, feature_names = METHODS[method]
+    (x, y), (val_x, val_y), (test_x, test_y) = train, val, test
+    candidates = [dict(s, features=f) for f in feature_names for s in GRIDS[kind]] if chosen is None else [chosen]
+    sweep, best = [], None
+    for setting in candidates:
+        f = setting["features"]
+        predict, facts = fit(kind, setting, x[f], y, classes, epochs, draw, max_iter)
+        acc = top1(predict(val_x[f]), val_y)
+        sweep.append({"setting": setting, "val_acc1": acc, **facts})
+        if best is None or acc > best[0]:
+            best = (acc, setting, predict, facts)
+    acc, setting, predict, facts = best
+    row = {"method": method, "percent": percent, "draw": draw, "train_images": len(y), "setting": setting,
+           "val_acc1": acc, "test_acc1": top1(predict(test_x[setting["features"]]), test_y), **facts}
+    if chosen is None:
+        row["sweep"] = sweep
+    return row
+
+
+def parse_fractions(parser, items):
+    fractions = {}
+    for item in items:
+        key, sep, folder = item.partition("=")
+        percent, colon, draw = key.partition(":")
+        if not sep or not colon or not percent.isdigit() or not draw.isdigit():
+            parser.error(f"--train {item}: expected PERCENT:DRAW=DIR")
+        fractions[(percent, int(draw))] = folder
+    return fractions
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", nargs="+", required=True, metavar="PERCENT=DIR")
-    parser.add_argument("--val", required=True, metavar="DIR")
+    parser.add_argument("--train", nargs="+", required=True, metavar="PERCENT:DRAW=DIR")
+    parser.add_argument("--val", required=True, metavar="DIR", help="ImageFolder of the validation images")
+    parser.add_argument("--test", required=True, metavar="DIR", help="ImageFolder of the test images")
     parser.add_argument("--checkpoint", required=True, help="MAE pre-training checkpoint")
     parser.add_argument("--model", default="vit_micro_patch4", choices=models_vit.MODELS)
     parser.add_argument("--input_size", type=int, default=28)
+    parser.add_argument("--epochs", nargs="+", required=True, metavar="PERCENT=N", help="the CNN's epochs")
+    parser.add_argument("--max_iter", type=int, default=5000, help="L-BFGS iterations at most")
     parser.add_argument("--log", required=True, help="JSON lines file, appended to")
     args = parser.parse_args(argv)
-    fractions = {}
-    for item in args.train:
-        percent, sep, folder = item.partition("=")
-        if not sep or not percent.replace(".", "", 1).isdigit():
-            parser.error(f"--train {item}: expected PERCENT=DIR")
-        fractions[percent] = folder
-    done = set()
+    fractions = parse_fractions(parser, args.train)
+    epochs = dict(item.split("=") for item in args.epochs)
+    rows = {}
     if os.path.isfile(args.log):
         with open(args.log, encoding="utf-8") as f:
-            done = {(r["method"], r["percent"]) for r in map(json.loads, filter(str.strip, f))}
+            rows = {(r["method"], r["percent"], r["draw"]): r for r in map(json.loads, filter(str.strip, f))}
     paddle.set_device("cpu")
     classes = len(ImageFolder(args.val).classes)
-    val_x, val_y = raw_pixels(args.val)
-    model = models_vit.__dict__[args.model](num_classes=classes, img_size=args.input_size)
-    load_pretrained(model, args.checkpoint)
-    model.eval()
-    val_f = encoder_features(args.val, model, args.input_size)
-    for percent, folder in fractions.items():
-        todo = [m for m in ("logistic_regression_pixels", "knn_pixels", "knn_mae") if (m, percent) not in done]
+    models = {}
+    for name, pool in (("mae_cls", False), ("mae_avg", True)):
+        models[name] = models_vit.__dict__[args.model](num_classes=classes, img_size=args.input_size,
+                                                       global_pool=pool)
+        load_pretrained(models[name], args.checkpoint)
+        models[name].eval()
+
+    def inputs(folder):
+        x, y = raw_pixels(folder)
+        return {"pixels": x, **encoder_features(folder, models, args.input_size)}, y
+
+    val, test = inputs(args.val), inputs(args.test)
+    order = sorted(fractions, key=lambda key: (int(key[0]), key[1]))
+    for percent, draw in order:
+        todo = [m for m in METHODS if (m, percent, draw) not in rows]
         if not todo:
             continue
-        x, y = raw_pixels(folder)
+        train = inputs(fractions[(percent, draw)])
         for method in todo:
-            row = {"method": method, "percent": percent, "train_images": len(y), "test_images": len(val_y)}
-            if method == "logistic_regression_pixels":
-                w, b, iters, grad = logistic_regression(x, y, classes)
-                row.update(test_acc1=top1((val_x @ w + b).argmax(axis=1), val_y), lbfgs_iterations=iters,
-                           max_abs_gradient=grad)
-            elif method == "knn_pixels":
-                row.update(test_acc1=top1(knn_predict(x, y, val_x, classes), val_y), k=K)
-            else:
-                row.update(test_acc1=top1(knn_predict(encoder_features(folder, model, args.input_size), y, val_f,
-                                                      classes), val_y), k=K)
-            print(json.dumps(row), flush=True)
+            source = None if draw == 0 and percent in ("1", "10") else rows.get((method, "10" if percent == "100"
+                                                                                  else percent, 0))
+            if source is None and not (draw == 0 and percent in ("1", "10")):
+                parser.error(f"{method} at {percent}% draw {draw}: its setting comes from draw 0, not given")
+            row = run(method, percent, draw, train, val, test, classes, int(epochs[percent]),
+                      None if source is None else source["setting"], args.max_iter)
+            rows[(method, percent, draw)] = row
+            print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 

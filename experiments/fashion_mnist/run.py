@@ -1,20 +1,22 @@
-"""The Fashion-MNIST label-efficiency study: MAE pre-training once on the 60,000 training images without
-labels, then with 1%, 10% and 100% of the labels: fine-tuning from MAE vs from scratch, linear probing, and
-logistic regression / kNN baselines, all with the project's own scripts.
+"""The Fashion-MNIST label-efficiency study: MAE pre-training on the training images without labels, then
+1%, 10% and 100% of the labels for MAE fine-tuning, fine-tuning from scratch, the linear probe, logistic
+regression and kNN on pixels and on MAE features, and a small CNN; every choice made on a validation
+split held out from the training images, the test set used once per reported number.
 
     python experiments/fashion_mnist/run.py                 # everything (resumes where it stopped)
-    python experiments/fashion_mnist/run.py --stages pretrain baselines
+    python experiments/fashion_mnist/run.py --stages pretrain sweep
     python experiments/fashion_mnist/run.py --smoke --out /tmp/fm_smoke   # a few hundred images, 1 epoch each
 
-Each stage is one script call with a fixed output folder; a stage whose log.txt has all its epochs is
+Each training run is one script call with a fixed output folder; a run whose log.txt has all its epochs is
 skipped, and an interrupted one continues from its checkpoint (the scripts auto-resume). Writes
-results.json (every number with its command, log file and wall clock), results.md, label_efficiency.png,
-loss_curves.png and reconstruction.png beside this script; rerunning after the last stage rewrites them
+results.json, results.md and the pictures beside this script; rerunning after the last stage rewrites them
 identically.
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,84 +25,32 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-# model, image size and budgets of the study (see README.md beside this file)
-MAE, VIT, SIZE, BATCH = "mae_vit_micro_patch4", "vit_micro_patch4", 28, 128
+sys.path.insert(0, HERE)
+
+from splits import VAL_PER_CLASS, development_folder, label_subset_folder  # noqa: E402
+
+MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
-EPOCHS = {"pretrain": {100: 50}, "finetune": {1: 100, 10: 50, 100: 15}, "linprobe": {1: 100, 10: 50, 100: 15}}
-WARMUP = 5
-SUBSET_SEED = 0
+GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures")
+FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "pretrain_epochs": (10, 25, 50), "pixel_epochs": 25,
+        "lbfgs_iterations": 5000,
+        "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
+        "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
+                  "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
+SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), pretrain_epochs=(1, 2), pixel_epochs=1, batch=16, lbfgs_iterations=50,
+             epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS},
+             grids={m: g[:2] for m, g in FULL["grids"].items()})
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
-FINETUNE = ["--model", VIT, "--blr", "5e-3", "--aa", "none", "--reprob", "0", "--drop_path", "0",
-            "--nb_classes", "10"]
+PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
+SCRIPTED = {"finetune_mae": ["main_finetune.py", "--model", VIT, "--aa", "none", "--reprob", "0", "--drop_path", "0",
+                             "--nb_classes", "10"],
+            "linprobe_mae": ["main_linprobe.py", "--model", VIT, "--nb_classes", "10"]}
+SCRIPTED["finetune_scratch"] = [*SCRIPTED["finetune_mae"], "--layer_decay", "1.0"]
 METHODS = {"finetune_mae": "fine-tune, MAE encoder", "finetune_scratch": "fine-tune, from scratch",
-           "linprobe_mae": "linear probe, MAE encoder", "knn_mae": "kNN, MAE features",
-           "logistic_regression_pixels": "logistic regression, raw pixels", "knn_pixels": "kNN, raw pixels"}
+           "linprobe_mae": "linear probe, MAE encoder", "logreg_mae": "logistic regression, MAE features",
+           "knn_mae": "kNN, MAE features", "logreg_pixels": "logistic regression, raw pixels",
+           "knn_pixels": "kNN, raw pixels", "cnn": "small CNN, from scratch"}
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
-
-
-def label_subset(data, percent, seed=SUBSET_SEED):
-    """data/train files of a class-balanced `percent` of each class (at least 2): a prefix of one seeded
-    permutation per class, so the 1% subset lies inside the 10% one. Paths relative to data/train."""
-    train = os.path.join(data, "train")
-    files = []
-    for index, c in enumerate(sorted(os.listdir(train))):
-        names = sorted(os.listdir(os.path.join(train, c)))
-        order = np.random.default_rng([seed, index]).permutation(len(names))
-        files += [os.path.join(c, names[i]) for i in sorted(order[:max(2, round(len(names) * percent / 100))])]
-    return files
-
-
-def subset_folder(data, percent):
-    """An ImageFolder of the subset (train/) and the whole test set (val/), as hard links (a copy where the
-    file system has none); built once, recorded in its subset.txt, which is written last."""
-    if percent == 100:
-        return data
-    folder = f"{data}_labels{percent}pct"
-    record = os.path.join(folder, "subset.txt")
-    if os.path.isfile(record):
-        return folder
-    files = [os.path.join("train", f) for f in label_subset(data, percent)]
-    files += [os.path.join("val", c, f) for c in sorted(os.listdir(os.path.join(data, "val")))
-              for f in sorted(os.listdir(os.path.join(data, "val", c)))]
-    for f in files:
-        src, dst = os.path.join(data, f), os.path.join(folder, f)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if not os.path.exists(dst):
-            try:
-                os.link(src, dst)
-            except OSError:
-                with open(src, "rb") as a, open(dst, "wb") as b:
-                    b.write(a.read())
-    with open(record, "w", encoding="utf-8") as f:
-        f.write("\n".join(p for p in files if p.startswith("train")) + "\n")
-    return folder
-
-
-def stages(data, out, epochs, warmup, batch):
-    """name -> (script, flags, epochs, percent). Stage outputs live in out/name."""
-    pretrained = os.path.join(out, "pretrain", "checkpoint-last.pd")
-    plan = {"pretrain": ("main_pretrain.py", ["--model", MAE, "--norm_pix_loss", "--mask_ratio", "0.75",
-                                              "--blr", "2e-3", "--data_path", data], epochs["pretrain"][100], 100)}
-    folders = {p: subset_folder(data, p) for p in PERCENTS}
-    plan["baselines"] = (os.path.join("experiments", "fashion_mnist", "baselines.py"),
-                         ["--train", *[f"{p}={folders[p]}/train" for p in PERCENTS], "--val", f"{data}/val",
-                          "--checkpoint", pretrained, "--model", VIT, "--input_size", str(SIZE)], None, None)
-    for p in PERCENTS:
-        cls = ["--data_path", folders[p], "--warmup_epochs", str(warmup)]
-        plan[f"linprobe_mae_{p}"] = ("main_linprobe.py", ["--model", VIT, "--finetune", pretrained, "--blr", "25.6",
-                                                          "--nb_classes", "10", *cls], epochs["linprobe"][p], p)
-        plan[f"finetune_mae_{p}"] = ("main_finetune.py", [*FINETUNE, "--finetune", pretrained, *cls],
-                                     epochs["finetune"][p], p)
-        plan[f"finetune_scratch_{p}"] = ("main_finetune.py", [*FINETUNE, *cls], epochs["finetune"][p], p)
-    for name, (script, flags, n, p) in plan.items():
-        if n is None:
-            flags += ["--log", os.path.join(out, name, "log.txt")]
-        else:
-            flags += ["--output_dir", os.path.join(out, name), "--log_dir", os.path.join(out, name),
-                      "--epochs", str(n), "--batch_size", str(batch), *COMMON]
-            if name == "pretrain":
-                flags += ["--warmup_epochs", str(warmup)]
-    return plan
 
 
 def read_log(folder):
@@ -119,85 +69,184 @@ def wall_clock(folder):
         return float(f.read())
 
 
-def finished(name, epochs, out):
-    lines = len(read_log(os.path.join(out, name)))
-    return lines >= (epochs if epochs is not None else len(PERCENTS) * 3)
-
-
-def run_stage(name, script, flags, epochs, out):
-    if finished(name, epochs, out):
-        print(f"[{name}] done already")
-        return
-    os.makedirs(os.path.join(out, name), exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags]
-    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+def timed_call(cmd, folder, stdout):
+    """Run cmd from the repository root, console appended to `stdout`; add its seconds to folder's
+    wall_clock.txt (summed over resumed attempts); exit naming the file on failure."""
+    os.makedirs(folder, exist_ok=True)
+    print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
-    with open(os.path.join(out, f"{name}.stdout"), "a", encoding="utf-8") as log:
+    with open(stdout, "a", encoding="utf-8") as log:
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    clock = os.path.join(out, name, "wall_clock.txt")  # seconds, summed over resumed attempts
-    spent = wall_clock(os.path.join(out, name)) or 0.0
-    with open(clock, "w") as f:
+    spent = wall_clock(folder) or 0.0
+    with open(os.path.join(folder, "wall_clock.txt"), "w") as f:
         f.write(f"{spent + time.time() - start:.1f}\n")
     if code != 0:
-        sys.exit(f"error: stage {name} failed; see {os.path.join(out, name + '.stdout')}")
+        sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
 
-def flag(flags, name):
-    return flags[flags.index(name) + 1]
+class Study:
+    """The study's runs, each a script call with its output folder out/NAME."""
 
+    def __init__(self, data, out, config):
+        self.data, self.out, self.c = data, out, config
+        self.dev = development_folder(data, config["val_per_class"])
+        self.subsets = {(p, d): label_subset_folder(self.dev, p, d) for p in PERCENTS if p != 100
+                        for d in config["draws"]}
+        self.subsets[(100, 0)] = self.dev
+        self.main_pretrain = max(config["pretrain_epochs"])
+        self.runs = {}  # name -> (flags, epochs, percent)
 
-def train_images(flags):
-    folder = os.path.join(flag(flags, "--data_path"), "train")
-    return sum(len(os.listdir(os.path.join(folder, c))) for c in os.listdir(folder))
+    def folder(self, name):
+        return os.path.join(self.out, name)
 
+    def checkpoint(self, name):
+        return os.path.join(self.folder(name), "checkpoint-last.pd")
 
-def collect(plan, out, report):
-    """results.json and results.md from the stage logs; the tables also replace the marked block of README.md."""
-    stages_, table = {}, {m: {} for m in METHODS}
-    for name, (script, flags, epochs, percent) in plan.items():
-        logs = read_log(os.path.join(out, name))
-        if not finished(name, epochs, out):
-            continue
-        entry = {"command": " ".join([f"python {script}", *flags]), "log": os.path.join(out, name, "log.txt"),
-                 "wall_clock_s": wall_clock(os.path.join(out, name))}
-        if epochs is None:
-            for row in logs:
-                table[row["method"]][int(row["percent"])] = row["test_acc1"]
-            entry["rows"] = logs
+    def pretrain(self, epochs, pixels=False):
+        name = f"pretrain_pixels_e{epochs}" if pixels else f"pretrain_e{epochs}"
+        flags = [*PRETRAIN, *([] if pixels else ["--norm_pix_loss"]), "--data_path", self.dev,
+                 "--warmup_epochs", str(epochs // 10)]
+        return self.train(name, flags, epochs, 100)
+
+    def classify(self, method, percent, draw, blr, pretrain=None):
+        """A fine-tuning or linear-probe run on a label subset, validated on the validation split."""
+        pretrain = pretrain or self.main_pretrain
+        name = f"{method}_{percent}pct_draw{draw}_blr{blr}" + ("" if pretrain == self.main_pretrain
+                                                                else f"_pretrain{pretrain}")
+        flags = [*SCRIPTED[method], "--blr", blr, "--data_path", self.subsets[(percent, draw)], "--seed", str(draw),
+                 "--warmup_epochs", str(min(5, self.c["epochs"][percent])),
+                 "--eval_freq", str(self.c["eval_freq"][percent])]
+        if method != "finetune_scratch":
+            flags += ["--finetune", self.checkpoint(f"pretrain_e{pretrain}")]
+        return self.train(name, flags, self.c["epochs"][percent], percent)
+
+    def train(self, name, flags, epochs, percent):
+        flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
+                 "--batch_size", str(self.c["batch"]), *COMMON]
+        self.runs[name] = (flags, epochs, percent)
+        if len(read_log(self.folder(name))) < epochs:
+            timed_call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
         else:
-            images = train_images(flags)
-            entry.update(epochs=len(logs), train_images=images, optimizer_steps=len(logs) * (images // int(flag(flags, "--batch_size"))),
+            print(f"[{name}] done already", flush=True)
+        return name
+
+    def test(self, name):
+        """Top-1 on the test set of run `name`'s last checkpoint, measured once and kept in NAME/test.txt."""
+        path = os.path.join(self.folder(name), "test.txt")
+        found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read()) if os.path.isfile(path) else []
+        if not found:
+            script, model = self.runs[name][0][:3:2]
+            timed_call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
+                        "--nb_classes", "10", "--data_path", self.data, "--batch_size", "256", "--num_workers", "2",
+                        "--input_size", str(SIZE), "--output_dir", "", "--log_dir", ""],
+                       os.path.join(self.folder(name), "test"), path)
+            found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read())
+        return float(found[-1])
+
+    def val_acc(self, name):
+        return read_log(self.folder(name))[-1]["test_acc1"]  # the scripts' "test" set is the validation split
+
+    def chosen(self, method, percent):
+        """The grid value with the best last-epoch validation top-1 of draw 0 (100%: the 10% choice)."""
+        percent = 10 if percent == 100 else percent
+        names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in self.c["grids"][method]}
+        missing = [n for n in names.values() if len(read_log(self.folder(n))) < self.c["epochs"][percent]]
+        if missing:
+            sys.exit(f"error: the sweep is not finished ({', '.join(missing)}); run --stages sweep first")
+        return max(names, key=lambda blr: self.val_acc(names[blr]))
+
+    def stage(self, group):
+        c = self.c
+        if group == "pretrain":
+            self.pretrain(self.main_pretrain)
+        elif group == "sweep":
+            for percent in (1, 10):
+                for method, grid in c["grids"].items():
+                    for blr in grid:
+                        self.classify(method, percent, 0, blr)
+        elif group in ("draws", "full"):
+            for method in c["grids"]:
+                for percent, draw in ([(p, d) for p in (1, 10) for d in c["draws"]] if group == "draws"
+                                      else [(100, 0)]):
+                    self.test(self.classify(method, percent, draw, self.chosen(method, percent)))
+        elif group == "baselines":
+            train = [f"{p}:{d}={folder}/train" for (p, d), folder in sorted(self.subsets.items())]
+            flags = [os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", *train, "--val",
+                     f"{self.dev}/val", "--test", f"{self.data}/val", "--checkpoint",
+                     self.checkpoint(f"pretrain_e{self.main_pretrain}"), "--model", VIT, "--input_size", str(SIZE),
+                     "--epochs", *[f"{p}={n}" for p, n in c["epochs"].items()],
+                     "--max_iter", str(c["lbfgs_iterations"]),
+                     "--log", os.path.join(self.folder("baselines"), "log.txt")]
+            self.runs["baselines"] = (flags, None, None)
+            if len(read_log(self.folder("baselines"))) < len(self.subsets) * 5:
+                timed_call([sys.executable, *flags], self.folder("baselines"), self.folder("baselines") + ".stdout")
+        elif group == "curve":
+            blr = self.chosen("finetune_mae", 10)
+            for epochs in c["pretrain_epochs"]:
+                self.pretrain(epochs)
+                self.test(self.classify("finetune_mae", 10, 0, blr, pretrain=epochs))
+        elif group == "pictures":
+            self.pretrain(c["pixel_epochs"], pixels=True)
+
+
+def summary(study):
+    """{method: {percent: {mean, std, runs, values}}} of the test top-1 of every reported run."""
+    table = {m: {} for m in METHODS}
+    for method in study.c["grids"]:
+        for percent in PERCENTS:
+            blr = study.chosen(method, percent)
+            draws = study.c["draws"] if percent != 100 else (0,)
+            names = [f"{method}_{percent}pct_draw{d}_blr{blr}" for d in draws]
+            if all(os.path.isfile(os.path.join(study.folder(n), "test.txt")) for n in names):
+                table[method][percent] = [study.test(n) for n in names]
+    for row in read_log(study.folder("baselines")):
+        table[row["method"]].setdefault(int(row["percent"]), []).append(row["test_acc1"])
+    return {m: {p: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+                    "runs": len(v), "values": v} for p, v in sorted(t.items())} for m, t in table.items()}
+
+
+def collect(study, report):
+    """results.json and results.md from the logs; the tables also replace the marked block of README.md."""
+    c = study.c
+    stats = summary(study)
+    chosen = {m: {p: study.chosen(m, p) for p in (1, 10)} for m in c["grids"]}
+    sweeps = {m: {p: {blr: study.val_acc(f"{m}_{p}pct_draw0_blr{blr}") for blr in c["grids"][m]} for p in (1, 10)}
+              for m in c["grids"]}
+    curve = {}
+    for epochs in c["pretrain_epochs"]:
+        name = study.classify("finetune_mae", 10, 0, chosen["finetune_mae"][10], pretrain=epochs)
+        if os.path.isfile(os.path.join(study.folder(name), "test.txt")):
+            curve[str(epochs)] = study.test(name)
+    runs = {}
+    for name, (flags, epochs, percent) in study.runs.items():
+        logs = read_log(study.folder(name))
+        shipped = ship_logs(study.folder(name), os.path.join(report, "logs", name))
+        entry = {"command": " ".join(["python", *flags]), "logs": [os.path.relpath(p, report) for p in shipped],
+                 "wall_clock_s": wall_clock(study.folder(name))}
+        if epochs is not None and logs:
+            images = sum(len(os.listdir(os.path.join(flags[flags.index("--data_path") + 1], "train", k)))
+                         for k in os.listdir(os.path.join(flags[flags.index("--data_path") + 1], "train")))
+            entry.update(epochs=len(logs), train_images=images, optimizer_steps=len(logs) * (images // c["batch"]),
                          final_train_loss=logs[-1]["train_loss"])
             if "test_acc1" in logs[-1]:
-                entry.update(final_acc1=logs[-1]["test_acc1"], best_acc1=max(r["test_acc1"] for r in logs))
-                table[name.rsplit("_", 1)[0]][percent] = logs[-1]["test_acc1"]
-        stages_[name] = entry
-    gains = {p: table["finetune_mae"][p] - table["finetune_scratch"][p] for p in PERCENTS
-             if p in table["finetune_mae"] and p in table["finetune_scratch"]}
+                entry["val_acc1"] = logs[-1]["test_acc1"]
+            if os.path.isfile(os.path.join(study.folder(name), "test.txt")):
+                entry["test_acc1"] = study.test(name)
+        runs[name] = entry
+    baselines = read_log(study.folder("baselines"))
+    protocol = {"selection": "val", "validation": f"{c['val_per_class']} images per class held out from the "
+                "training images, never trained on", "test": "the 10,000 test images, evaluated once per reported "
+                "run with its chosen setting", "draws": list(c["draws"]), "epochs": {str(p): n for p, n in
+                                                                                    c["epochs"].items()},
+                "grids": {m: list(g) for m, g in c["grids"].items()}, "chosen_blr": chosen,
+                "baseline_settings": {f"{r['method']} {r['percent']}%": r["setting"] for r in baselines
+                                      if r["draw"] == 0}}
+    result = {"protocol": protocol,
+              "summary": {m: {str(p): s for p, s in t.items()} for m, t in stats.items()},
+              "pretrain_epochs": curve, "sweeps_val_top1": sweeps, "runs": runs}
     with open(os.path.join(report, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"test_top1": {m: {str(p): a for p, a in sorted(v.items())} for m, v in table.items()},
-                   "finetune_mae_minus_scratch": {str(p): g for p, g in gains.items()}, "stages": stages_},
-                  f, indent=1)
-    rows = ["| test top-1 (%) | " + " | ".join(f"{p}% labels" for p in PERCENTS) + " |",
-            "|---" * (len(PERCENTS) + 1) + "|"]
-    for m, label in METHODS.items():
-        rows.append(f"| {label} | " + " | ".join(f"{table[m][p]:.2f}" if p in table[m] else "–" for p in PERCENTS)
-                    + " |")
-    rows.append("| fine-tune: MAE minus scratch | " + " | ".join(f"{gains[p]:+.2f}" if p in gains else "–"
-                                                                  for p in PERCENTS) + " |")
-    rows += ["", "| stage | train images | epochs | optimizer steps | final train loss | top-1 (final) | "
-             "top-1 (best) | wall clock |", "|---|---|---|---|---|---|---|---|"]
-    for name, e in stages_.items():
-        clock = "–" if e["wall_clock_s"] is None else f"{e['wall_clock_s'] / 60:.1f} min"
-        if "epochs" not in e:
-            rows.append(f"| {name} | | | | | | | {clock} |")
-            continue
-        acc = f"{e['final_acc1']:.2f} | {e['best_acc1']:.2f}" if "final_acc1" in e else "– | –"
-        rows.append(f"| {name} | {e['train_images']} | {e['epochs']} | {e['optimizer_steps']} | "
-                    f"{e['final_train_loss']:.4f} | {acc} | {clock} |")
-    total = sum(e["wall_clock_s"] or 0.0 for e in stages_.values())
-    rows += ["", f"Total wall clock of the stages: {total / 60:.0f} min."]
-    text = "\n".join(rows) + "\n"
+        json.dump(result, f, indent=1)
+    text = tables(stats, sweeps, chosen, curve, runs, baselines)
     with open(os.path.join(report, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     readme = os.path.join(report, "README.md")
@@ -208,50 +257,119 @@ def collect(plan, out, report):
         if sep and END in rest:
             with open(readme, "w", encoding="utf-8") as f:
                 f.write(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
-    return table
+    return stats, curve
 
 
-def plots(plan, table, data, out, report):
-    """label_efficiency.png, loss_curves.png and reconstruction.png."""
+def ship_logs(folder, dst):
+    """Under dst, a copy of the run's log.txt and the lines of its test evaluation's console that name the
+    checkpoint, the images and the result (test.txt); their paths."""
+    os.makedirs(dst, exist_ok=True)
+    copies = []
+    if os.path.isfile(os.path.join(folder, "log.txt")):
+        shutil.copyfile(os.path.join(folder, "log.txt"), os.path.join(dst, "log.txt"))
+        copies.append(os.path.join(dst, "log.txt"))
+    if os.path.isfile(os.path.join(folder, "test.txt")):
+        with open(os.path.join(folder, "test.txt"), encoding="utf-8") as f:
+            lines = [line for line in f if re.search(r"Resume checkpoint|Dataset:|Acc@1 |Accuracy of", line)]
+        with open(os.path.join(dst, "test.txt"), "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        copies.append(os.path.join(dst, "test.txt"))
+    return copies
+
+
+def cell(s):
+    if s is None:
+        return "–"
+    return f"{s['mean']:.2f}" if s["std"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+
+def tables(stats, sweeps, chosen, curve, stages, baselines):
+    rows = ["| test top-1 (%), mean ± std over label draws | " + " | ".join(f"{p}% labels" for p in PERCENTS)
+            + " |", "|---" * (len(PERCENTS) + 1) + "|"]
+    for m, label in METHODS.items():
+        rows.append(f"| {label} | " + " | ".join(cell(stats[m].get(p)) for p in PERCENTS) + " |")
+    runs = {p: max([stats[m][p]["runs"] for m in stats if p in stats[m]], default=0) for p in PERCENTS}
+    rows += ["", "Runs per cell: " + ", ".join(f"{p}%: {n}" for p, n in runs.items()) + ".", ""]
+    rows += ["| validation top-1 (%) of draw 0 | blr | 1% labels | 10% labels |", "|---|---|---|---|"]
+    for m, grid in sweeps.items():
+        for blr in grid[1]:
+            marks = ["**" if chosen[m][p] == blr else "" for p in (1, 10)]
+            rows.append(f"| {METHODS[m]} | {blr} | {marks[0]}{grid[1][blr]:.2f}{marks[0]} | "
+                        f"{marks[1]}{grid[10][blr]:.2f}{marks[1]} |")
+    rows += ["", "| baseline, draw 0 | 1% setting | 10% setting | validation top-1 1% / 10% |", "|---|---|---|---|"]
+    first = {(r["method"], r["percent"]): r for r in baselines if r["draw"] == 0}
+    for m in METHODS:
+        if (m, "1") in first and (m, "10") in first:
+            a, b = first[(m, "1")], first[(m, "10")]
+            rows.append(f"| {METHODS[m]} | {_setting(a)} | {_setting(b)} | {a['val_acc1']:.2f} / {b['val_acc1']:.2f} |")
+    if curve:
+        rows += ["", "| MAE pre-training epochs | " + " | ".join(curve) + " |", "|---" * (len(curve) + 1) + "|",
+                 "| fine-tune top-1 (%) at 10% labels, draw 0 | " + " | ".join(f"{v:.2f}" for v in curve.values())
+                 + " |"]
+    rows += ["", "| run | train images | epochs | optimizer steps | final train loss | val top-1 | test top-1 | "
+             "wall clock |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in stages.items():
+        clock = "–" if e["wall_clock_s"] is None else f"{e['wall_clock_s'] / 60:.1f} min"
+        if "epochs" not in e:
+            rows.append(f"| {name} | | | | | | | {clock} |")
+            continue
+        val = f"{e['val_acc1']:.2f}" if "val_acc1" in e else "–"
+        test = f"{e['test_acc1']:.2f}" if "test_acc1" in e else "–"
+        rows.append(f"| {name} | {e['train_images']} | {e['epochs']} | {e['optimizer_steps']} | "
+                    f"{e['final_train_loss']:.4f} | {val} | {test} | {clock} |")
+    total = sum(e["wall_clock_s"] or 0.0 for e in stages.values())
+    rows += ["", f"Total wall clock of the runs: {total / 60:.0f} min."]
+    return "\n".join(rows) + "\n"
+
+
+def _setting(row):
+    return ", ".join(f"{k} {v}" for k, v in row["setting"].items())
+
+
+def plots(study, stats, curve, report):
+    """label_efficiency.png (with error bars), pretrain_epochs.png, loss_curves.png and reconstruction.png."""
     import matplotlib
     matplotlib.use("Agg")
-    matplotlib.rcParams["svg.hashsalt"] = "fashion_mnist"
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     for m, label in METHODS.items():
-        points = sorted(table[m].items())
+        points = sorted(stats[m].items())
         if points:
-            ax.plot(*zip(*points), "o-" if m.startswith(("finetune", "linprobe")) or m == "knn_mae" else "s--",
-                    label=label)
+            x = [p for p, _ in points]
+            ax.errorbar(x, [s["mean"] for _, s in points], yerr=[s["std"] or 0.0 for _, s in points], capsize=3,
+                        fmt="o-" if m.endswith("_mae") else "s--", label=label)
     ax.set(xscale="log", xticks=PERCENTS, xticklabels=[f"{p}%" for p in PERCENTS], xlabel="labelled training images",
-           ylabel="test top-1 (%)", title="Fashion-MNIST: top-1 vs fraction of labels")
+           ylabel="test top-1 (%)", title="Fashion-MNIST: top-1 vs fraction of labels (mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(report, "label_efficiency.png"), dpi=100, metadata={"Software": None})
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for name in plan:
-        logs = read_log(os.path.join(out, name))
-        if not logs or "epoch" not in logs[0]:
-            continue
-        epoch = [r["epoch"] + 1 for r in logs]
-        if name == "pretrain":
-            ax[0].plot(epoch, [r["train_loss"] for r in logs], ".-")
-        elif name.endswith("_100"):
-            ax[1].plot(epoch, [r["test_acc1"] for r in logs], ".-", label=name)
-    ax[0].set(title="MAE pre-training loss (norm-pix), 60,000 images", xlabel="epoch")
-    ax[1].set(title="test top-1 (%) per epoch, 100% labels", xlabel="epoch")
-    ax[1].legend(fontsize=8)
+    if curve:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        ax.plot([int(e) for e in curve], list(curve.values()), "o-")
+        ax.set(xlabel="MAE pre-training epochs", ylabel="test top-1 (%)", xticks=[int(e) for e in curve],
+               title="fine-tuning with 10% of the labels")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(report, "pretrain_epochs.png"), dpi=100, metadata={"Software": None})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for epochs in study.c["pretrain_epochs"]:
+        logs = read_log(study.folder(f"pretrain_e{epochs}"))
+        if logs:
+            ax.plot([r["epoch"] + 1 for r in logs], [r["train_loss"] for r in logs], ".-", label=f"{epochs} epochs")
+    ax.set(title="MAE pre-training loss (norm-pix)", xlabel="epoch")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(report, "loss_curves.png"), dpi=100, metadata={"Software": None})
-    ckpt = os.path.join(out, "pretrain", "checkpoint-last.pd")
+    ckpt = study.checkpoint(f"pretrain_pixels_e{study.c['pixel_epochs']}")
     if not os.path.isfile(ckpt):
         return
-    classes = sorted(os.listdir(os.path.join(data, "val")))
-    imgs = [os.path.join(data, "val", c, min(os.listdir(os.path.join(data, "val", c)))) for c in classes[::3]]
+    test = os.path.join(study.data, "val")
+    classes = sorted(os.listdir(test))
+    imgs = [os.path.join(test, c, min(os.listdir(os.path.join(test, c)))) for c in classes[::3]]
     if subprocess.call([sys.executable, os.path.join(ROOT, "main_visualize.py"), "--model", MAE, "--resume", ckpt,
-                        "--norm_pix_loss", "--scale", "6", "--output", os.path.join(report, "reconstruction.png"),
-                        "--img_path", *imgs], cwd=ROOT, stdout=subprocess.DEVNULL) != 0:
+                        "--scale", "6", "--output", os.path.join(report, "reconstruction.png"), "--img_path", *imgs],
+                       cwd=ROOT, stdout=subprocess.DEVNULL) != 0:
         sys.exit("error: main_visualize.py failed to draw reconstruction.png (its message is above)")
 
 
@@ -265,22 +383,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="ImageFolder root, made from the IDX files when it has no "
                         "train/ (default: data/fashion_mnist, data/fashion_mnist_smoke with --smoke)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"), help="stage outputs")
-    parser.add_argument("--report", default=None, help="results.json, results.md and the PNGs "
+    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"), help="run outputs")
+    parser.add_argument("--report", default=None, help="results.json, results.md and the pictures "
                         "(default: this folder; --out with --smoke)")
-    parser.add_argument("--stages", nargs="*", default=None, help="default: all, in order")
-    parser.add_argument("--smoke", action="store_true", help="30 train / 10 val images per class, 1 epoch each")
+    parser.add_argument("--stages", nargs="*", default=None, choices=GROUPS, metavar="STAGE",
+                        help=f"default: all, in order: {' '.join(GROUPS)}")
+    parser.add_argument("--smoke", action="store_true", help="small grids, 2 label draws, 1 epoch per run")
     args = parser.parse_args(argv)
-    # paths relative to the repository, so that the recorded commands run from its root
     default_data = os.path.join(ROOT, "data", "fashion_mnist_smoke" if args.smoke else "fashion_mnist")
-    data, out = (_from_root(p) for p in (args.data or default_data, args.out))
+    data, out = (_from_root(p) for p in (args.data or default_data, args.out))  # recorded commands run from ROOT
     report = os.path.abspath(args.report or (args.out if args.smoke else HERE))
     os.chdir(ROOT)
-    epochs, warmup, batch = EPOCHS, WARMUP, BATCH
-    if args.smoke:
-        warmup, batch = 0, 16
-        epochs = {kind: {p: 1 for p in v} for kind, v in EPOCHS.items()}
-    prep = [] if not args.smoke else ["--train_per_class", "30", "--val_per_class", "10"]
+    prep = [] if not args.smoke else ["--train_per_class", "45", "--val_per_class", "10"]
     prepare = [sys.executable, os.path.join(ROOT, "demo", "prepare_fashion_mnist.py"), "--out", data, *prep]
     if not os.path.isdir(os.path.join(data, "train")) and subprocess.call(prepare) != 0:
         sys.exit(f"error: could not prepare --data {data} (the message above says why)")
@@ -289,18 +403,15 @@ def main(argv=None):
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             sys.exit(f"error: {flag} {folder}: {e.strerror}")
-    plan = stages(data, out, epochs, warmup, batch)
-    unknown = [s for s in args.stages or [] if s not in plan]
-    if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(plan)}")
-    for name in args.stages or plan:
-        script, flags, n, _ = plan[name]
-        run_stage(name, script, flags, n, out)
-    table = collect(plan, out, report)
-    plots(plan, table, data, out, report)
-    with open(os.path.join(report, "results.md"), encoding="utf-8") as f:
-        print(f.read())
-    print(f"wrote {report}/results.json, results.md, label_efficiency.png, loss_curves.png, reconstruction.png")
+    study = Study(data, out, SMOKE if args.smoke else FULL)
+    for group in args.stages or GROUPS:
+        study.stage(group)
+    if not args.stages:
+        stats, curve = collect(study, report)
+        plots(study, stats, curve, report)
+        with open(os.path.join(report, "results.md"), encoding="utf-8") as f:
+            print(f.read())
+        print(f"wrote {report}/results.json, results.md and the pictures")
 
 
 if __name__ == "__main__":
