@@ -121,8 +121,59 @@ def test_corrupt_newest_checkpoint_falls_back(dataset, tmp_path):
     os.utime(last, (time.time() + 5, time.time() + 5))
     res = run_script(*_args(dataset, out))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "skipping unreadable checkpoint" in res.stdout and "Auto-resume from" in res.stdout
+    assert "skipping unusable checkpoint" in res.stdout and "Auto-resume from" in res.stdout
     assert "checkpoint-1.pd" in res.stdout.split("Auto-resume from")[1].splitlines()[0]
+    assert _epochs(out) == [0, 1, 2]
+
+
+SOUND = {"model": {"w": np.zeros(2, np.float32)}, "optimizer": {"state": {"w": {"moment1": np.zeros(2, np.float32)}}},
+         "epoch": 0, "iteration": 3, "scaler": {}, "best": {"acc1": 12.5, "epoch": 0},
+         "meters": [{"loss": {"count": 2, "total": 1.5, "values": [0.7, 0.8]}}], "args": {"batch_size": 8}}
+WRONG = [("epoch", "abc"), ("epoch", None), ("epoch", [1]), ("epoch", -2), ("epoch", True), ("epoch", 1.5),
+         ("iteration", -1), ("iteration", "3"), ("iteration", 2.0), ("optimizer", "adam"), ("optimizer", None),
+         ("optimizer", {"state": "x"}), ("optimizer", {"state": {"w": [1, 2]}}), ("scaler", "x"), ("best", "high"),
+         ("best", {"acc1": "high"}), ("best", {"acc1": float("nan")}), ("best", {"acc1": 1.0, "epoch": "x"}),
+         ("best", {}), ("meters", "x"), ("meters", [1]), ("meters", [{"loss": {"count": "a"}}]),
+         ("meters", [{"loss": {"count": 1, "total": 1.0, "values": ["a"]}}]), ("args", "x"), ("args", [1])]
+
+
+def test_every_training_field_is_checked(tmp_path):
+    from util.checkpoint import CheckpointError, check_training_state, load_checkpoint
+    path = str(tmp_path / "m.pd")
+    save_file(dict(SOUND, model=[np.zeros(2)]), path)
+    with pytest.raises(CheckpointError, match=r"'model' is list, not a dict of weights"):
+        load_checkpoint(path)
+    check_training_state(SOUND, "c.pd")
+    check_training_state(dict(SOUND, best=None, meters=None), "c.pd")
+    for key, value in WRONG:
+        with pytest.raises(CheckpointError, match=rf"^c.pd: '{key}' .*not a checkpoint to continue training from"):
+            check_training_state(dict(SOUND, **{key: value}), "c.pd")
+
+
+@pytest.mark.slow
+def test_checkpoints_with_wrong_fields_fall_back_or_stop_with_one_line(dataset, tmp_path):
+    """Auto-resume passes over checkpoints whose fields are wrong to the previous sound one; --resume of
+    one stops with a line naming the field."""
+    out = str(tmp_path / "out")
+    res = run_script(*_args(dataset, out, "--epochs", "2", "--save_freq", "1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for n, (name, key, value) in enumerate([("checkpoint-1.pd", "meters", [{"loss": {"count": "a"}}]),
+                                            ("checkpoint-last.pd", "epoch", "abc")]):
+        path = os.path.join(out, name)
+        save_file(dict(load_file(path)[0], **{key: value}), path)
+        os.utime(path, (time.time() + 5 + n, time.time() + 5 + n))
+    for key, value, why in [("epoch", None, "is None, not an epoch number"),
+                            ("optimizer", "adam", "is str, not a dict"), ("args", [1], "is list, not a dict of flags")]:
+        bad = str(tmp_path / f"bad_{key}.pd")
+        save_file(dict(load_file(os.path.join(out, "checkpoint-0.pd"))[0], **{key: value}), bad)
+        res = run_script(*_args(dataset, str(tmp_path / "other"), "--resume", bad))
+        assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+            f"error: {bad}: '{key}' {why}; not a checkpoint to continue training from"], res.stderr
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    skipped = [line for line in res.stdout.splitlines() if "skipping unusable checkpoint" in line]
+    assert len(skipped) == 2 and "'epoch' is 'abc'" in skipped[0] and "'meters' meter 'loss'" in skipped[1]
+    assert "checkpoint-0.pd" in res.stdout.split("Auto-resume from")[1].splitlines()[0]
     assert _epochs(out) == [0, 1, 2]
 
 

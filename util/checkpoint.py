@@ -71,6 +71,8 @@ def load_checkpoint(path):
         else:
             raise CheckpointError(f"{path}: no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:10]))})")
     ckpt = dict(ckpt)
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is {type(ckpt['model']).__name__}, not a dict of weights")
     if is_torch:
         ckpt["model"] = torch_to_paddle(ckpt["model"])
         ckpt["torch"] = True
@@ -80,6 +82,72 @@ def load_checkpoint(path):
     if isinstance(ckpt.get("args"), types.SimpleNamespace):
         ckpt["args"] = vars(ckpt["args"])  # saved args are a dict, as in this project's checkpoints
     return ckpt
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and np.isfinite(v)
+
+
+def _state_problem(state):
+    """Why an optimizer 'state' entry is not {parameter name: {accumulator: array}}, or None."""
+    if not isinstance(state, dict):
+        return f"'state' is {type(state).__name__}, not a dict"
+    for name, accs in state.items():
+        if not isinstance(accs, dict) or not all(isinstance(v, np.ndarray) for v in accs.values()):
+            return f"'state' of {name!r} is not a dict of arrays"
+    return None
+
+
+def _meters_problem(meters):
+    if not isinstance(meters, list):
+        return f"is {type(meters).__name__}, not a list (one entry per process)"
+    for rank in meters:
+        if not isinstance(rank, dict):
+            return f"holds {type(rank).__name__}, not a dict of meters"
+        for name, m in rank.items():
+            if not (isinstance(m, dict) and _is_int(m.get("count")) and m["count"] >= 0 and
+                    _is_number(m.get("total")) and isinstance(m.get("values"), list) and
+                    all(_is_number(v) for v in m["values"])):
+                return f"meter {name!r} is not {{'count', 'total', 'values'}}"
+    return None
+
+
+def check_training_state(ckpt, path):
+    """Raise CheckpointError naming the first field of a training checkpoint (epoch, iteration, optimizer,
+    scaler, best, meters, args) whose type or range no run of this project writes, before anything is
+    loaded from it."""
+    def bad(key, why):
+        raise CheckpointError(f"{path}: '{key}' {why}; not a checkpoint to continue training from")
+
+    epoch = ckpt.get("epoch")
+    if not _is_int(epoch) or epoch < -1:
+        bad("epoch", f"is {epoch!r}, not an epoch number")
+    iteration = ckpt.get("iteration", 0)
+    if not _is_int(iteration) or iteration < 0:
+        bad("iteration", f"is {iteration!r}, not a batch number")
+    opt = ckpt.get("optimizer")
+    if not isinstance(opt, dict):
+        bad("optimizer", f"is {type(opt).__name__}, not a dict")
+    if ckpt.get("torch"):
+        if not isinstance(opt.get("state", {}), dict) or not isinstance(opt.get("param_groups", []), list) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt.get("param_groups", [])):
+            bad("optimizer", "is not a PyTorch optimizer state_dict ('state', 'param_groups')")
+    elif _state_problem(opt.get("state", {})):
+        bad("optimizer", _state_problem(opt.get("state", {})))
+    if not isinstance(ckpt.get("scaler", {}), dict):
+        bad("scaler", f"is {type(ckpt['scaler']).__name__}, not a dict")
+    best = ckpt.get("best")
+    if best is not None and not (isinstance(best, dict) and _is_number(best.get("acc1"))
+                                 and (best.get("epoch") is None or _is_int(best.get("epoch")))):
+        bad("best", f"is {best!r}, not {{'acc1': number, 'epoch': epoch or None}}")
+    if ckpt.get("meters") is not None and _meters_problem(ckpt["meters"]):
+        bad("meters", _meters_problem(ckpt["meters"]))
+    if not isinstance(ckpt.get("args", {}), dict):
+        bad("args", f"is {type(ckpt['args']).__name__}, not a dict of flags")
 
 
 def check_state_dict(model, state_dict, path, allow_missing=(), ignore_unexpected=False):

@@ -38,7 +38,8 @@ def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
 
 
 def newest_checkpoint(output_dir):
-    """The newest readable training checkpoint in output_dir (a corrupt one is reported and passed over)."""
+    """The newest training checkpoint in output_dir that is readable and whose every field is sound (another
+    is reported and passed over, so that the previous one is used)."""
     if not output_dir or not os.path.isdir(output_dir):
         return None, None
     names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.endswith(".pd")]
@@ -46,11 +47,13 @@ def newest_checkpoint(output_dir):
         path = os.path.join(output_dir, name)
         try:
             ckpt = checkpoint.load_checkpoint(path)
+            if "optimizer" not in ckpt and "epoch" not in ckpt:
+                continue
+            checkpoint.check_training_state(ckpt, path)
         except checkpoint.CheckpointError as e:
-            print(f"Warning: skipping unreadable checkpoint: {e}")
+            print(f"Warning: skipping unusable checkpoint: {e}")
             continue
-        if "optimizer" in ckpt and "epoch" in ckpt:
-            return path, ckpt
+        return path, ckpt
     return None, None
 
 
@@ -71,10 +74,11 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
     if not path:
         return resumed
     args.resume = path
-    ckpt = read_on_every_rank(path, ckpt)
+    training = not getattr(args, "eval", False)
+    ckpt = read_on_every_rank(path, ckpt, training)
     checkpoint.load_model_weights(model_without_ddp, ckpt["model"], path)
     print(f"Resume checkpoint {path}")
-    if "optimizer" in ckpt and "epoch" in ckpt and not getattr(args, "eval", False):
+    if ("optimizer" in ckpt or "epoch" in ckpt) and training:
         checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, path)
         args.start_epoch = int(ckpt["epoch"]) + 1
         args.start_iter = position_in_epoch(ckpt, args, path)
@@ -108,26 +112,30 @@ def position_in_epoch(ckpt, args, path):
     return samples // args.batch_size
 
 
-def read_on_every_rank(path, ckpt=None):
-    """Read the checkpoint on every rank and check that all ranks read the same training position, so that
-    no rank starts elsewhere (e.g. a node-local --output_dir that other nodes do not see)."""
+def read_on_every_rank(path, ckpt=None, training=True):
+    """Read the checkpoint on every rank (with training, check its every field) and check that all ranks read
+    the same training position, so that no rank starts elsewhere (e.g. a node-local --output_dir that other
+    nodes do not see)."""
     error = None
-    if ckpt is None:
-        try:
-            ckpt = checkpoint.load_checkpoint(path)
-        except checkpoint.CheckpointError as e:
-            error = str(e)
+    try:
+        ckpt = checkpoint.load_checkpoint(path) if ckpt is None else ckpt
+        if training and ("optimizer" in ckpt or "epoch" in ckpt):
+            checkpoint.check_training_state(ckpt, path)
+    except checkpoint.CheckpointError as e:
+        error = str(e)
     if get_world_size() == 1:
         if error:
             raise checkpoint.CheckpointError(error)
         return ckpt
     errors = all_gather(error)
     failed = [str(r) for r, e in enumerate(errors) if e]
+    if len(failed) == len(errors) and len(set(errors)) == 1:  # the same file, unusable on every rank
+        raise checkpoint.CheckpointError(errors[0])
     if failed:
         raise checkpoint.CheckpointError(
             f"rank(s) {', '.join(failed)} cannot read the checkpoint rank 0 resumes from ({errors[int(failed[0])]}); "
             "--output_dir must be a folder every node sees (a shared filesystem)")
-    positions = all_gather((int(ckpt.get("epoch", -1)), int(ckpt.get("iteration", 0))))
+    positions = all_gather((repr(ckpt.get("epoch")), repr(ckpt.get("iteration", 0))))
     if len(set(positions)) > 1:
         raise checkpoint.CheckpointError(
             f"{path}: the ranks read different checkpoints under this name (epoch, iteration by rank: {positions}); "
