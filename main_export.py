@@ -4,7 +4,8 @@
     python main_infer.py --exported export/vit_base --img_path cat.jpg
 
 Writes OUTPUT.json + OUTPUT.pdiparams (the static program and weights; input [batch, 3, size, size],
-ImageNet-normalised, output logits) and OUTPUT.info (JSON: model name, input size, classes). With --onnx,
+ImageNet-normalised, output logits) and OUTPUT.info (JSON: model name, input size, classes, the SHA-256 of
+the other two, so that files of different exports are not mixed up). With --onnx,
 also OUTPUT.onnx through paddle2onnx (pip install paddle2onnx).
 """
 import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
@@ -18,7 +19,7 @@ import paddle
 import models_vit
 from layer import set_fused_attention
 from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
-from util.checkpoint import CheckpointError
+from util.checkpoint import CheckpointError, file_sha256
 from util.classifier import classifier_from_checkpoint
 
 
@@ -43,7 +44,8 @@ def export(args):
     paddle.jit.save(model, args.output, input_spec=spec)
     with open(args.output + ".info", "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
-                   "class_names": model.class_names, "source": os.path.abspath(args.resume)}, f, indent=1)
+                   "class_names": model.class_names, "source": os.path.abspath(args.resume),
+                   "sha256": {ext: file_sha256(args.output + ext) for ext in (".json", ".pdiparams")}}, f, indent=1)
     print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:
         try:
@@ -59,14 +61,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
-    if os.path.isdir(args.output):
-        parser.error(f"argument --output: {args.output} is a folder; give a path prefix such as {args.output}/model")
+    if not os.path.basename(args.output) or os.path.isdir(args.output):
+        folder = args.output.rstrip(os.sep) or "export"
+        parser.error(f"argument --output: {args.output!r} is a folder, not a path prefix; give one such as "
+                     f"{os.path.join(folder, 'model')}")
     try:
         export(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
-        sys.exit(f"error: cannot write {args.output}: {e}")
+        sys.exit(f"error: cannot write {args.output}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

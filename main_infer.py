@@ -15,7 +15,7 @@ import paddle
 
 import models_vit
 from util.args import add_cache_arg, check_model_input, checkpoint_file, device, positive_int
-from util.checkpoint import CheckpointError
+from util.checkpoint import CheckpointError, file_sha256
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
 from util.cpu import configure_cpu, cpu_threads
@@ -42,11 +42,13 @@ def get_args_parser():
 
 
 @contextlib.contextmanager
-def native_stdout_to_stderr():
-    """Paddle Inference's passes print to the C-level stdout; keep stdout for results (--json)."""
+def native_stdout_silenced():
+    """Paddle Inference prints progress and debugging lines to the C-level stdout (its errors come as
+    exceptions); keep stdout for results (--json) and the console for messages that matter."""
     sys.stdout.flush()
     saved = os.dup(1)
-    os.dup2(2, 1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
     try:
         yield
     finally:
@@ -68,21 +70,35 @@ class ExportedModel:
             int(self.info["input_size"]), int(self.info["num_classes"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{info_path}: not an export description ({type(e).__name__}: {e})") from None
+        for ext, digest in (self.info.get("sha256") or {}).items():
+            if file_sha256(prefix + ext) != digest:
+                raise CheckpointError(f"{prefix + ext}: not the file {info_path} was exported with (its SHA-256 "
+                                      "differs); export again or keep the files of one export together")
         config = paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")
+        config.disable_glog_info()  # the optimisation passes' progress lines
         if use_gpu:
             config.enable_use_gpu(256, 0)
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_threads())
             config.enable_onednn()
-        with native_stdout_to_stderr():
-            self.predictor = paddle.inference.create_predictor(config)
+        try:
+            with native_stdout_silenced():
+                self.predictor = paddle.inference.create_predictor(config)
+            size = int(self.info["input_size"])
+            out = self(np.zeros((1, 3, size, size), np.float32))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise CheckpointError(f"{prefix}.json/.pdiparams: Paddle Inference cannot run them "
+                                  f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})") from None
+        if list(out.shape) != [1, int(self.info["num_classes"])]:
+            raise CheckpointError(f"{prefix}: the program gives {list(out.shape)} for one image, {info_path} says "
+                                  f"{self.info['num_classes']} classes; the files come from different exports")
 
     def __call__(self, x):
         inp = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         inp.reshape(list(x.shape))
         inp.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
-        with native_stdout_to_stderr():
+        with native_stdout_silenced():
             self.predictor.run()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 

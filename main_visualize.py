@@ -17,7 +17,7 @@ import paddle
 from PIL import Image
 
 import models_mae
-from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int, ratio
+from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int, ratio, seed
 from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
@@ -35,7 +35,7 @@ def get_args_parser():
                         help="MAE checkpoint with its decoder (.pd, or an official mae_visualize_*.pth / *_full.pth)")
     parser.add_argument("--output", default="mae_reconstruction.png", help="PNG file to write")
     parser.add_argument("--mask_ratio", default=0.75, type=ratio)
-    parser.add_argument("--seed", default=2, type=int, help="the same seed gives the same mask")
+    parser.add_argument("--seed", default=2, type=seed, help="the same seed gives the same mask")
     parser.add_argument("--input_size", default=None, type=positive_int, help="default: the checkpoint's")
     parser.add_argument("--scale", default=1, type=positive_int,
                         help="enlarge every panel this many times (nearest neighbour), so that patches and masks of "

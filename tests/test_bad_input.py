@@ -380,3 +380,19 @@ def test_ignored_official_flags_say_so(data, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--world_size", "--dist_url"):
         assert f"{flag} is accepted for compatibility with the official scripts and ignored" in out.stdout
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"PADDLE_TRAINERS_NUM": "2"}, "PADDLE_TRAINERS_NUM=2 in the environment without PADDLE_TRAINER_ID and "
+                                   "PADDLE_CURRENT_ENDPOINT"),
+    ({"PADDLE_TRAINERS_NUM": "2", "PADDLE_TRAINER_ID": "2", "PADDLE_CURRENT_ENDPOINT": "127.0.0.1:1"},
+     "PADDLE_TRAINERS_NUM=2 in the environment with PADDLE_TRAINER_ID='2'"),
+    ({"PADDLE_TRAINERS_NUM": "two"}, "PADDLE_TRAINERS_NUM='two' in the environment is not a number of processes"),
+])
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_finetune.py"])
+def test_stale_launch_environment_is_one_line(data, tmp_path, env, says, script):
+    """Launcher variables left in a shell, without the launcher: one line, at once, no waiting for ranks."""
+    res = run_script(script, "--data_path", data, "--output_dir", str(tmp_path), "--device", "cpu", env=env,
+                     timeout=60)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+    assert res.stderr.startswith(f"error: {says}")

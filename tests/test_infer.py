@@ -174,3 +174,56 @@ def test_onnx_export_matches(tmp_path):
     load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
     model.eval()
     assert np.abs(got - model(paddle.to_tensor(x)).numpy()).max() <= 1e-5
+
+
+def test_exported_files_are_checked_against_each_other(tmp_path):
+    """Files of two exports mixed, a cut-off program, bad --output prefixes: one line each."""
+    from util.checkpoint import save_file
+    ckpt = load_checkpoint(VIT)
+    five = str(tmp_path / "five.pd")
+    model = {k: (v[..., :5] if k.startswith("head.") else v) for k, v in ckpt["model"].items()}
+    save_file({"model": model}, five)
+    a, b = str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")
+    for resume, prefix in ((VIT, a), (five, b)):
+        out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", resume, "--output", prefix)
+        assert out.returncode == 0, out.stderr[-2000:]
+    info = json.load(open(a + ".info"))
+    with open(b + ".pdiparams", "rb") as src, open(a + ".pdiparams", "wb") as dst:
+        dst.write(src.read())
+    out = run_script("main_infer.py", "--exported", a, "--img_path", CAT)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: {a}.pdiparams: not the file {a}.info was exported with (its SHA-256 differs); export again or "
+        "keep the files of one export together"] and out.stdout == ""
+    del info["sha256"]  # an export description without digests: the program's output is checked instead
+    json.dump(info, open(a + ".info", "w"))
+    out = run_script("main_infer.py", "--exported", a, "--img_path", CAT)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {a}"), out.stderr
+    json.dump(dict(info, num_classes=10), open(b + ".info", "w"))  # b's files, another export's description
+    out = run_script("main_infer.py", "--exported", b, "--img_path", CAT)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: {b}: the program gives [1, 5] for one image, {b}.info says 10 classes; the files come from "
+        "different exports"]
+    program = open(b + ".json", "rb").read()
+    open(b + ".json", "wb").write(program[:len(program) // 2])
+    out = run_script("main_infer.py", "--exported", b, "--img_path", CAT)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"error: {b}.json/.pdiparams: Paddle Inference cannot run them")
+    for bad in ("", "new_dir/", str(tmp_path)):
+        out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", VIT, "--output", bad)
+        assert out.returncode == 2 and "argument --output:" in out.stderr and "is a folder, not a path prefix" \
+            in out.stderr, (bad, out.stderr)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", VIT, "--output",
+                     str(blocker / "m"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: cannot write {blocker / 'm'}: File exists"], out.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 31), "x"])
+def test_bad_seeds_are_flag_errors(seed):
+    for script in ("main_visualize.py", "main_pretrain.py"):
+        extra = ["--img_path", CAT, "--resume", VIT] if script == "main_visualize.py" else []
+        out = run_script(script, "--seed", seed, *extra)
+        assert out.returncode == 2 and "argument --seed" in out.stderr and "Traceback" not in out.stderr

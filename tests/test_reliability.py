@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -175,6 +176,40 @@ def test_checkpoints_with_wrong_fields_fall_back_or_stop_with_one_line(dataset, 
     assert len(skipped) == 2 and "'epoch' is 'abc'" in skipped[0] and "'meters' meter 'loss'" in skipped[1]
     assert "checkpoint-0.pd" in res.stdout.split("Auto-resume from")[1].splitlines()[0]
     assert _epochs(out) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_full_disk_and_log_folder_stop_with_one_line(dataset, tmp_path):
+    """A real full file system (a tmpfs filled up) at the epoch's log line: one line, exit 1, no checkpoint
+    half-written; once space is freed the same command finishes the run. log.txt a folder: one line at start."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    logs.mkdir()
+    argv = shlex.join(_args(dataset, str(out), "--epochs", "1", "--model", "mae_vit_micro_patch4",
+                            "--input_size", "28"))
+    run = lambda name: (f"{sys.executable} {argv} > {logs}/{name}.out 2> {logs}/{name}.err; "  # noqa: E731
+                        f"echo $? > {logs}/{name}.rc; ")
+    fill = lambda name: f"(dd if=/dev/zero of={out}/{name} bs=4k 2>/dev/null; true); "  # noqa: E731
+    script = (f"mount -t tmpfs -o size=64m tmpfs {out} && echo x > {out}/.lock && " + fill("a") + run("full")
+              + f"rm {out}/.lock; " + fill("b") + run("start") + f"rm {out}/a {out}/b; " + run("again")
+              + f"ls {out} > {logs}/files")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, timeout=300)
+    read = lambda name: open(logs / name).read()  # noqa: E731
+    assert read("full.rc").strip() == "1", read("full.err")[-2000:]
+    assert read("full.err").strip().splitlines() == [
+        f"error: {out}/log.txt: cannot append the epoch's log line (No space left on device); the checkpoints of "
+        "the epochs before are intact, rerun to continue"]
+    assert read("start.rc").strip() == "1" and read("start.err").strip().splitlines() == [
+        f"error: --output_dir {out}: cannot write there (No space left on device)"], read("start.err")[-2000:]
+    assert read("again.rc").strip() == "0", read("again.err")[-2000:]
+    assert "checkpoint-last.pd" in read("files") and "log.txt" in read("files")
+    folder = tmp_path / "folder_log"
+    (folder / "log.txt").mkdir(parents=True)
+    res = run_script(*_args(dataset, str(folder)))
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: {folder / 'log.txt'}: exists and is not a file"]
 
 
 def _bad_dataset(root):

@@ -22,6 +22,14 @@ def non_negative_int(value):
     return v
 
 
+def seed(value):
+    """A random seed every generator accepts, with room for the per-process offset (seed + rank)."""
+    v = int(value)
+    if not 0 <= v < 2 ** 31:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^31), got {value}")
+    return v
+
+
 def non_negative_float(value):
     v = float(value)
     if not v >= 0:
@@ -147,7 +155,7 @@ def add_common_args(parser):
                         help="autocast dtype on GPU; float16 uses the dynamic loss scaler")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute block activations in the backward pass: less memory (ViT-L/H), more time")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=seed)
     parser.add_argument("--resume", default="", help="resume from checkpoint (.pd, or an official .pth)")
     add_cache_arg(parser)
     parser.add_argument("--auto_resume", action="store_true",

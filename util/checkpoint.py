@@ -1,6 +1,7 @@
 """Checkpoints: reading .pd and official .pth files (through util.safe_pickle: no pickled code ever runs), the
 official layout mapped to Paddle's, checks against a model, atomic writes, optimizer state by parameter name."""
 import collections
+import hashlib
 import os
 import types
 import warnings
@@ -14,6 +15,14 @@ from util.safe_pickle import SafeUnpickler, UnsafePickleError, read_torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read or does not fit the model."""
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _unwrap(obj):

@@ -40,8 +40,8 @@ def keep_freed_memory():
 def cpu_threads():
     """This process's share of the cores available to it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_procs = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")))
-    return max(1, cores // max(1, local_procs))
+    local_procs = os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    return max(1, cores // max(1, int(local_procs) if local_procs.isdigit() else 1))  # else util.dist says why
 
 
 @functools.lru_cache(maxsize=None)

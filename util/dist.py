@@ -9,6 +9,29 @@ import paddle.distributed as dist
 import paddle.nn as nn
 
 
+class LaunchError(RuntimeError):
+    """The environment describes a launch this process is not part of."""
+
+
+def check_launch_environment(env=None):
+    """A launcher sets PADDLE_TRAINERS_NUM together with this process's rank and endpoint; alone (left in a
+    shell by an earlier launch) it would make a single process wait for ranks that never come."""
+    env = os.environ if env is None else env
+    value = env.get("PADDLE_TRAINERS_NUM", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise LaunchError(f"PADDLE_TRAINERS_NUM={value!r} in the environment is not a number of processes")
+    n = int(value)
+    if n == 1:
+        return
+    missing = [k for k in ("PADDLE_TRAINER_ID", "PADDLE_CURRENT_ENDPOINT") if not env.get(k)]
+    rank = env.get("PADDLE_TRAINER_ID", "")
+    if missing or not rank.isdigit() or int(rank) >= n:
+        problem = f"without {' and '.join(missing)}" if missing else f"with PADDLE_TRAINER_ID={rank!r}"
+        raise LaunchError(f"PADDLE_TRAINERS_NUM={n} in the environment {problem}, as no launcher sets it (left "
+                          "from an earlier launch?): start with python -m paddle.distributed.launch, or unset "
+                          "PADDLE_TRAINERS_NUM")
+
+
 def launched_processes(env=None):
     """Number of processes the launcher started for this job (1 without a launcher)."""
     return int((os.environ if env is None else env).get("PADDLE_TRAINERS_NUM", "1"))

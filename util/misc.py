@@ -17,7 +17,8 @@ import paddle
 from util import checkpoint, run_dir
 from util.cpu import configure_cpu
 from util.datasets import DataError
-from util.dist import all_reduce_sum, from_main_process, get_rank, init_distributed_mode, is_main_process
+from util.dist import (LaunchError, all_reduce_sum, check_launch_environment, from_main_process, get_rank,
+                       init_distributed_mode, is_main_process)
 from util.preempt import STOP
 
 
@@ -25,11 +26,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 def run(main, args):
-    """Run a script's main; data, checkpoint, output-folder and numeric faults end with a one-line error and
-    exit 1."""
+    """Run a script's main; data, checkpoint, launch, output-folder and numeric faults end with a one-line
+    error and exit 1."""
     try:
         main(args)
-    except (DataError, checkpoint.CheckpointError, NonFiniteLossError, run_dir.RunDirError) as e:
+    except (DataError, checkpoint.CheckpointError, LaunchError, NonFiniteLossError, run_dir.RunDirError) as e:
         sys.exit(f"error: {e}")
 
 class SmoothedValue:
@@ -143,6 +144,7 @@ class MetricLogger:
 
 def start_run(args):
     """Distributed init, the run's flags on the console, seeds; makes --output_dir (rank 0)."""
+    check_launch_environment()
     if args.device.startswith("cpu"):
         configure_cpu()
     init_distributed_mode(args)
@@ -162,6 +164,7 @@ def prepare_outputs(args):
         try:
             if args.output_dir:
                 run_dir.check_writable(args.output_dir, "--output_dir")
+                run_dir.check_file(os.path.join(args.output_dir, "log.txt"))
                 if not getattr(args, "eval", False):
                     run_dir.lock(args.output_dir)
             if args.log_dir:
@@ -211,7 +214,14 @@ def create_log_writer(args):
     return LogWriter(logdir=args.log_dir)
 
 def log_stats(args, stats):
-    """Append one JSON line to {output_dir}/log.txt (rank 0)."""
+    """Append one JSON line to {output_dir}/log.txt (rank 0). It is written before the epoch's checkpoints,
+    so a failed write (a full disk) stops the run with the checkpoints of the epochs before intact; a rerun
+    drops a line cut short and continues from them."""
     if args.output_dir and is_main_process():
-        with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
+        path = os.path.join(args.output_dir, "log.txt")
+        try:
+            with open(path, mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
+        except OSError as e:
+            raise run_dir.RunDirError(f"{path}: cannot append the epoch's log line ({e.strerror or e}); the "
+                                      "checkpoints of the epochs before are intact, rerun to continue") from None

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from util.checkpoint import file_sha256
+
 WARNED = "MAE_NATIVE_WARNED"  # set once a process of this run has warned; children inherit it
 
 
@@ -71,14 +73,6 @@ def cache_key(sources, compiler, flags):
     return digest.hexdigest()[:16]
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _elf_header(path):
     """(class, machine) of an ELF file, None for anything else."""
     with open(path, "rb") as f:
@@ -91,7 +85,7 @@ def _elf_header(path):
 def check_library(path):
     """Reason why the cached file at path cannot be this machine's library, or None when it can."""
     with open(path + ".sha256") as f:
-        if f.read().strip() != _sha256(path):
+        if f.read().strip() != file_sha256(path):
             return f"{path} does not match its recorded checksum"
     own = _elf_header(os.path.realpath(sys.executable))
     if own is not None and _elf_header(path) != own:
@@ -185,7 +179,7 @@ def _build(path, folder, build_command, find_output):
             _write(path + ".failed", reason)
             return
         os.replace(output, path)
-        _write(path + ".sha256", _sha256(path))
+        _write(path + ".sha256", file_sha256(path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

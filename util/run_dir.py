@@ -1,4 +1,5 @@
 """The run's output folder: writable before any work starts, and used by one training run at a time."""
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -23,11 +24,20 @@ def check_writable(folder, flag):
         raise RunDirError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
+def check_file(path):
+    """A file the run appends to (log.txt) is a regular file where it exists."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise RunDirError(f"{path}: exists and is not a file")
+
+
 def lock(folder):
     """Hold an exclusive lock on folder/.lock for the life of this process (the kernel drops it when the
     process ends, even killed, so a crashed run never leaves it stuck); a second run stops here."""
     path = os.path.join(folder, ".lock")
-    f = open(path, "a+")
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise RunDirError(f"--output_dir {folder}: cannot write there ({e.strerror or e})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -36,7 +46,12 @@ def lock(folder):
         f.close()
         raise RunDirError(f"--output_dir {folder}: another training run ({owner}) is writing there; "
                           "wait for it to end or choose another --output_dir") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # the buffered line fails again; the file is closed all the same
+            f.close()
+        raise RunDirError(f"--output_dir {folder}: cannot write there ({e.strerror or e})") from None
     _held[os.path.realpath(folder)] = f
