@@ -188,12 +188,14 @@ def test_full_disk_and_log_folder_stop_with_one_line(dataset, tmp_path):
     out.mkdir()
     logs.mkdir()
     argv = shlex.join(_args(dataset, str(out), "--epochs", "1", "--model", "mae_vit_micro_patch4",
-                            "--input_size", "28"))
+                            "--input_size", "28", "--batch_size", "1"))
     run = lambda name: (f"{sys.executable} {argv} > {logs}/{name}.out 2> {logs}/{name}.err; "  # noqa: E731
                         f"echo $? > {logs}/{name}.rc; ")
     fill = lambda name: f"(dd if=/dev/zero of={out}/{name} bs=4k 2>/dev/null; true); "  # noqa: E731
-    script = (f"mount -t tmpfs -o size=64m tmpfs {out} && echo x > {out}/.lock && " + fill("a") + run("full")
-              + f"rm {out}/.lock; " + fill("b") + run("start") + f"rm {out}/a {out}/b; " + run("again")
+    script = (f"mount -t tmpfs -o size=64m tmpfs {out} || exit; "  # the disk fills up inside epoch 0
+              f"({sys.executable} {argv} > {logs}/full.out 2> {logs}/full.err; echo $? > {logs}/full.rc) & "
+              f"until grep -q 'Epoch: \\[0\\]' {logs}/full.out 2>/dev/null; do sleep 0.05; done; "
+              + fill("a") + "wait; " + fill("b") + run("start") + f"rm {out}/a {out}/b; " + run("again")
               + f"ls {out} > {logs}/files")
     subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, timeout=300)
     read = lambda name: open(logs / name).read()  # noqa: E731

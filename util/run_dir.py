@@ -18,8 +18,9 @@ def check_writable(folder, flag):
         raise RunDirError(f"{flag} {folder}: exists and is not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as f:  # one byte: a full disk fails here too
+            f.write(b"x")
+            f.flush()
     except OSError as e:
         raise RunDirError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
