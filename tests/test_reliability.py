@@ -60,11 +60,24 @@ def test_kill_9_then_rerun_resumes(dataset, tmp_path):
     time.sleep(0.5)  # inside epoch 1
     proc.kill()
     proc.wait()
-    assert _epochs(out) in ([0], [0, 1]) and os.path.isfile(os.path.join(out, "checkpoint-last.pd"))
+    saved = os.path.isfile(os.path.join(out, "checkpoint-last.pd"))  # the log line comes first: maybe not yet
+    assert _epochs(out) in ([0], [0, 1])
     res = run_script(*_args(dataset, out))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "Auto-resume from" in res.stdout and "checkpoint-last.pd" in res.stdout
+    assert ("Auto-resume from" in res.stdout and "checkpoint-last.pd" in res.stdout) == saved
     assert _epochs(out) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_killed_before_the_first_checkpoint_logs_each_epoch_once(dataset, tmp_path):
+    """A kill between epoch 0's log line and its checkpoint: the rerun starts over and logs epoch 0 once."""
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "log.txt"), "w") as f:
+        f.write(json.dumps({"train_loss": 1.0, "epoch": 0}) + "\n")
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _epochs(out) == [0, 1, 2] and "Auto-resume from" not in res.stdout
 
 
 @pytest.mark.slow

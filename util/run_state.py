@@ -72,6 +72,8 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         if path:
             print(f"Auto-resume from {path}")
     if not path:
+        if not getattr(args, "eval", False):
+            truncate_log(args, args.start_epoch)  # lines a run killed before its first checkpoint left
         return resumed
     args.resume = path
     training = not getattr(args, "eval", False)
