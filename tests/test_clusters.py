@@ -98,6 +98,9 @@ def test_time_limit_requeues_until_the_run_is_complete(data, tmp_path, monkeypat
     signal 30 s in; the run needs more than that, so it is requeued, resumes and completes, with every epoch
     once in log.txt."""
     job = submit_local(data, str(tmp_path / "%j"), 120, monkeypatch, timeout_min=1)
+    deadline = time.time() + 1200  # between two attempts the local job reads as finished, without a result yet
+    while not job.paths.result_pickle.exists() and time.time() < deadline:
+        time.sleep(1)
     job.results()
     log = open(job.task(0).paths.stdout).read()
     assert "Requeued job" in open(job.task(0).paths.stderr).read() and "Auto-resume from" in log
