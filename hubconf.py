@@ -8,6 +8,7 @@ for mae_vit_*), fetched once into the cache of util.hub; checkpoint= takes any c
 name instead. Classifiers carry `class_names` when their checkpoint recorded them (this project's
 fine-tuning and linear probing do).
 """
+import util as _util  # noqa: F401  (first: filters Paddle's import-time warnings)
 import models_mae as _models_mae
 import models_vit as _models_vit
 from util.checkpoint import load_checkpoint as _load_checkpoint
@@ -16,7 +17,7 @@ from util.classifier import classifier_from_checkpoint as _classifier_from_check
 from util.factory import checkpoint_img_size as _checkpoint_img_size
 from util.hub import resolve as _resolve
 
-dependencies = ["paddle", "numpy", "PIL"]
+dependencies = ["paddle", "numpy", "PIL", "simplejpeg"]  # every package importing this file loads
 
 _SIZES = (("base", 16), ("large", 16), ("huge", 14))
 _RELEASE_OF = {**{f"vit_{s}_patch{p}": f"mae_finetuned_vit_{s}" for s, p in _SIZES},

@@ -4,7 +4,12 @@
 # Epochs can be shortened: PRETRAIN_EPOCHS, FINETUNE_EPOCHS, LINPROBE_EPOCHS; outputs go to OUTPUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pip install -q -r requirements.txt
+# install only what is missing; an installed Paddle (a GPU build, say) is never replaced
+if ! python -c "import paddle" 2>/dev/null; then
+    pip install -q -r requirements.txt
+elif ! python -c "import numpy, PIL, visualdl, simplejpeg" 2>/dev/null; then
+    grep -v -e '^paddlepaddle' -e '^#' requirements.txt | pip install -q -r /dev/stdin
+fi
 
 OUT=${OUTPUT_DIR:-output_dir/quickstart}
 PE=${PRETRAIN_EPOCHS:-20}

@@ -194,3 +194,30 @@ def test_unreachable_or_malformed_mirror(cache, monkeypatch, mirror, message):
     with pytest.raises(hub.DownloadError, match=message):
         hub.resolve(NAME)
     assert cache_files(cache) == []
+
+
+def test_hubconf_names_every_package_it_imports():
+    """The packages the project's modules import at load time, followed from hubconf.py, are its dependencies
+    (paddle.hub checks them before loading)."""
+    import ast
+    import hubconf
+    seen, todo, packages = set(), ["hubconf"], set()
+    while todo:
+        name = todo.pop()
+        path = os.path.join(ROOT, *name.split(".")) + ".py"
+        if name in seen or not os.path.isfile(path):
+            continue
+        seen.add(name)
+        for node in ast.parse(open(path).read()).body:  # module level: what importing it runs
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            for full in names:
+                top = full.split(".")[0]
+                if os.path.exists(os.path.join(ROOT, top + ".py")) or os.path.isdir(os.path.join(ROOT, top)):
+                    todo.append(full)
+                elif top not in sys.stdlib_module_names:
+                    packages.add(top)
+    assert {"hubconf", "models_vit", "util.checkpoint"} <= seen
+    assert packages == set(hubconf.dependencies)

@@ -61,6 +61,20 @@ def test_bicubic_resize_equals_pillow():
     assert equal == cases  # bit-exact with the Pillow installed here; 1 level is the documented bound
 
 
+def test_other_pillow_releases_resize_themselves(monkeypatch):
+    """The C resampling follows one Pillow release: with another installed, Pillow's own pixels are used."""
+    import PIL
+    a = np.asarray(Image.open(PHOTOS[0]).convert("RGB"))[5:205, 7:150]
+    monkeypatch.setattr(PIL, "__version__", "12.3.0")
+    assert not fast_image.follows_installed_pillow()
+    calls = []
+    monkeypatch.setattr(fast_image, "_state", {"lib": type("Lib", (), {"resize_bicubic_rgb": calls.append})()})
+    ref = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((90, 64), Image.BICUBIC))
+    assert np.array_equal(fast_image.resize_bicubic(a, (64, 90)), ref) and calls == []
+    monkeypatch.setattr(PIL, "__version__", f"{fast_image.PILLOW_FOLLOWED}.1.0")
+    assert fast_image.follows_installed_pillow()
+
+
 def test_without_a_compiler_pillow_resizes(tmp_path):
     code = ("import numpy as np; from util import fast_image; a = np.zeros((30, 40, 3), np.uint8); "
             "print(fast_image.available(), fast_image.resize_bicubic(a, (10, 12)).shape)")

@@ -227,6 +227,32 @@ def test_full_disk_and_log_folder_stop_with_one_line(dataset, tmp_path):
         f"error: {folder / 'log.txt'}: exists and is not a file"]
 
 
+def test_stop_signal_before_the_per_rank_print():
+    """A SLURM job's preemption signal can come during the rendezvous, before print takes force=True."""
+    code = ("import os, signal; from util.preempt import STOP; STOP.install(); os.kill(os.getpid(), signal.SIGTERM); "
+            "print('flag', STOP.local_flag())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-2:] == ["Received SIGTERM: stopping after this iteration", "flag 1.0"]
+
+
+@pytest.mark.slow
+def test_stop_signal_during_start_up_saves_and_rerun_completes(dataset, tmp_path):
+    """SIGTERM while the model and data are being set up: the run stops after its first step, saves, exits 0."""
+    out = str(tmp_path / "out")
+    proc = _start(_args(dataset, out))
+    for line in proc.stdout:
+        if line.startswith("[") and "job dir:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output, errors = proc.communicate(timeout=120)
+    assert proc.returncode == 0, errors[-2000:]
+    assert "Received SIGTERM" in output and re.search(r"Stopped (in|after) epoch 0", output), output[-2000:]
+    res = run_script(*_args(dataset, out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _epochs(out) == [0, 1, 2]
+
+
 def _bad_dataset(root):
     make_image_folder(root, classes=2, per_class=6)
     folder = os.path.join(root, "train", "class_1")

@@ -8,11 +8,13 @@ import os
 
 import numpy as np
 import paddle
+import PIL
 from PIL import Image
 
 from util import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_image.c")
+PILLOW_FOLLOWED = 13  # the major release whose bicubic resampling fast_image.c reproduces
 CFLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: the weights round as Pillow's
 _state = {}
 
@@ -46,11 +48,17 @@ def available():
     return _state["lib"] is not None
 
 
+def follows_installed_pillow():
+    """fast_image.c resamples in Pillow 13's pass order; other Pillow releases round some pixels otherwise,
+    so with them Pillow itself resizes."""
+    return int(PIL.__version__.split(".")[0]) == PILLOW_FOLLOWED
+
+
 def resize_bicubic(img, size):
     """HWC uint8 RGB array (any row stride, e.g. a crop view) -> (height, width) = size, as
     Image.fromarray(img).resize((width, height), Image.BICUBIC)."""
     height, width = size
-    if not available() or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1):
+    if not available() or not follows_installed_pillow() or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1):
         return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), Image.BICUBIC))
     out = np.empty((height, width, 3), np.uint8)
     if _state["lib"].resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data, height, width):

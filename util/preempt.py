@@ -33,7 +33,10 @@ class StopSignal:
             signal.signal(signum, signal.SIG_IGN)
         if signum == signal.SIGHUP:
             _leave_terminal()
-        print(f"Received {signal.Signals(signum).name}: stopping after this iteration", force=True)
+        # written out directly: at start-up (e.g. during a SLURM job's rendezvous) print is not yet the
+        # per-rank print that takes force=True
+        sys.stdout.write(f"Received {signal.Signals(signum).name}: stopping after this iteration\n")
+        sys.stdout.flush()
 
     def local_flag(self):
         """1.0 when this process received a stop signal."""
