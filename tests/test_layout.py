@@ -1,5 +1,5 @@
 """The shape of the code: no import cycles among the project's modules (imports inside functions count),
-modules of a readable size, and a README layout section that names every script and util module."""
+modules of a readable size, a short README, and a layout page that names every script and util module."""
 import ast
 import glob
 import os
@@ -67,9 +67,17 @@ def test_module_sizes():
     assert {m: n for m, n in sizes.items() if n > 350} == {}
 
 
-def test_readme_layout_names_every_module():
+def test_readme_is_a_short_guide_with_the_depth_in_docs():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    layout = re.search(r"^## Repository layout\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    assert len(readme.encode()) <= 15000
+    links = set(re.findall(r"\]\((docs/[\w.]+)\)", readme))
+    assert links == {os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))}
+    assert readme.splitlines()[14].startswith("pip install -r requirements.txt pytest")  # .ci/run reads it
+
+
+def test_layout_page_names_every_module():
+    design = open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8").read()
+    layout = re.search(r"^## Repository layout\n(.*?)(?=^## |\Z)", design, re.S | re.M).group(1)
     named = set(re.findall(r"`([\w/.]+)`", layout))
     missing = [os.path.relpath(f, ROOT) for f in project_modules().values()
                if os.path.basename(f) != "__init__.py" and os.path.relpath(f, ROOT) not in named]
