@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import paddle
 
+from util import compat
 from util.safe_pickle import SafeUnpickler, UnsafePickleError, read_torch
 
 
@@ -267,7 +268,7 @@ def optimizer_state(optimizer, model):
     """Optimizer accumulators keyed by structured parameter name (Paddle's own keys depend on creation order)."""
     names = {p.name: n for n, p in model.named_parameters()}
     state = {}
-    for acc, per_param in optimizer._accumulators.items():
+    for acc, per_param in compat.accumulators(optimizer).items():
         for pname, value in per_param.items():
             state.setdefault(names[pname], {})[acc] = value.numpy()
     return {"state": state}
@@ -275,7 +276,7 @@ def optimizer_state(optimizer, model):
 
 def _torch_adam_state(opt_sd, optimizer, names, path):
     """PyTorch (Adam/AdamW) optimizer state -> accumulators, matching parameters by their order in the groups."""
-    ours = [p for g in optimizer._param_groups for p in g["params"]]
+    ours = [p for params, _ in compat.param_groups(optimizer) for p in params]
     theirs = [i for g in opt_sd.get("param_groups", []) for i in g["params"]]
     if len(ours) != len(theirs):
         raise CheckpointError(f"{path}: optimizer holds {len(theirs)} parameters, this run's optimizer {len(ours)}")
@@ -306,14 +307,14 @@ def load_optimizer_state(optimizer, model, ckpt, path):
     unknown = [n for n in state if n not in params]
     if unknown:
         raise CheckpointError(f"{path}: optimizer state for parameters this model lacks: {', '.join(unknown)}")
-    managed = {p.name for g in optimizer._param_groups for p in (g["params"] if isinstance(g, dict) else [g])}
+    managed = {p.name for group, _ in compat.param_groups(optimizer) for p in group}
     targets = [params[n] for n in state if params[n].name in managed]
-    optimizer._create_accumulators(paddle.static.default_main_program().global_block(), targets)
+    compat.create_accumulators(optimizer, targets)
     for p in targets:
         for acc, value in state[names[p.name]].items():
-            if acc not in optimizer._accumulators:
+            if acc not in compat.accumulators(optimizer):
                 raise CheckpointError(f"{path}: optimizer state '{acc}' does not belong to {type(optimizer).__name__}")
-            target = optimizer._accumulators[acc][p.name]
+            target = compat.accumulators(optimizer)[acc][p.name]
             if list(np.shape(value)) != list(target.shape):
                 raise CheckpointError(f"{path}: optimizer state {names[p.name]}/{acc} has shape "
                                       f"{list(np.shape(value))}, expected {list(target.shape)}")

@@ -14,7 +14,7 @@ import sysconfig
 
 import paddle
 
-from util import native
+from util import compat, native
 from util.cpu import cpu_threads
 
 NAME = "mae_cpu_kernels"
@@ -43,8 +43,7 @@ def _load():
     if path is None:
         return False
     try:
-        from paddle.utils import cpp_extension
-        cpp_extension.load_op_meta_info_and_register_op(path)
+        compat.register_custom_ops(path)
     except Exception as e:  # noqa: BLE001 -- whatever the loader raises, Paddle's own ops do the work
         native.warn(f"native CPU code {NAME} not loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                     "running on Paddle's ops")
@@ -67,37 +66,37 @@ def usable(x):
 
 def bias_gelu(h, bias):
     """gelu(h + bias), exact form; bias over the last axis."""
-    return paddle._C_ops._run_custom_op("mae_bias_gelu", h, bias, _state["threads"])[0]
+    return compat.run_custom_op("mae_bias_gelu", h, bias, _state["threads"])[0]
 
 
 def layer_norm(x, weight, bias, epsilon):
-    return paddle._C_ops._run_custom_op("mae_layer_norm", x, weight, bias, float(epsilon), _state["threads"])[0]
+    return compat.run_custom_op("mae_layer_norm", x, weight, bias, float(epsilon), _state["threads"])[0]
 
 
 def softmax(x):
     """Softmax over the last axis."""
-    return paddle._C_ops._run_custom_op("mae_softmax", x, _state["threads"])[0]
+    return compat.run_custom_op("mae_softmax", x, _state["threads"])[0]
 
 
 def split_heads(qkv, heads, scale):
     """[B, N, 3 * heads * D] -> q * scale, k, v, each [B, heads, N, D]."""
-    return paddle._C_ops._run_custom_op("mae_split_heads", qkv, heads, float(scale), _state["threads"])
+    return compat.run_custom_op("mae_split_heads", qkv, heads, float(scale), _state["threads"])
 
 
 def merge_heads(x):
     """[B, heads, N, D] -> [B, N, heads * D]."""
-    return paddle._C_ops._run_custom_op("mae_merge_heads", x, _state["threads"])[0]
+    return compat.run_custom_op("mae_merge_heads", x, _state["threads"])[0]
 
 
 def adamw_(param, grad, lr, moment1, moment2, beta1_pow, beta2_pow, beta1, beta2, epsilon, lr_ratio, coeff):
     """One AdamW step in place on param, moments and beta powers, with Paddle's adamw arithmetic."""
     param = param.detach()  # the same memory; Paddle refuses in-place ops on trainable leaves
-    paddle._C_ops._run_custom_op("mae_adamw", param, grad, lr, moment1, moment2, beta1_pow, beta2_pow,
+    compat.run_custom_op("mae_adamw", param, grad, lr, moment1, moment2, beta1_pow, beta2_pow,
                                  float(beta1), float(beta2), float(epsilon), float(lr_ratio), float(coeff),
                                  _state["threads"])
 
 
 def residual_drop_path(x, branch, mask, keep):
     """x + branch / keep * mask, mask [B, 1, ...] of 0/1 (stochastic depth on a residual branch)."""
-    return paddle._C_ops._run_custom_op("mae_residual_drop_path", x, branch, mask, float(keep),
+    return compat.run_custom_op("mae_residual_drop_path", x, branch, mask, float(keep),
                                         _state["threads"])[0]

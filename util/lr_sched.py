@@ -1,6 +1,8 @@
 """Per-iteration learning rate: linear warmup, then half-cycle cosine down to min_lr."""
 import math
 
+from util import compat
+
 
 def lr_at(epoch, args):
     """Learning rate at a fractional epoch."""
@@ -23,4 +25,4 @@ def adjust_learning_rate(optimizer, epoch, args):
 
 def group_lrs(optimizer):
     """The lr each parameter group runs at: base lr x lr_scale."""
-    return [optimizer.get_lr() * g.get("learning_rate", 1.0) for g in optimizer._param_groups]
+    return [optimizer.get_lr() * scale for _, scale in compat.param_groups(optimizer)]

@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 
-from util import misc
+from util import compat, misc
 from util.preempt import STOP
 from util.run_dir import RunDirError, check_writable
 
@@ -112,10 +112,11 @@ class Trainer:
         os.environ.update(task_environment(env, self.args.device))
         self.args.output_dir = self.args.output_dir.replace("%j", str(env.job_id))
         self.args.log_dir = self.args.log_dir.replace("%j", str(env.job_id))
-        requeue = signal.getsignal(env._usr_sig())  # submitit's checkpoint-and-requeue
-        signal.signal(env._usr_sig(), lambda signum, frame: STOP.receive(signum))
+        preempted = compat.preemption_signal(env)
+        requeue = signal.getsignal(preempted)  # submitit's checkpoint-and-requeue
+        signal.signal(preempted, lambda signum, frame: STOP.receive(signum))
         misc.run(importlib.import_module(self.script).main, self.args)
-        if STOP.signum == env._usr_sig() and env.global_rank == 0:
+        if STOP.signum == preempted and env.global_rank == 0:
             requeue(STOP.signum, None)
 
     def checkpoint(self):

@@ -1,0 +1,53 @@
+"""The Paddle and submitit internals util/compat.py relies on, each exercised: a failure names the internal
+an upgrade removed or changed."""
+import numpy as np
+import paddle
+import pytest
+
+from util import compat, cpu_kernels
+from util.adamw import AdamW
+from util.lars import LARS
+
+
+def _stepped(optimizer_class, groups, **kwargs):
+    opt = optimizer_class(parameters=groups, learning_rate=0.1, **kwargs)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    sum((p * p).sum() for p in params).backward()
+    opt.step()
+    return opt, params
+
+
+def test_optimizer_accumulators_and_groups():
+    a, b = paddle.create_parameter([3], "float32"), paddle.create_parameter([2, 2], "float32")
+    opt, _ = _stepped(AdamW, [{"params": [a], "learning_rate": 0.5}, {"params": [b]}])
+    acc = compat.accumulators(opt)
+    assert {"moment1", "moment2"} <= set(acc) and {a.name, b.name} <= set(acc["moment1"]), \
+        "paddle.optimizer.Optimizer._accumulators: {accumulator: {parameter name: tensor}} changed"
+    assert [([p.name for p in ps], s) for ps, s in compat.param_groups(opt)] == [([a.name], 0.5), ([b.name], 1.0)], \
+        "paddle.optimizer.Optimizer._param_groups (dicts with 'params' and 'learning_rate') changed"
+    fresh = AdamW(parameters=[a, b], learning_rate=0.1)
+    compat.create_accumulators(fresh, [a])
+    assert a.name in compat.accumulators(fresh)["moment1"], "Optimizer._create_accumulators(block, params) changed"
+    lars, _ = _stepped(LARS, [b])
+    assert [([p.name for p in ps], s) for ps, s in compat.param_groups(lars)] == [([b.name], 1.0)]
+    assert np.abs(compat.accumulators(lars)["momentum"][b.name].numpy()).sum() > 0, \
+        "Optimizer._add_accumulator / _get_accumulator (LARS's momentum) changed"
+
+
+def test_custom_operators_by_name():
+    assert hasattr(paddle._C_ops, "_run_custom_op"), "paddle._C_ops._run_custom_op is gone"
+    from paddle.utils import cpp_extension
+    assert callable(getattr(cpp_extension, "load_op_meta_info_and_register_op", None)), \
+        "paddle.utils.cpp_extension.load_op_meta_info_and_register_op is gone"
+    if not cpu_kernels.available():
+        pytest.skip("the native kernels cannot be built here")
+    x = paddle.randn([4, 7])
+    got = compat.run_custom_op("mae_softmax", x, 1)[0]
+    assert np.allclose(got.numpy(), paddle.nn.functional.softmax(x, -1).numpy(), atol=1e-6)
+
+
+def test_submitit_preemption_signal(monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    import signal
+    assert compat.preemption_signal(submitit.JobEnvironment) == signal.SIGUSR2, \
+        "submitit.JobEnvironment._usr_sig() (the preemption signal, USR2 by default) changed"

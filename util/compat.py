@@ -1,0 +1,44 @@
+"""The one place that reaches into Paddle's and submitit's internals, where they have no public API for what
+is needed; tests/test_compat.py fails naming the internal when an upgrade removes or changes one."""
+import paddle
+
+
+def accumulators(optimizer):
+    """{accumulator name: {parameter name: tensor}}. Optimizer.state_dict() keys these by generated variable
+    names whose numbering depends on what the process created before; checkpoints need them by parameter."""
+    return optimizer._accumulators
+
+
+def create_accumulators(optimizer, parameters):
+    """Create the optimizer's accumulators for `parameters` now (Paddle creates them at the first step), so
+    that a resumed run can fill them before that step."""
+    optimizer._create_accumulators(paddle.static.default_main_program().global_block(), parameters)
+
+
+def param_groups(optimizer):
+    """[(parameters, lr multiplier)] in the optimizer's order (it keeps no public list of its groups)."""
+    groups = []
+    for g in optimizer._param_groups:
+        if isinstance(g, dict):
+            groups.append((list(g["params"]), g.get("learning_rate", 1.0)))
+        else:  # a plain parameter list: one group
+            groups.append(([g], 1.0))
+    return groups
+
+
+def register_custom_ops(path):
+    """Register the custom operators of an already built library (cpp_extension.load also builds)."""
+    from paddle.utils import cpp_extension
+    cpp_extension.load_op_meta_info_and_register_op(path)
+
+
+def run_custom_op(name, *args):
+    """Call a registered custom operator by name, without the Python module cpp_extension.load would
+    generate (and import) for it."""
+    return paddle._C_ops._run_custom_op(name, *args)
+
+
+def preemption_signal(job_environment):
+    """The signal submitit sends before a preemption or time-out (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL
+    says otherwise): training intercepts it to stop at a step boundary before submitit requeues."""
+    return job_environment._usr_sig()
