@@ -11,12 +11,13 @@ from engine_pretrain import train_one_epoch
 from layer import set_recompute
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
-from util.args import add_common_args, ratio, resolve, scale_lr
+from util.args import add_common_args, non_negative_int, positive_float, positive_int, ratio, resolve, scale_lr
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, train_loader
 from util.dist import data_parallel
 from util.epochs import train_epochs
 from util.factory import create_model
+from util.features import knn_monitor
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
 
@@ -27,6 +28,13 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", default=0.75, type=ratio, help="fraction of patches removed")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="use (per-patch) normalized pixels as targets for computing loss")
+    parser.add_argument("--knn_freq", default=0, type=non_negative_int, metavar="N",
+                        help="every N epochs and at the last, the k-NN top-1 of val/ against train/ features "
+                        "(0: off)")
+    parser.add_argument("--knn_k", default=20, type=positive_int, help="neighbours of the k-NN monitor")
+    parser.add_argument("--knn_t", default=0.07, type=positive_float, help="temperature of its vote weights")
+    parser.add_argument("--knn_train_per_class", default=0, type=non_negative_int, metavar="K",
+                        help="k-NN monitor: K training images per class (0: all)")
     parser.set_defaults(norm_pix_loss=False, save_freq=20)
     return parser
 
@@ -66,12 +74,13 @@ def main(args):
 
     optimizer = create_optimizer(model_without_ddp, args)
     loss_scaler = create_loss_scaler(args)
+    monitor = knn_monitor(model_without_ddp, args) if args.knn_freq else None
 
     def train_epoch(epoch, start_iter, log_writer, metric_logger):
         return train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler, log_writer=log_writer,
                                args=args, start_iter=start_iter, metric_logger=metric_logger)
 
-    train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch)
+    train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, monitor=monitor)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from util.dist import all_gather, broadcast_buffers, get_rank, get_world_size
 from util.preempt import STOP
 
 
-def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, train_one_epoch, evaluate=None):
+def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, train_one_epoch, evaluate=None,
+                 monitor=None):
     """Resume from --output_dir (or --resume), then for each remaining epoch: train_one_epoch(epoch, start_iter,
     log_writer, metric_logger) -> its meters; evaluate() -> test stats (keeping checkpoint-best.pd at the best
-    top-1 of the whole run); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq); append a
+    top-1 of the whole run); monitor(epoch) -> more numbers for the log line (e.g. knn_acc1); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq); append a
     log.txt line. A run stopped inside an epoch continues from the batch, the meters and the random draws
     where it stopped, so that it ends as the uninterrupted run would have."""
     resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
@@ -53,6 +54,11 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
                 for k in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
             stats.update({f"test_{k}": v for k, v in test_stats.items()})
+        if monitor is not None:
+            for k, v in monitor(epoch).items():  # e.g. the k-NN top-1 of pre-training
+                stats[k] = v
+                if log_writer is not None:
+                    log_writer.add_scalar(k, v, epoch)
         stats["epoch"] = epoch
         if evaluate is not None:
             stats["n_parameters"] = n_parameters
