@@ -21,7 +21,7 @@ from util import cpu_kernels
 pytestmark = pytest.mark.slow
 
 SCRIPTS = {
-    "pretrain": ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--norm_pix_loss"],
+    "pretrain": ["main_pretrain.py", "--model", "mae_vit_micro_patch4", "--norm_pix_loss"],
     "finetune": ["main_finetune.py", "--model", "vit_micro_patch4", "--nb_classes", "10", "--input_size", "32",
                  "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--reprob", "0.25",
                  "--aa", "rand-m9-mstd0.5-inc1"],

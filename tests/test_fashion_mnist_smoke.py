@@ -51,6 +51,7 @@ def test_study_driver_smoke(tmp_path):
 
     runs = report["runs"]
     chosen = report["protocol"]["chosen_blr"]
+    assert [len(report["sweeps_val_top1"]["finetune_mae"][p]) for p in ("1", "10")] == [2, 2]  # a real choice
     for method, sweep in report["sweeps_val_top1"].items():
         for p in ("1", "10"):
             assert chosen[method][p] == max(sweep[p], key=sweep[p].get)  # the best validation top-1
