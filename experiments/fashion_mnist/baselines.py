@@ -27,6 +27,7 @@ import cnn  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import load_pretrained  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
+from util.features import encoder_features  # noqa: E402
 from util.transforms import eval_transform  # noqa: E402
 
 GRIDS = {"logreg": [{"C": c} for c in (0.01, 0.1, 1.0, 10.0)],  # inverse L2 strength
@@ -45,18 +46,18 @@ def raw_pixels(folder):
     return x, np.array([t for _, t in data.samples], dtype=np.int64)
 
 
-def encoder_features(folder, models, input_size, batch_size=500):
-    """{name: features} of the frozen encoders in `models` on the evaluation transform (as the probe sees
-    the images): the class token after the final norm, or the mean of the patch tokens through a fresh
-    LayerNorm (global pooling)."""
+def mae_features(folder, model, input_size, batch_size=500):
+    """{'mae_cls', 'mae_avg'}: the frozen encoder's class token and its average-pooled patch tokens, both
+    through the final norm (util.features, as main_extract.py and the k-NN monitor take them), on the
+    evaluation transform (as the probe sees the images)."""
     transform = eval_transform(input_size)
     samples = ImageFolder(folder).samples
-    feats = {name: [] for name in models}
+    feats = {"mae_cls": [], "mae_avg": []}
     with paddle.no_grad():
         for i in range(0, len(samples), batch_size):
             batch = transform.batch(np.stack([transform(load_image(p)) for p, _ in samples[i:i + batch_size]]))
-            for name, model in models.items():
-                feats[name].append(model.forward_features(batch).numpy())
+            for name in feats:
+                feats[name].append(encoder_features(model, batch, name[4:]).numpy())
     return {name: np.concatenate(f) for name, f in feats.items()}
 
 
@@ -172,16 +173,13 @@ def main(argv=None):
             rows = {(r["method"], r["percent"], r["draw"]): r for r in map(json.loads, filter(str.strip, f))}
     paddle.set_device("cpu")
     classes = len(ImageFolder(args.val).classes)
-    models = {}
-    for name, pool in (("mae_cls", False), ("mae_avg", True)):
-        models[name] = models_vit.__dict__[args.model](num_classes=classes, img_size=args.input_size,
-                                                       global_pool=pool)
-        load_pretrained(models[name], args.checkpoint)
-        models[name].eval()
+    model = models_vit.__dict__[args.model](num_classes=classes, img_size=args.input_size, global_pool=False)
+    load_pretrained(model, args.checkpoint)
+    model.eval()
 
     def inputs(folder):
         x, y = raw_pixels(folder)
-        return {"pixels": x, **encoder_features(folder, models, args.input_size)}, y
+        return {"pixels": x, **mae_features(folder, model, args.input_size)}, y
 
     val, test = inputs(args.val), inputs(args.test)
     order = sorted(fractions, key=lambda key: (int(key[0]), key[1]))
