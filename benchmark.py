@@ -97,7 +97,7 @@ def step_times(stamps, end):
 
 def train_args(args):
     ns = argparse.Namespace(**vars(args))
-    ns.accum_iter, ns.print_freq, ns.log_dir, ns.seed = 1, 10 ** 9, "", 0
+    ns.accum_iter, ns.print_freq, ns.log_dir, ns.seed, ns.on_nonfinite = 1, 10 ** 9, "", 0, "stop"
     ns.lr, ns.min_lr, ns.warmup_epochs, ns.epochs = 1e-4, 0.0, 1, 100
     ns.weight_decay, ns.layer_decay = 0.05, 0.75
     return ns

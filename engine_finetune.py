@@ -4,6 +4,7 @@ import paddle.nn.functional as F
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util import nonfinite
 from util.amp import autocast
 from util.dist import get_rank, grad_sync
 from util.epochs import epoch_meters, log_step, read_step, train_epochs
@@ -15,7 +16,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
     """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
     meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (erasing values,
     mixup, drop path) are seeded from (seed, rank, epoch, step), so that a resumed run draws what the
-    uninterrupted one did. The step reads one number from the device: the loss (util.epochs.step_loss)."""
+    uninterrupted one did. The step reads one number from the device: the loss (util.epochs.read_step)."""
     model.train()
     metric_logger, header = epoch_meters(epoch, metric_logger)
     optimizer.clear_grad()
@@ -23,6 +24,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, *boxes, targets) in enumerate(batches, start=start_iter):
+        if nonfinite.skipped(args, epoch, data_iter_step):  # left out by a rewind (--on_nonfinite rewind)
+            continue
         misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
@@ -36,8 +39,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             with autocast(args):
                 outputs = model(samples)
                 loss = criterion(outputs.astype("float32"), targets)
-            loss_value, stop = read_step(loss, update)
-            misc.check_loss(loss_value, epoch, data_iter_step)
+            loss_value, stop = read_step(nonfinite.injected(loss, epoch, data_iter_step), update,
+                                         every_step=args.on_nonfinite == "rewind")
+            nonfinite.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                         update_grad=update)
         if update:

@@ -1,6 +1,7 @@
 """One epoch of MAE pre-training."""
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util import nonfinite
 from util.amp import autocast
 from util.dist import get_rank, grad_sync
 from util.epochs import epoch_meters, log_step, read_step
@@ -18,6 +19,8 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
+        if nonfinite.skipped(args, epoch, data_iter_step):  # left out by a rewind (--on_nonfinite rewind)
+            continue
         misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
@@ -26,8 +29,9 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         with grad_sync(model, update):
             with autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value, stop = read_step(loss, update)
-            misc.check_loss(loss_value, epoch, data_iter_step)
+            loss_value, stop = read_step(nonfinite.injected(loss, epoch, data_iter_step), update,
+                                         every_step=args.on_nonfinite == "rewind")
+            nonfinite.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.clear_grad()

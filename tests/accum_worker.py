@@ -72,7 +72,8 @@ def run(accum_iter, batch_size):
             batches.append((paddle.to_tensor(images[start:start + batch_size]),
                             paddle.to_tensor(labels[start:start + batch_size])))
     args = types.SimpleNamespace(accum_iter=accum_iter, print_freq=100, lr=0.5, min_lr=0.0, warmup_epochs=0,
-                                 epochs=1, device="cpu", no_amp=True, amp_dtype="float16", seed=0)
+                                 epochs=1, device="cpu", no_amp=True, amp_dtype="float16", seed=0,
+                                 on_nonfinite="stop")
     optimizer = paddle.optimizer.SGD(learning_rate=args.lr, parameters=[{"params": layers.parameters()}])
     scaler = RecordingScaler(layers, [])
     engine_finetune.train_one_epoch(model, CrossEntropyLoss(), batches, optimizer, 0, scaler, args=args)

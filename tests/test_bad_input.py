@@ -194,6 +194,10 @@ def test_accum_iter_beyond_an_epoch(data, tmp_path):
     ("main_finetune.py", ["--model", "vit_micro_patch4", "--mixup_prob", "1.5"], "--mixup_prob"),
     ("main_linprobe.py", ["--model", "vit_micro_patch4", "--batch_size", "1"], "--batch_size"),
     ("benchmark.py", ["--job", "pretrain", "--mask_ratio", "1"], "--mask_ratio"),
+    ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--on_nonfinite", "rewind", "--output_dir", ""],
+     "--on_nonfinite rewind"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--on_nonfinite", "skip"], "--on_nonfinite"),
+    ("main_linprobe.py", ["--model", "vit_micro_patch4", "--max_rewinds", "-1"], "--max_rewinds"),
 ])
 def test_flag_values_out_of_range(script, flags, named):
     out = run_script(script, *flags)

@@ -108,6 +108,21 @@ def test_ranks_with_different_local_output_dirs_do_not_resume_apart(dataset, tmp
     assert "Traceback" not in log and "Start training" not in log
 
 
+@pytest.mark.slow
+def test_a_nan_on_one_rank_in_a_micro_step_rewinds_every_rank(dataset, tmp_path):
+    """Rank 1 alone gets a NaN loss in a micro-step of --accum_iter 2: both ranks rewind to the same place,
+    leave out the same optimizer step and finish equal."""
+    code, log, states = launch(tmp_path, "nan", "main_pretrain.py", "--model", "mae_vit_micro_patch4",
+                               *common(dataset, str(tmp_path / "nan"), "--accum_iter", "2", "--on_nonfinite",
+                                       "rewind", "--input_size", "32"), env={"MAE_INJECT_NONFINITE": "1:0:1"})
+    assert code == 0, log[-3000:]
+    assert "Loss is nan at epoch 1, iteration 0: rewinding to" in log  # rank 0 prints for both
+    assert "without iteration(s) 0-1 of epoch 1" in log
+    assert len(states) == 2 and all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
+    logs = [json.loads(line) for line in open(tmp_path / "nan" / "log.txt")]
+    assert [r["epoch"] for r in logs] == [0, 1] and logs[1]["skipped_iterations"] == [[0, 1]]
+
+
 def test_fused_attention_gets_no_explicit_scale(monkeypatch):
     """On GPU, Paddle selects flash attention only without an explicit scale; its default equals the model's."""
     calls = []

@@ -62,7 +62,7 @@ def test_loss_falls_on_a_fixed_batch():
     model = tiny_mae(load=False)
     args = argparse.Namespace(weight_decay=0.05, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=100, accum_iter=1,
                               mask_ratio=0.75, print_freq=100, device="cpu", no_amp=True, amp_dtype="float16",
-                              log_dir="", seed=0)
+                              log_dir="", seed=0, on_nonfinite="stop")
     optimizer = main_pretrain.create_optimizer(model, args)
     imgs = paddle.to_tensor(np.load(golden("mae_tiny_io.npz"))["imgs"])
     loader = _Loader([(imgs, None)] * 10)

@@ -142,13 +142,16 @@ def test_corrupt_newest_checkpoint_falls_back(dataset, tmp_path):
 
 SOUND = {"model": {"w": np.zeros(2, np.float32)}, "optimizer": {"state": {"w": {"moment1": np.zeros(2, np.float32)}}},
          "epoch": 0, "iteration": 3, "scaler": {}, "best": {"acc1": 12.5, "epoch": 0},
-         "meters": [{"loss": {"count": 2, "total": 1.5, "values": [0.7, 0.8]}}], "args": {"batch_size": 8}}
+         "meters": [{"loss": {"count": 2, "total": 1.5, "values": [0.7, 0.8]}}], "skipped": [[0, 4, 5]],
+         "args": {"batch_size": 8}}
 WRONG = [("epoch", "abc"), ("epoch", None), ("epoch", [1]), ("epoch", -2), ("epoch", True), ("epoch", 1.5),
          ("iteration", -1), ("iteration", "3"), ("iteration", 2.0), ("optimizer", "adam"), ("optimizer", None),
          ("optimizer", {"state": "x"}), ("optimizer", {"state": {"w": [1, 2]}}), ("scaler", "x"), ("best", "high"),
          ("best", {"acc1": "high"}), ("best", {"acc1": float("nan")}), ("best", {"acc1": 1.0, "epoch": "x"}),
          ("best", {}), ("meters", "x"), ("meters", [1]), ("meters", [{"loss": {"count": "a"}}]),
-         ("meters", [{"loss": {"count": 1, "total": 1.0, "values": ["a"]}}]), ("args", "x"), ("args", [1])]
+         ("meters", [{"loss": {"count": 1, "total": 1.0, "values": ["a"]}}]), ("args", "x"), ("args", [1]),
+         ("skipped", "x"), ("skipped", [[1, 2]]), ("skipped", [[1, 5, 4]]), ("skipped", [[1, -1, 2]]),
+         ("skipped", [[1, 2, "3"]])]
 
 
 def test_every_training_field_is_checked(tmp_path):
@@ -291,6 +294,7 @@ def test_bad_files_fail_fast_or_are_skipped(tmp_path, workers):
 def test_non_finite_loss_names_epoch_and_iteration():
     import argparse
     from engine_pretrain import train_one_epoch
+    from util.nonfinite import NonFiniteError
 
     class Exploding(paddle.nn.Layer):
         def __init__(self):
@@ -303,8 +307,9 @@ def test_non_finite_loss_names_epoch_and_iteration():
     model = Exploding()
     opt = paddle.optimizer.AdamW(parameters=model.parameters())
     args = argparse.Namespace(accum_iter=1, lr=1e-3, min_lr=0.0, warmup_epochs=1, epochs=2, mask_ratio=0.75,
-                              print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="", seed=0)
-    with pytest.raises(misc.NonFiniteLossError, match="Loss is nan at epoch 3, iteration 0"):
+                              print_freq=10, device="cpu", no_amp=True, amp_dtype="float16", log_dir="", seed=0,
+                              on_nonfinite="stop")
+    with pytest.raises(NonFiniteError, match="Loss is nan at epoch 3, iteration 0"):
         train_one_epoch(model, [(paddle.zeros([2, 3, 4, 4]), None)], opt, 3, NativeScalerWithGradNormCount(False),
                         args=args)
 

@@ -6,6 +6,7 @@ import sys
 import paddle
 
 from util.cpu import cpu_threads
+from util.nonfinite import injection
 
 
 def positive_int(value):
@@ -165,6 +166,11 @@ def add_common_args(parser):
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="replace unreadable images by other samples (logged once, counted per epoch) "
                              "instead of stopping with the file's name")
+    parser.add_argument("--on_nonfinite", default="stop", choices=["stop", "rewind"],
+                        help="on a NaN/inf loss or weights: stop as the official (default), or go back to "
+                             "checkpoint-last.pd and leave out the optimizer step that failed")
+    parser.add_argument("--max_rewinds", default=3, type=non_negative_int, metavar="N",
+                        help="with --on_nonfinite rewind: stop at the failure after N rewinds in a run (default 3)")
     parser.add_argument("--start_epoch", default=0, type=non_negative_int, metavar="N")
     parser.add_argument("--num_workers", default=min(10, cpu_threads()), type=non_negative_int,
                         help="loader worker processes (default: 10 as the official, at most this process's share "
@@ -202,7 +208,8 @@ def add_classification_args(parser, global_pool):
 
 
 def resolve(parser, args, model_names):
-    """Check flag combinations, fill the model's input size; parser.error (exit 2) on a bad combination."""
+    """Check flag combinations (and the testing aid MAE_INJECT_NONFINITE), fill the model's input size;
+    parser.error (exit 2) on a bad combination."""
     from util.factory import default_img_size
 
     check_model_input(parser, args.model, args.input_size, model_names)
@@ -221,6 +228,12 @@ def resolve(parser, args, model_names):
         parser.error(f"--start_epoch {args.start_epoch} leaves no epoch to train with --epochs {args.epochs}")
     if getattr(args, "eval", False) and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (the model to evaluate)")
+    if args.on_nonfinite == "rewind" and not args.output_dir:
+        parser.error("--on_nonfinite rewind goes back to checkpoint-last.pd: it needs an --output_dir")
+    try:
+        injection()
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

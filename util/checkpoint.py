@@ -128,7 +128,7 @@ def _meters_problem(meters):
 
 def check_training_state(ckpt, path):
     """Raise CheckpointError naming the first field of a training checkpoint (epoch, iteration, optimizer,
-    scaler, best, meters, args) whose type or range no run of this project writes, before anything is
+    scaler, best, meters, skipped, args) whose type or range no run of this project writes, before anything is
     loaded from it."""
     def bad(key, why):
         raise CheckpointError(f"{path}: '{key}' {why}; not a checkpoint to continue training from")
@@ -156,6 +156,11 @@ def check_training_state(ckpt, path):
         bad("best", f"is {best!r}, not {{'acc1': number, 'epoch': epoch or None}}")
     if ckpt.get("meters") is not None and _meters_problem(ckpt["meters"]):
         bad("meters", _meters_problem(ckpt["meters"]))
+    skipped = ckpt.get("skipped", [])
+    if not (isinstance(skipped, list) and all(
+            isinstance(s, list) and len(s) == 3 and all(_is_int(v) and v >= 0 for v in s) and s[1] <= s[2]
+            for s in skipped)):
+        bad("skipped", f"is {skipped!r}, not a list of [epoch, first, last] iterations")
     if not isinstance(ckpt.get("args", {}), dict):
         bad("args", f"is {type(ckpt['args']).__name__}, not a dict of flags")
 

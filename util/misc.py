@@ -1,7 +1,6 @@
 """Running a script: start-up (devices, seeds, output folders), one-line fatal errors, meters and logs."""
 import datetime
 import json
-import math
 import os
 import random
 import resource
@@ -19,18 +18,16 @@ from util.cpu import configure_cpu
 from util.datasets import DataError
 from util.dist import (LaunchError, all_reduce_sum, check_launch_environment, from_main_process, get_rank,
                        init_distributed_mode, is_main_process)
+from util.nonfinite import NonFiniteError
 from util.preempt import STOP
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
 
 def run(main, args):
     """Run a script's main; data, checkpoint, launch, output-folder and numeric faults end with a one-line
     error and exit 1."""
     try:
         main(args)
-    except (DataError, checkpoint.CheckpointError, LaunchError, NonFiniteLossError, run_dir.RunDirError) as e:
+    except (DataError, checkpoint.CheckpointError, LaunchError, NonFiniteError, run_dir.RunDirError) as e:
         sys.exit(f"error: {e}")
 
 class SmoothedValue:
@@ -103,7 +100,8 @@ class MetricLogger:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
 
     def __str__(self):
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        """The meters with values (none yet while a rewind leaves out the first iterations of an epoch)."""
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items() if meter.deque)
 
     def synchronize_between_processes(self):
         for meter in self.meters.values():
@@ -186,11 +184,6 @@ def print_model(model, args):
     print(f"accumulate grad iterations: {args.accum_iter}")
     print(f"effective batch size: {eff_batch_size}")
 
-
-def check_loss(loss_value, epoch, step):
-    """The official stop on a non-finite loss, naming where it happened."""
-    if not math.isfinite(loss_value):
-        raise NonFiniteLossError(f"Loss is {loss_value} at epoch {epoch}, iteration {step}, stopping training")
 
 def seed_everything(seed, *position):
     """Seed paddle, numpy and python's random from seed and a position in training (epoch, step), so that a

@@ -10,7 +10,8 @@ from util.run_dir import RunDirError
 def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag=None, iteration=0, meters=None):
     """Rank 0 writes {output_dir}/checkpoint-{tag or epoch}.pd: model, optimizer, epoch (the last complete
     one), iteration and every rank's meters (when stopped inside the next epoch), scaler, the best test top-1
-    so far and its epoch, args. A failed write leaves the earlier checkpoints as they were."""
+    so far and its epoch, the iterations rewinds left out, args. A failed write leaves the earlier
+    checkpoints as they were."""
     if not (args.output_dir and is_main_process()):
         return
     path = os.path.join(args.output_dir, f"checkpoint-{tag if tag is not None else epoch}.pd")
@@ -23,6 +24,7 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag
             "scaler": loss_scaler.state_dict(),
             "best": best,
             "meters": meters,
+            "skipped": getattr(args, "skipped", []),
             "args": vars(args),
         }, path)
     except OSError as e:
@@ -35,6 +37,15 @@ def save_epoch(args, epoch, model_without_ddp, optimizer, loss_scaler, best):
     if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
         save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best)
     save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, best, tag="last")
+
+
+def save_rewind_point(args, model_without_ddp, optimizer, loss_scaler, resumed):
+    """--on_nonfinite rewind: checkpoint-last.pd holds the state training starts from (unless it was resumed
+    from that file), so that a failure before the first epoch ends has a state to go back to."""
+    last = os.path.join(args.output_dir, "checkpoint-last.pd")
+    if os.path.abspath(args.resume or "") != os.path.abspath(last):
+        save_model(args, args.start_epoch - 1, model_without_ddp, optimizer, loss_scaler, resumed["best"],
+                   tag="last", iteration=args.start_iter, meters=resumed["meters"])
 
 
 def newest_checkpoint(output_dir):
@@ -61,8 +72,10 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
     """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
     model strictly; with optimizer and epoch (and not --eval), continue training where it stopped. Returns
     {'best': the best test top-1 so far and its epoch (0 and None for a new run), 'meters': every rank's
-    meters of a stopped epoch}."""
+    meters of a stopped epoch}. Sets args.start_epoch, args.start_iter and args.skipped (the iterations
+    rewinds left out, util.nonfinite)."""
     args.start_iter = 0
+    args.skipped = []
     best = {"acc1": 0.0, "epoch": None}
     resumed = {"best": best, "meters": None}
     path, ckpt = args.resume, None
@@ -88,6 +101,7 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
             loss_scaler.load_state_dict(ckpt["scaler"])
         print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
                                        if args.start_iter else ""))
+        args.skipped = [list(s) for s in ckpt.get("skipped", [])]
         truncate_log(args, args.start_epoch)
         resumed = {"best": dict(ckpt.get("best") or best), "meters": ckpt.get("meters")}
         if args.start_iter and resumed["meters"] is not None and len(resumed["meters"]) != get_world_size():

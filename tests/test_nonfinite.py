@@ -1,0 +1,171 @@
+"""--on_nonfinite: the official stop, and rewinds that get past a non-finite loss or weights, bounded by
+--max_rewinds, with no checkpoint ever holding a non-finite value."""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+from helpers import run_script, state_of
+from util import checkpoint, nonfinite
+from util.amp import NativeScalerWithGradNormCount
+from util.epochs import epoch_meters, train_epochs
+from util.nonfinite import NonFiniteError
+from util.run_state import load_model
+
+PRETRAIN = ["main_pretrain.py", "--model", "mae_vit_micro_patch4", "--norm_pix_loss", "--batch_size", "8",
+            "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "2", "--log_dir", "", "--print_freq", "100"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """80 training images of the shipped Fashion-MNIST subset (10 iterations of 8 per epoch), 20 to validate."""
+    root = tmp_path_factory.mktemp("fmnist")
+    for split, n in (("train", 8), ("val", 2)):
+        src = os.path.join(ROOT, "demo", "fashion_mnist_small", split)
+        for c in sorted(os.listdir(src)):
+            os.makedirs(root / split / c)
+            for f in sorted(os.listdir(os.path.join(src, c)))[:n]:
+                shutil.copy(os.path.join(src, c, f), root / split / c / f)
+    return str(root)
+
+
+def log_lines(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_finite_checkpoints(out):
+    for name in os.listdir(out):
+        if name.endswith(".pd"):
+            ckpt = checkpoint.load_checkpoint(os.path.join(out, name))  # rejects non-finite weights
+            for accs in ckpt["optimizer"]["state"].values():
+                assert all(np.isfinite(v).all() for v in accs.values()), name
+
+
+def test_stop_is_the_default_and_rewind_gets_past_an_injected_nan(data, tmp_path):
+    stop, rewind = str(tmp_path / "stop"), str(tmp_path / "rewind")
+    env = {**os.environ, nonfinite.INJECT_VAR: "1:4"}
+    res = run_script(*PRETRAIN, "--data_path", data, "--output_dir", stop, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: Loss is nan at epoch 1, iteration 4, stopping training"
+    assert [r["epoch"] for r in log_lines(stop)] == [0]
+    assert checkpoint.load_checkpoint(os.path.join(stop, "checkpoint-last.pd"))["epoch"] == 0
+
+    res = run_script(*PRETRAIN, "--data_path", data, "--output_dir", rewind, "--on_nonfinite", "rewind", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Loss is nan at epoch 1, iteration 4: rewinding to" in res.stdout
+    assert "Continuing at epoch 1, iteration 0, without iteration(s) 4-4 of epoch 1" in res.stdout
+    logs = log_lines(rewind)
+    assert [r["epoch"] for r in logs] == [0, 1, 2] and logs[0] == log_lines(stop)[0]
+    assert logs[1]["skipped_iterations"] == [[4, 4]] and "skipped_iterations" not in logs[2]
+    last = checkpoint.load_checkpoint(os.path.join(rewind, "checkpoint-last.pd"))
+    assert last["epoch"] == 2 and last["skipped"] == [[1, 4, 4]]
+    assert_finite_checkpoints(rewind)
+
+
+def test_fine_tuning_rewinds_too(data, tmp_path):
+    out = str(tmp_path / "o")
+    res = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--nb_classes", "10", "--input_size", "28",
+                     "--mixup", "0.8", "--reprob", "0.25", "--data_path", data, "--output_dir", out,
+                     "--on_nonfinite", "rewind", *PRETRAIN[4:], env={**os.environ, nonfinite.INJECT_VAR: "2:9"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    logs = log_lines(out)
+    assert [r["epoch"] for r in logs] == [0, 1, 2] and logs[2]["skipped_iterations"] == [[9, 9]]
+    assert all(np.isfinite(r["test_acc1"]) for r in logs)
+    assert_finite_checkpoints(out)
+
+
+def test_a_run_that_diverges_for_good_stops_after_the_rewinds(data, tmp_path):
+    out = str(tmp_path / "o")
+    res = run_script(*PRETRAIN, "--data_path", data, "--output_dir", out, "--on_nonfinite", "rewind",
+                     "--max_rewinds", "2", "--lr", "1e30", "--warmup_epochs", "0")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Loss is nan at epoch 0, iteration ") and \
+        last.endswith(" after 2 rewind(s) (--max_rewinds 2), stopping training"), last
+    assert res.stdout.count("rewinding to") == 2
+    start = checkpoint.load_checkpoint(os.path.join(out, "checkpoint-last.pd"))
+    assert start["epoch"] == -1 and start["iteration"] == 0  # the state training started from
+    assert_finite_checkpoints(out)
+
+
+class Loader:
+    """The loader interface train_epochs uses, for 4 iterations per epoch."""
+
+    class Sampler:
+        def set_epoch(self, epoch):
+            pass
+
+    batch_sampler = Sampler()
+
+    def skip_batches(self, n):
+        pass
+
+    def __len__(self):
+        return 4
+
+
+def counting_run(tmp_path, mode, poison):
+    """train_epochs over 3 epochs where each optimizer step adds 1 to every weight, and the step `poison`
+    (epoch, iteration) once makes them NaN (as non-finite gradients would); the run's model."""
+    os.makedirs(tmp_path)
+    paddle.seed(0)
+    model = paddle.nn.Linear(2, 2)
+    optimizer = paddle.optimizer.AdamW(parameters=model.parameters())
+    args = argparse.Namespace(output_dir=str(tmp_path), resume="", auto_resume=True, start_epoch=0, epochs=3,
+                              on_nonfinite=mode, max_rewinds=3, accum_iter=1, save_freq=1, eval_freq=1, log_dir="",
+                              batch_size=8)
+    poisoned = []
+
+    def train_one_epoch(epoch, start_iter, log_writer, metric_logger):
+        metric_logger, _ = epoch_meters(epoch, metric_logger)
+        for step in range(start_iter, 4):
+            if nonfinite.skipped(args, epoch, step):
+                continue
+            for p in model.parameters():
+                p.set_value(p + 1)
+            if (epoch, step) == poison and not poisoned:
+                poisoned.append(step)
+                model.weight.set_value(paddle.full_like(model.weight, float("nan")))
+            metric_logger.update(loss=1.0, lr=0.1)
+        return metric_logger
+
+    start = model.weight.numpy().copy()
+    train_epochs(args, model, optimizer, NativeScalerWithGradNormCount(False), Loader(), train_one_epoch)
+    return start, model, args
+
+
+def test_weights_made_non_finite_are_never_saved(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"Weights are not finite \(not saved\) at epoch 1, iteration 3"):
+        counting_run(tmp_path / "stop", "stop", (1, 3))
+    assert checkpoint.load_checkpoint(str(tmp_path / "stop" / "checkpoint-last.pd"))["epoch"] == 0
+
+    start, model, args = counting_run(tmp_path / "rewind", "rewind", (1, 3))
+    assert args.skipped == [[1, 3, 3]]
+    np.testing.assert_array_equal(model.weight.numpy(), start + 11)  # 12 steps, the poisoned one left out
+    state = state_of(str(tmp_path / "rewind" / "checkpoint-last.pd"))
+    np.testing.assert_array_equal(state["weight"], start + 11)
+    resumed = argparse.Namespace(**{**vars(args), "resume": "", "start_epoch": 0, "epochs": 4, "skipped": None})
+    load_model(resumed, model, paddle.optimizer.AdamW(parameters=model.parameters()),
+               NativeScalerWithGradNormCount(False))
+    assert resumed.start_epoch == 3 and resumed.skipped == [[1, 3, 3]]  # a resumed run counts the rewind
+
+
+def test_the_failed_step_is_the_one_that_made_the_weights_non_finite():
+    model = paddle.nn.Linear(2, 2)
+    error = NonFiniteError("Loss is nan", 3, 5)
+    assert nonfinite.failed_step(error, model, 2) == [3, 4, 5]
+    model.weight.set_value(paddle.full_like(model.weight, float("inf")))
+    assert nonfinite.failed_step(error, model, 2) == [3, 2, 3]  # the step before made the weights inf
+    assert nonfinite.failed_step(NonFiniteError("Loss is nan", 3, 1), model, 2) == [3, 0, 1]
+
+
+@pytest.mark.parametrize("value", ["x", "1", "1:2:3:4", "-1:2", "1:b"])
+def test_a_malformed_injection_variable_is_named(value, tmp_path):
+    res = run_script(*PRETRAIN, "--data_path", str(tmp_path), env={**os.environ, nonfinite.INJECT_VAR: value})
+    assert res.returncode == 2 and nonfinite.INJECT_VAR in res.stderr.strip().splitlines()[-1]

@@ -1,0 +1,87 @@
+"""A loss or weights that stop being finite: the official stop (--on_nonfinite stop), or (rewind) every rank
+goes back to checkpoint-last.pd and leaves out the optimizer step that failed.
+
+Skipping that step's batch (as large-model training does on a loss spike) keeps the recipe: the same
+learning rate, precision and batch order, one batch fewer. A replay from the checkpoint draws what the
+first pass drew, so anything but leaving the batch out would fail again at the same place."""
+import math
+import os
+
+import paddle
+
+from util.dist import get_rank
+
+INJECT_VAR = "MAE_INJECT_NONFINITE"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss (or, at a checkpoint, the weights) became NaN or infinite in the optimizer step of `iteration`
+    of `epoch`; `loss` tells which."""
+
+    def __init__(self, what, epoch, iteration, loss=True, after=""):
+        super().__init__(f"{what} at epoch {epoch}, iteration {iteration}{after}, stopping training")
+        self.what, self.epoch, self.iteration, self.loss = what, epoch, iteration, loss
+
+
+def injection():
+    """(epoch, step, rank or None) from MAE_INJECT_NONFINITE=EPOCH:STEP[:RANK], a testing aid that makes that
+    step's loss NaN once per process; None when unset."""
+    value = os.environ.get(INJECT_VAR, "")
+    if not value:
+        return None
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{INJECT_VAR}={value!r}: expected EPOCH:STEP or EPOCH:STEP:RANK (non-negative integers)")
+    numbers = [int(p) for p in parts]
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
+
+
+_INJECTED = []
+
+
+def injected(loss, epoch, step):
+    """The loss, made NaN at the step MAE_INJECT_NONFINITE names (once per process), before any rank reads it."""
+    target = injection()
+    if target and target[:2] == (epoch, step) and target[2] in (None, get_rank()) and not _INJECTED:
+        _INJECTED.append(target)
+        return loss * math.nan
+    return loss
+
+
+def check_loss(loss_value, epoch, step):
+    """The official stop on a non-finite loss, naming where it happened (raises NonFiniteError)."""
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(f"Loss is {loss_value}", epoch, step)
+
+
+def weights_finite(model):
+    """Whether every weight is finite: one reduction on the device and one read."""
+    flags = [paddle.isfinite(p).all() for p in model.parameters()]
+    return bool(paddle.stack(flags).all().item()) if flags else True
+
+
+def check_weights(model, epoch, last_step):
+    """Before a checkpoint: raise NonFiniteError when an optimizer step (the last one, `last_step`, as every
+    earlier one would have made a loss non-finite) left non-finite weights."""
+    if not weights_finite(model):
+        raise NonFiniteError("Weights are not finite (not saved)", epoch, last_step, loss=False)
+
+
+def window(step, accum_iter):
+    """(first, last) iteration of the optimizer step that iteration `step` belongs to."""
+    first = step - step % accum_iter
+    return first, first + accum_iter - 1
+
+
+def failed_step(error, model, accum_iter):
+    """(epoch, first, last) iterations to leave out after `error`: its own optimizer step, or the one before
+    when the weights are already non-finite (non-finite gradients that step made them so)."""
+    first, last = window(error.iteration, accum_iter)
+    if error.loss and first >= accum_iter and not weights_finite(model):
+        first, last = first - accum_iter, first - 1
+    return [error.epoch, first, last]
+
+
+def skipped(args, epoch, step):
+    """Whether iteration `step` of `epoch` belongs to an optimizer step a rewind left out."""
+    return any(e == epoch and first <= step <= last for e, first, last in getattr(args, "skipped", ()))
