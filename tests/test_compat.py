@@ -51,3 +51,21 @@ def test_submitit_preemption_signal(monkeypatch):
     import signal
     assert compat.preemption_signal(submitit.JobEnvironment) == signal.SIGUSR2, \
         "submitit.JobEnvironment._usr_sig() (the preemption signal, USR2 by default) changed"
+
+
+def test_public_optimizer_state_dict_keys_still_depend_on_creation_order():
+    """Why util.compat reads the accumulators: Optimizer.state_dict() keys them by generated variable names,
+    which shift with whatever the process created before, so a checkpoint keyed that way would not load into
+    the same model built after another one. If this fails, the public state_dict has become portable and
+    checkpoint.optimizer_state should use it instead."""
+    from util.checkpoint import optimizer_state
+
+    def keys(before):
+        [paddle.nn.Linear(2, 2) for _ in range(before)]
+        model = paddle.nn.Sequential(paddle.nn.Linear(3, 3))
+        opt, _ = _stepped(AdamW, list(model.parameters()))
+        public = {k for k, v in opt.state_dict().items() if isinstance(v, paddle.Tensor)}
+        return public, {(n, a) for n, accs in optimizer_state(opt, model)["state"].items() for a in accs}
+
+    (public_a, ours_a), (public_b, ours_b) = keys(0), keys(1)
+    assert public_a != public_b and ours_a == ours_b
