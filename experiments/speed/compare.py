@@ -51,10 +51,13 @@ def main():
     parser.add_argument("--sdpa", action="store_true", help="torch with fused attention (recent timm)")
     parser.add_argument("--data_path", default=None, help="time the input pipelines on this ImageFolder instead")
     parser.add_argument("--num_workers", default=2, type=positive_int, help="loader workers (--data_path)")
+    parser.add_argument("--jobs", nargs="+", default=None, choices=["infer", "pretrain", "finetune"],
+                        help="only these model jobs (default: all)")
     args = parser.parse_args()
     if not os.access(args.torch_python, os.X_OK) or os.path.isdir(args.torch_python):
         sys.exit(f"error: --torch_python {args.torch_python}: not an executable file")
-    rows = {name: ([], []) for name, _, _ in (DATA_JOBS if args.data_path else JOBS)}
+    jobs = [j for j in JOBS if args.jobs is None or j[2] in args.jobs]
+    rows = {name: ([], []) for name, _, _ in (DATA_JOBS if args.data_path else jobs)}
     common = ["--batch_size", "8", "--iters", "3", "--warmup", "3"]  # steady state: the heap grows in the first steps
     for _ in range(args.rounds):
         if args.data_path:
@@ -67,7 +70,7 @@ def main():
                 rows[name][1].append(run([args.torch_python, os.path.join(HERE, "data_reference.py"),
                                           "--transform", transform, *common]))
             continue
-        for name, flags, job in JOBS:
+        for name, flags, job in jobs:
             rows[name][0].append(run([sys.executable, "benchmark.py", *flags, *common]))
             rows[name][1].append(run([args.torch_python, os.path.join(HERE, "torch_reference.py"), "--job", job,
                                       *common, *(["--sdpa"] if args.sdpa else [])]))
@@ -75,6 +78,9 @@ def main():
     print("|---|---|---|---|")
     for name, (ours, ref) in rows.items():
         print(f"| {name} | {span(ours)} | {span(ref)} | {span([a / b for a, b in zip(ours, ref)])} |")
+    print()
+    for name, (ours, ref) in rows.items():
+        print(f"{name}, ratio of each pair in order: " + ", ".join(f"{a / b:.2f}" for a, b in zip(ours, ref)))
 
 
 if __name__ == "__main__":
