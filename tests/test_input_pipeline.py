@@ -61,6 +61,16 @@ def test_bicubic_resize_equals_pillow():
     assert equal == cases  # bit-exact with the Pillow installed here; 1 level is the documented bound
 
 
+def test_mirror_equals_the_reversed_view(monkeypatch):
+    a = np.asarray(Image.open(PHOTOS[0]).convert("RGB"))
+    assert fast_image.available()
+    for view in (a, a[5:205, 7:150], a[:1, :1], a[:, ::2]):  # whole, a crop, one pixel, a strided view
+        got = fast_image.mirror(view)
+        assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, view[:, ::-1])
+    monkeypatch.setattr(fast_image, "_state", {"lib": None})  # not built: NumPy flips
+    assert np.array_equal(fast_image.mirror(a[5:205, 7:150]), a[5:205, 7:150, :][:, ::-1])
+
+
 def test_other_pillow_releases_resize_themselves(monkeypatch):
     """The C resampling follows one Pillow release: with another installed, Pillow's own pixels are used."""
     import PIL

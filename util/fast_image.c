@@ -155,6 +155,20 @@ end:
   return status;
 }
 
+// h x w x 3 uint8 (rows in_stride bytes apart) -> its mirror image, left to right, contiguous: NumPy copies
+// a reversed view of 3-byte pixels one byte at a time.
+void mirror_rgb(const uint8_t *in, int h, int w, long in_stride, uint8_t *out) {
+  for (int y = 0; y < h; y++) {
+    const uint8_t *src = in + y * in_stride + (long)(w - 1) * 3;
+    uint8_t *dst = out + (long)y * w * 3;
+    for (int x = 0; x < w; x++, src -= 3, dst += 3) {
+      dst[0] = src[0];
+      dst[1] = src[1];
+      dst[2] = src[2];
+    }
+  }
+}
+
 // n x h x w x 3 uint8 -> n x 3 x h x w float32 through a 3 x 256 table (the normalised value of each level).
 void normalize_nhwc(const uint8_t *in, long n, long hw, const float *table, float *out) {
   for (long i = 0; i < n; i++) {

@@ -11,7 +11,7 @@ import paddle
 from PIL import Image, ImageEnhance
 
 from util.auto_augment import rand_augment_transform
-from util.fast_image import available as fast_image_available, normalize_nhwc, resize_bicubic
+from util.fast_image import available as fast_image_available, mirror, normalize_nhwc, resize_bicubic
 from util.random_erasing import RandomErasing
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +86,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, img):
-        return img[:, ::-1] if random.random() < self.p else img
+        return mirror(img) if random.random() < self.p else img
 
 
 class Resize:
