@@ -78,3 +78,22 @@ def set_grads(model, grads):
             g = np.ascontiguousarray(to_torch_layout(name, grads["grad/" + name]))
             loss = loss + (p * paddle.to_tensor(g)).sum()
     loss.backward()
+
+
+def parse_flags(script, *argv):
+    """A training script's flags read by its parse_args inside this process, where a flag error ends (exit 2,
+    before any work): a CompletedProcess-like (returncode, stdout, stderr) without a process start."""
+    import contextlib
+    import importlib
+    import io
+    import types
+
+    module = importlib.import_module(script[:-len(".py")])
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.parse_args(list(argv))
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

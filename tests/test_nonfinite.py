@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 from conftest import ROOT
-from helpers import run_script, state_of
+from helpers import parse_flags, run_script, state_of
 from util import checkpoint, nonfinite
 from util.amp import NativeScalerWithGradNormCount
 from util.epochs import epoch_meters, train_epochs
@@ -166,6 +166,7 @@ def test_the_failed_step_is_the_one_that_made_the_weights_non_finite():
 
 
 @pytest.mark.parametrize("value", ["x", "1", "1:2:3:4", "-1:2", "1:b"])
-def test_a_malformed_injection_variable_is_named(value, tmp_path):
-    res = run_script(*PRETRAIN, "--data_path", str(tmp_path), env={**os.environ, nonfinite.INJECT_VAR: value})
+def test_a_malformed_injection_variable_is_named(value, tmp_path, monkeypatch):
+    monkeypatch.setenv(nonfinite.INJECT_VAR, value)
+    res = parse_flags(*PRETRAIN, "--data_path", str(tmp_path))
     assert res.returncode == 2 and nonfinite.INJECT_VAR in res.stderr.strip().splitlines()[-1]
