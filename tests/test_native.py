@@ -130,7 +130,7 @@ def test_a_damaged_or_foreign_library_in_the_cache(tmp_path):
 def test_a_build_killed_half_way_leaves_nothing_to_load(tmp_path):
     code = "import sys; sys.path.insert(0, '.'); from util import fast_image; print(fast_image.available())"
     env = {**os.environ, "PADDLE_EXTENSION_DIR": str(tmp_path / "ext"),
-           "CC": compiler(tmp_path, f"touch {tmp_path}/started; sleep 1000")}
+           "CC": compiler(tmp_path, f"echo $$ > {tmp_path}/started; exec sleep 1002")}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -139,9 +139,14 @@ def test_a_build_killed_half_way_leaves_nothing_to_load(tmp_path):
     assert (tmp_path / "started").exists()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    os.kill(int((tmp_path / "started").read_text()), signal.SIGKILL)  # the compiler, in a session of its own
     assert not glob.glob(str(tmp_path / "ext" / "*.so"))  # nothing half-built at the cached path
     res = probe(tmp_path, code)
     assert res.stdout.split() == ["True"] and not res.warnings, res.stderr  # the next run builds
+    assert glob.glob(str(tmp_path / "ext" / "*.build.*"))  # the killed build's folder (another key)
+    res = probe(tmp_path, code, CC=compiler(tmp_path, 'exec cc "$@"'))  # the killed build's key, now working
+    assert res.stdout.split() == ["True"] and not res.warnings, res.stderr
+    assert not glob.glob(str(tmp_path / "ext" / "*.build.*"))  # its build cleared what the killed one left
 
 
 def test_native_off(tmp_path):

@@ -12,6 +12,7 @@ gives one warning per run and None: the caller then uses Paddle's ops and Pillow
 build off."""
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import platform
@@ -168,7 +169,10 @@ def describe(error):
 
 def _build(path, folder, build_command, find_output):
     """Build into a private folder, then move the library into place with its checksum; on failure write the
-    .failed file."""
+    .failed file. Folders of earlier builds of this key that were killed half-way go first (the caller holds
+    the key's lock, so no build of it is running)."""
+    for stale in glob.glob(glob.escape(path) + ".build.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     work = tempfile.mkdtemp(prefix=os.path.basename(path) + ".build.", dir=folder)
     try:
         ok, reason = _run_build(build_command(work), work, dict(os.environ), timeout())
