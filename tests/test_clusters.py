@@ -93,11 +93,21 @@ def test_preempted_job_is_requeued_and_completes_the_run(data, uninterrupted, tm
         open(os.path.join(str(uninterrupted.paths.folder), "log.txt")).read()
 
 
-def test_time_limit_requeues_until_the_run_is_complete(data, tmp_path, monkeypatch):
+def epoch_seconds(job):
+    """Seconds per epoch of a finished job, from its log's 's / it' and iterations per epoch."""
+    log = open(job.task(0).paths.stdout).read()
+    per_it = [float(x) for x in re.findall(r"Total time: \S+ \(([\d.]+) s / it\)", log)]
+    iterations = int(re.findall(r"\[\s*\d+/(\d+)\]", log)[-1])
+    return sorted(per_it)[len(per_it) // 2] * iterations
+
+
+def test_time_limit_requeues_until_the_run_is_complete(data, uninterrupted, tmp_path, monkeypatch):
     """submitit's own time limit on the local executor: a 1-minute job whose controller sends the preemption
     signal 30 s in; the run needs more than that, so it is requeued, resumes and completes, with every epoch
     once in log.txt."""
-    epochs = 60  # more than 30 s of work even on a fast machine, within the local executor's 6 retries on a slow one
+    # about 50 s of training at this machine's current speed: more than the 30 s before the signal, and
+    # within the local executor's 6 attempts even when the machine slows down by half
+    epochs = max(10, round(50 / epoch_seconds(uninterrupted)))
     job = submit_local(data, str(tmp_path / "%j"), epochs, monkeypatch, timeout_min=1)
     job.results()
     log = open(job.task(0).paths.stdout).read()
