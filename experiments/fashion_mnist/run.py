@@ -71,15 +71,22 @@ def wall_clock(folder):
 
 def timed_call(cmd, folder, stdout):
     """Run cmd from the repository root, console appended to `stdout`; add its seconds to folder's
-    wall_clock.txt (summed over resumed attempts); exit naming the file on failure."""
+    wall_clock.txt (summed over resumed attempts, rewritten every minute so that an attempt killed with
+    the session still counts); exit naming the file on failure."""
     os.makedirs(folder, exist_ok=True)
     print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
-    start = time.time()
+    start, spent = time.time(), wall_clock(folder) or 0.0
     with open(stdout, "a", encoding="utf-8") as log:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    spent = wall_clock(folder) or 0.0
-    with open(os.path.join(folder, "wall_clock.txt"), "w") as f:
-        f.write(f"{spent + time.time() - start:.1f}\n")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = None
+        while code is None:
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            with open(os.path.join(folder, "wall_clock.txt.tmp"), "w") as f:
+                f.write(f"{spent + time.time() - start:.1f}\n")
+            os.replace(os.path.join(folder, "wall_clock.txt.tmp"), os.path.join(folder, "wall_clock.txt"))
     if code != 0:
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
