@@ -1,8 +1,12 @@
 """Small ImageFolder datasets written by the tests: real PNG files of several modes."""
 import os
 
+import shutil
+
 import numpy as np
 from PIL import Image
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "fashion_mnist_small")
 
 
 def make_image_folder(root, classes=2, per_class=12, size=32, split="train", seed=0, modes=True):
@@ -31,3 +35,15 @@ def make_train_val(root, classes, train_per_class, val_per_class):
     make_image_folder(root, classes=classes, per_class=train_per_class, split="train")
     make_image_folder(root, classes=classes, per_class=val_per_class, split="val", seed=1)
     return root
+
+
+def demo_subset(dst, per_split):
+    """dst/SPLIT/CLASS with the first per_split[SPLIT] images of each class of the shipped Fashion-MNIST
+    subset (real data, no download)."""
+    for split, n in per_split.items():
+        src = os.path.join(DEMO, split)
+        for c in sorted(os.listdir(src)):
+            os.makedirs(os.path.join(dst, split, c))
+            for f in sorted(os.listdir(os.path.join(src, c)))[:n]:
+                shutil.copy(os.path.join(src, c, f), os.path.join(dst, split, c, f))
+    return str(dst)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from data import demo_subset
 from helpers import run_script, state_of
 from util import cpu_kernels
 
@@ -32,14 +33,7 @@ SCRIPTS = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """80 training and 40 validation images of the shipped Fashion-MNIST subset (10 iterations of 8)."""
-    root = tmp_path_factory.mktemp("fmnist")
-    src = os.path.join(ROOT, "demo", "fashion_mnist_small")
-    for split, n in (("train", 8), ("val", 4)):
-        for c in sorted(os.listdir(os.path.join(src, split))):
-            os.makedirs(root / split / c)
-            for f in sorted(os.listdir(os.path.join(src, split, c)))[:n]:
-                shutil.copy(os.path.join(src, split, c, f), root / split / c / f)
-    return str(root)
+    return demo_subset(tmp_path_factory.mktemp("fmnist"), {"train": 8, "val": 4})
 
 
 def argv(script, data, out, batch_size=8):

@@ -1,26 +1,16 @@
 """The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from data import demo_subset
 from helpers import run_script
 
 DRIVER = os.path.join("experiments", "fashion_mnist", "run.py")
-
-
-def _subset(dst, per_split):
-    """The first images of each class of the shipped Fashion-MNIST subset (real data, no download)."""
-    for split, n in per_split.items():
-        src = os.path.join(ROOT, "demo", "fashion_mnist_small", split)
-        for c in sorted(os.listdir(src)):
-            os.makedirs(os.path.join(dst, split, c))
-            for f in sorted(os.listdir(os.path.join(src, c)))[:n]:
-                shutil.copy(os.path.join(src, c, f), os.path.join(dst, split, c, f))
 
 
 def _files(folder):
@@ -30,7 +20,7 @@ def _files(folder):
 @pytest.mark.slow
 def test_study_driver_smoke(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    _subset(data, {"train": 45, "val": 10})
+    demo_subset(data, {"train": 45, "val": 10})
     os.makedirs(out)
     with open(os.path.join(out, "README.md"), "w") as f:  # the report's README gets its table replaced
         f.write("intro\n<!-- results: written by run.py -->\nold table\n<!-- end of results -->\nconclusions\n")
@@ -109,7 +99,7 @@ def test_study_driver_bad_paths(tmp_path):
     res = run_script(DRIVER, "--smoke", "--data", str(blocker / "data"), "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "could not prepare --data" in res.stderr
     data = tmp_path / "data"
-    _subset(str(data), {"train": 1, "val": 1})
+    demo_subset(str(data), {"train": 1, "val": 1})
     res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(blocker / "out"))
     assert res.returncode == 1 and f"--out {blocker / 'out'}" in res.stderr and "Traceback" not in res.stderr
 

@@ -3,13 +3,12 @@
 import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT
+from data import demo_subset
 from helpers import parse_flags, run_script, state_of
 from util import checkpoint, nonfinite
 from util.amp import NativeScalerWithGradNormCount
@@ -24,14 +23,7 @@ PRETRAIN = ["main_pretrain.py", "--model", "mae_vit_micro_patch4", "--norm_pix_l
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """80 training images of the shipped Fashion-MNIST subset (10 iterations of 8 per epoch), 20 to validate."""
-    root = tmp_path_factory.mktemp("fmnist")
-    for split, n in (("train", 8), ("val", 2)):
-        src = os.path.join(ROOT, "demo", "fashion_mnist_small", split)
-        for c in sorted(os.listdir(src)):
-            os.makedirs(root / split / c)
-            for f in sorted(os.listdir(os.path.join(src, c)))[:n]:
-                shutil.copy(os.path.join(src, c, f), root / split / c / f)
-    return str(root)
+    return demo_subset(tmp_path_factory.mktemp("fmnist"), {"train": 8, "val": 2})
 
 
 def log_lines(out):
