@@ -66,12 +66,39 @@ def test_level_to_argument_mappings():
 def test_every_op_runs_and_posterize_zero_bits_is_black():
     img = _photo(32)
     for name in aa.OPS:
-        out = aa.AugmentOp(name, prob=1.0, magnitude=9, hparams={"translate_const": 14})(img)
-        assert out.size == img.size and out.mode == "RGB", name
+        for given in (img, np.asarray(img)):
+            out = np.asarray(aa.AugmentOp(name, prob=1.0, magnitude=9, hparams={"translate_const": 14})(given))
+            assert out.shape == (32, 32, 3) and out.dtype == np.uint8, name
     black = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
     assert np.asarray(black).max() == 0
     shifted = aa.translate_x_rel(img, 0.5, fillcolor=(124, 116, 104), resample=Image.BICUBIC)
     assert tuple(np.asarray(shifted)[5, -1]) == (124, 116, 104)  # vacated area is the fill colour
+
+
+def test_affine_ops_equal_pillows_on_arrays_and_images():
+    """Rotations (any angle, the quarter turns, past 360 and negative), shears and translations of arrays and
+    PIL images: the pixels of timm's calls, Image.rotate and Image.transform, for both resamplings."""
+    rng = np.random.default_rng(0)
+    assert fast_image.available()
+    for i in range(60):
+        img = _photo(40, seed=i).crop((0, 0, int(rng.integers(5, 40)), int(rng.integers(5, 40))))
+        resample = (Image.BILINEAR, Image.BICUBIC)[i % 2]
+        kw = dict(fillcolor=(124, 116, 104), resample=resample)
+        v = float(rng.uniform(-1, 1))
+        degrees = [30 * v, 90.0, -90.0, 180.0, 360.0, 390 * v, 0.0, -27.0][i % 8]
+        for given in (img, np.asarray(img)):
+            shear, pct, pixels = 0.3 * v, 0.45 * v, 14 * v
+            width, height = img.size
+            pairs = [(aa.rotate(given, degrees, **kw), img.rotate(degrees, **kw))]
+            for op, arg, m in ((aa.shear_x, shear, (1, shear, 0, 0, 1, 0)),
+                               (aa.shear_y, shear, (1, 0, 0, shear, 1, 0)),
+                               (aa.translate_x_rel, pct, (1, 0, pct * width, 0, 1, 0)),
+                               (aa.translate_y_rel, pct, (1, 0, 0, 0, 1, pct * height)),
+                               (aa.translate_x_abs, pixels, (1, 0, pixels, 0, 1, 0)),
+                               (aa.translate_y_abs, pixels, (1, 0, 0, 0, 1, pixels))):
+                pairs.append((op(given, arg, **kw), img.transform(img.size, Image.Transform.AFFINE, m, **kw)))
+            for got, want in pairs:
+                assert np.array_equal(np.asarray(got), np.asarray(want)), (i, degrees, resample)
 
 
 def test_op_probability_is_one_half():

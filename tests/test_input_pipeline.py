@@ -71,6 +71,32 @@ def test_mirror_equals_the_reversed_view(monkeypatch):
     assert np.array_equal(fast_image.mirror(a[5:205, 7:150]), a[5:205, 7:150, :][:, ::-1])
 
 
+def test_affine_warp_equals_pillow(monkeypatch):
+    """Shears, translations (the steps along one axis), rotations and arbitrary maps of real photo crops
+    (views) and noise, bilinear and bicubic, with a fill colour: the pixels of Image.transform(AFFINE)."""
+    rng = np.random.default_rng(1)
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in PHOTOS]
+    assert fast_image.available()
+    for i in range(120):
+        a = photos[i % 3]
+        h, w = int(rng.integers(2, 120)), int(rng.integers(2, 120))
+        top, left = int(rng.integers(0, a.shape[0] - h + 1)), int(rng.integers(0, a.shape[1] - w + 1))
+        img = a[top:top + h, left:left + w] if i % 4 else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        t = rng.uniform(-1, 1)
+        angle = math.radians(rng.uniform(-30, 30))
+        matrix = [(1, 0.3 * t, 0, 0, 1, 0), (1, 0, 0, 0.3 * t, 1, 0), (1, 0, 0.45 * w * t, 0, 1, 0),
+                  (1, 0, 0, 0, 1, 0.45 * h * t), (math.cos(angle), math.sin(angle), 3 * t, -math.sin(angle),
+                                                  math.cos(angle), -2 * t), tuple(rng.uniform(-2, 2, 6))][i % 6]
+        for resample in (Image.BILINEAR, Image.BICUBIC):
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            ref = np.asarray(Image.fromarray(np.ascontiguousarray(img)).transform(
+                (w, h), Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill))
+            assert np.array_equal(fast_image.affine(img, matrix, resample, fill), ref), (i, resample, matrix)
+    monkeypatch.setattr(fast_image, "_state", {"lib": None})  # not built: Pillow warps
+    assert np.array_equal(fast_image.affine(img, matrix, Image.BICUBIC, fill), np.asarray(Image.fromarray(
+        np.ascontiguousarray(img)).transform((w, h), Image.Transform.AFFINE, matrix, Image.BICUBIC, fillcolor=fill)))
+
+
 def test_other_pillow_releases_resize_themselves(monkeypatch):
     """The C resampling follows one Pillow release: with another installed, Pillow's own pixels are used."""
     import PIL
@@ -116,9 +142,14 @@ def _reference(img, size, scale, aa, reprob):
     img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if random.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if aa:
-        img = rand_augment_transform(aa, dict(translate_const=int(size * 0.45), img_mean=(124, 116, 104),
-                                              interpolation=Image.BICUBIC))(img)
+    if aa:  # Pillow warps (RandAugment's rotation matrix is checked against Image.rotate in test_augment)
+        lib = fast_image._state["lib"]
+        fast_image._state["lib"] = None
+        try:
+            img = rand_augment_transform(aa, dict(translate_const=int(size * 0.45), img_mean=(124, 116, 104),
+                                                  interpolation=Image.BICUBIC))(img)
+        finally:
+            fast_image._state["lib"] = lib
     x = _normalized(img)
     boxes = []
     if reprob and random.random() <= reprob:

@@ -2,19 +2,37 @@
 
 Ops are applied with probability 0.5 each; two ops per image are drawn uniformly with replacement; the
 magnitude is drawn from N(m, mstd) and clipped to [0, 10]; signed ops are negated with probability 0.5.
+Images pass as HWC uint8 arrays or PIL images: the affine ops (rotations, shears, translations) run on arrays
+through util.fast_image's copy of Pillow's transform arithmetic, the other ops on PIL images, so an image is
+converted only when an op of the other kind comes.
 """
+import math
 import random
 import re
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from util.fast_image import affine
+
 _MAX_LEVEL = 10.0
 _FILL = (128, 128, 128)
 
 
+def _as_array(img):
+    return img if isinstance(img, np.ndarray) else np.asarray(img)
+
+
+def _as_pil(img):
+    return img if isinstance(img, Image.Image) else Image.fromarray(np.ascontiguousarray(img))
+
+
 def _transform(img, matrix, fillcolor, resample):
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fillcolor)
+    return affine(_as_array(img), matrix, resample, fillcolor)
+
+
+def _size(img):
+    return img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
 
 
 def shear_x(img, factor, **kw):
@@ -26,11 +44,11 @@ def shear_y(img, factor, **kw):
 
 
 def translate_x_rel(img, pct, **kw):
-    return _transform(img, (1, 0, pct * img.size[0], 0, 1, 0), **kw)
+    return _transform(img, (1, 0, pct * _size(img)[0], 0, 1, 0), **kw)
 
 
 def translate_y_rel(img, pct, **kw):
-    return _transform(img, (1, 0, 0, 0, 1, pct * img.size[1]), **kw)
+    return _transform(img, (1, 0, 0, 0, 1, pct * _size(img)[1]), **kw)
 
 
 def translate_x_abs(img, pixels, **kw):
@@ -41,28 +59,41 @@ def translate_y_abs(img, pixels, **kw):
     return _transform(img, (1, 0, 0, 0, 1, pixels), **kw)
 
 
+def rotation_matrix(degrees, width, height):
+    """The map from output to input pixels of Image.rotate(degrees) about the centre, in the same float
+    arithmetic (cosine and sine of the negated angle rounded to 15 places)."""
+    theta = -math.radians(degrees % 360.0)
+    cos, sin, neg_sin = round(math.cos(theta), 15), round(math.sin(theta), 15), round(-math.sin(theta), 15)
+    cx, cy = width / 2, height / 2
+    return cos, sin, cos * -cx + sin * -cy + cx, neg_sin, cos, neg_sin * -cx + cos * -cy + cy
+
+
 def rotate(img, degrees, fillcolor, resample):
-    return img.rotate(degrees, resample=resample, fillcolor=fillcolor)
+    """Image.rotate(degrees); the multiples of 90 degrees stay with Pillow, which transposes those."""
+    if degrees % 360.0 in (0.0, 90.0, 180.0, 270.0):
+        return _as_pil(img).rotate(degrees, resample=resample, fillcolor=fillcolor)
+    return _transform(img, rotation_matrix(degrees, *_size(img)), fillcolor, resample)
 
 
 def auto_contrast(img, **_):
-    return ImageOps.autocontrast(img)
+    return ImageOps.autocontrast(_as_pil(img))
 
 
 def invert(img, **_):
-    return ImageOps.invert(img)
+    return ImageOps.invert(_as_pil(img))
 
 
 def equalize(img, **_):
-    return ImageOps.equalize(img)
+    return ImageOps.equalize(_as_pil(img))
 
 
 def solarize(img, thresh, **_):
-    return ImageOps.solarize(img, thresh)
+    return ImageOps.solarize(_as_pil(img), thresh)
 
 
 def solarize_add(img, add, thresh=128, **_):
     lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+    img = _as_pil(img)
     if img.mode not in ("L", "RGB"):
         return img
     return img.point(lut * 3 if img.mode == "RGB" else lut)
@@ -72,25 +103,26 @@ def posterize(img, bits_to_keep, **_):
     """Keep the top bits; 0 bits gives black (Pillow >= 13 refuses 0, older Pillow returned black)."""
     if bits_to_keep >= 8:
         return img
+    img = _as_pil(img)
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return ImageOps.posterize(img, bits_to_keep)
 
 
 def contrast(img, factor, **_):
-    return ImageEnhance.Contrast(img).enhance(factor)
+    return ImageEnhance.Contrast(_as_pil(img)).enhance(factor)
 
 
 def color(img, factor, **_):
-    return ImageEnhance.Color(img).enhance(factor)
+    return ImageEnhance.Color(_as_pil(img)).enhance(factor)
 
 
 def brightness(img, factor, **_):
-    return ImageEnhance.Brightness(img).enhance(factor)
+    return ImageEnhance.Brightness(_as_pil(img)).enhance(factor)
 
 
 def sharpness(img, factor, **_):
-    return ImageEnhance.Sharpness(img).enhance(factor)
+    return ImageEnhance.Sharpness(_as_pil(img)).enhance(factor)
 
 
 def _randomly_negate(v):

@@ -1,8 +1,10 @@
-// The two hot loops of the input pipeline. Bicubic resizing of 8-bit RGB images with Pillow's arithmetic: the same filter (a = -0.5, support 2 x the
-// scale when shrinking), weights from the same double-precision formula rounded to 22-bit fixed point, the
-// same two passes in the same order with 8-bit clipping in between, so the pixels equal Image.resize's.
-// Only the loops differ: the vertical pass runs along whole rows, which the compiler vectorizes. And the
-// per-batch normalisation of uint8 pixels to float32 by table lookup, into the training tensor's memory.
+// The hot loops of the input pipeline, each with Pillow's arithmetic where Pillow is what it replaces.
+// Bicubic resizing of 8-bit RGB images: the same filter (a = -0.5, support 2 x the scale when shrinking),
+// weights from the same double-precision formula rounded to 22-bit fixed point, the same two passes in the
+// same order with 8-bit clipping in between, so the pixels equal Image.resize's. Only the loops differ: the
+// vertical pass runs along whole rows, which the compiler vectorizes. The horizontal flip; RandAugment's
+// affine warps; the per-batch normalisation of uint8 pixels to float32 by table lookup, into the training
+// tensor's memory; and random erasing.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -165,6 +167,79 @@ void mirror_rgb(const uint8_t *in, int h, int w, long in_stride, uint8_t *out) {
       dst[0] = src[0];
       dst[1] = src[1];
       dst[2] = src[2];
+    }
+  }
+}
+
+/* Affine warp of an h x w x 3 uint8 image onto the same size, with the arithmetic of Pillow's
+   Image.transform(AFFINE) for RGB: each output pixel's centre (x + 0.5, y + 0.5) mapped by the 6 coefficients
+   in double precision; a point outside the input takes `fill`; else the input pixel centres around it
+   (rows and columns clamped to the border) interpolated per channel with the same expressions in the same
+   order: bilinear, or the cubic in Horner form (a = -0.5) along the rows from the 8-bit levels, then across
+   them, clipped to [0, 255] and truncated. What differs from Pillow is only the loop: the source point and
+   its neighbours are found once per pixel for the three channels. */
+static inline int floor_int(double v) { return v < 0.0 ? (int)floor(v) : (int)v; }
+
+static inline int clamp_index(int i, int size) { return i < 0 ? 0 : (i >= size ? size - 1 : i); }
+
+static inline double cubic_levels(int v1, int v2, int v3, int v4, double d) {
+  double p1 = v2, p2 = -v1 + v3, p3 = 2 * (v1 - v2) + v3 - v4, p4 = -v1 + v2 - v3 + v4;
+  return p1 + d * (p2 + d * (p3 + d * p4));
+}
+
+static inline double cubic_values(double v1, double v2, double v3, double v4, double d) {
+  double p1 = v2, p2 = -v1 + v3, p3 = 2 * (v1 - v2) + v3 - v4, p4 = -v1 + v2 - v3 + v4;
+  return p1 + d * (p2 + d * (p3 + d * p4));
+}
+
+void affine_rgb(const uint8_t *in, int h, int w, long in_stride, uint8_t *out, const double *a, int bicubic,
+                const uint8_t *fill) {
+  for (int y = 0; y < h; y++) {
+    double yc = y + 0.5;
+    for (int x = 0; x < w; x++, out += 3) {
+      double xc = x + 0.5;
+      double sx = a[0] * xc + a[1] * yc + a[2], sy = a[3] * xc + a[4] * yc + a[5];
+      if (sx < 0.0 || sx >= w || sy < 0.0 || sy >= h) {
+        out[0] = fill[0], out[1] = fill[1], out[2] = fill[2];
+        continue;
+      }
+      sx -= 0.5, sy -= 0.5;
+      int ix = floor_int(sx), iy = floor_int(sy);
+      double dx = sx - ix, dy = sy - iy;
+      if (!bicubic) {
+        const uint8_t *r0 = in + clamp_index(iy, h) * in_stride, *r1 = in + clamp_index(iy + 1, h) * in_stride;
+        int c0 = clamp_index(ix, w) * 3, c1 = clamp_index(ix + 1, w) * 3;
+        for (int c = 0; c < 3; c++) {
+          double top = r0[c0 + c] + (r0[c1 + c] - r0[c0 + c]) * dx;
+          if (dy == 0.0) {  // the interpolation at 0 is its first value exactly
+            out[c] = (uint8_t)top;
+            continue;
+          }
+          double bottom = r1[c0 + c] + (r1[c1 + c] - r1[c0 + c]) * dx;
+          out[c] = (uint8_t)(top + (bottom - top) * dy);
+        }
+        continue;
+      }
+      const uint8_t *rows[4];
+      int cols[4];
+      for (int k = 0; k < 4; k++) {
+        rows[k] = in + clamp_index(iy - 1 + k, h) * in_stride;
+        cols[k] = clamp_index(ix - 1 + k, w) * 3;
+      }
+      for (int c = 0; c < 3; c++) {
+        double v[4], value;
+        if (dy == 0.0) {  // the cubic at 0 is its second value exactly: one row is enough (shears, translations)
+          value = cubic_levels(rows[1][cols[0] + c], rows[1][cols[1] + c], rows[1][cols[2] + c],
+                               rows[1][cols[3] + c], dx);
+        } else {
+          for (int k = 0; k < 4; k++)
+            v[k] = dx == 0.0 ? rows[k][cols[1] + c]
+                             : cubic_levels(rows[k][cols[0] + c], rows[k][cols[1] + c], rows[k][cols[2] + c],
+                                            rows[k][cols[3] + c], dx);
+          value = cubic_values(v[0], v[1], v[2], v[3], dy);
+        }
+        out[c] = value <= 0.0 ? 0 : (value >= 255.0 ? 255 : (uint8_t)value);
+      }
     }
   }
 }

@@ -1,8 +1,9 @@
-"""The input pipeline's hot loops in C (fast_image.c): bicubic resizing of RGB arrays with Pillow's pixels,
-~2x faster than Pillow, the horizontal flip, the per-batch normalisation by table lookup straight into a CPU tensor, and random
-erasing of the boxes only (the device path draws noise for the whole batch).
-Compiled once per machine with the C compiler (about 1 s) through util.native and loaded with ctypes; when
-that is not possible Pillow and Paddle's ops do the work, after one warning."""
+"""The input pipeline's hot loops in C (fast_image.c): bicubic resizing of RGB arrays and RandAugment's
+affine warps with Pillow's pixels (~2x and ~3x faster than Pillow), the horizontal flip, the per-batch
+normalisation by table lookup straight into a CPU tensor, and random erasing of the boxes only (the device
+path draws noise for the whole batch). Compiled once per machine with the C compiler (about 1 s) through
+util.native and loaded with ctypes; when that is not possible Pillow and Paddle's ops do the work, after one
+warning."""
 import ctypes
 import os
 
@@ -36,6 +37,9 @@ def _load():
     lib.resize_bicubic_rgb.restype = ctypes.c_int
     lib.mirror_rgb.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     lib.mirror_rgb.restype = None
+    lib.affine_rgb.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.affine_rgb.restype = None
     lib.normalize_nhwc.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     lib.normalize_nhwc.restype = None
     lib.erase_boxes.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int, ctypes.c_uint64]
@@ -75,6 +79,23 @@ def mirror(img):
         return np.ascontiguousarray(img[:, ::-1])
     out = np.empty(img.shape, np.uint8)
     _state["lib"].mirror_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data)
+    return out
+
+
+def affine(img, coefficients, resample, fill):
+    """HWC uint8 RGB array (any row stride) -> the array of Image.fromarray(img).transform(size, AFFINE,
+    coefficients, resample, fillcolor=fill) at the same size, for BILINEAR or BICUBIC: the same pixels, about
+    3x faster (Pillow finds the source point and its neighbours again for each channel)."""
+    if (not available() or not follows_installed_pillow() or resample not in (Image.BILINEAR, Image.BICUBIC)
+            or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1)):
+        pil = Image.fromarray(np.ascontiguousarray(img))
+        return np.asarray(pil.transform(pil.size, Image.Transform.AFFINE, tuple(coefficients), resample=resample,
+                                        fillcolor=tuple(fill)))
+    out = np.empty(img.shape, np.uint8)
+    a = np.asarray(coefficients, np.float64)
+    colour = np.asarray(fill, np.uint8)
+    _state["lib"].affine_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data,
+                             a.ctypes.data, int(resample == Image.BICUBIC), colour.ctypes.data)
     return out
 
 

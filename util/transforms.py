@@ -1,8 +1,8 @@
 """Image transforms with torchvision/timm semantics in two halves: per sample on HWC uint8 RGB arrays
-(python `random`) in the loader workers, with Pillow's pixels (crops are views, bicubic resizing is
-util.fast_image's copy of Pillow's arithmetic, RandAugment and colour jitter run on PIL images); per batch in
-the training process, the normalisation to NCHW float32 (random erasing, which acts on normalised values,
-is filled in by the training step)."""
+(python `random`) in the loader workers, with Pillow's pixels (crops are views; bicubic resizing and
+RandAugment's affine ops are util.fast_image's copies of Pillow's arithmetic; RandAugment's other ops and
+colour jitter run on PIL images); per batch in the training process, the normalisation to NCHW float32
+(random erasing, which acts on normalised values, is filled in by the training step)."""
 import math
 import random
 
@@ -122,7 +122,7 @@ class CenterCrop:
 
 
 class ToPIL:
-    """For the steps that work on PIL images (RandAugment, colour jitter)."""
+    """For the steps that work on PIL images (colour jitter)."""
 
     def __call__(self, img):
         return Image.fromarray(np.ascontiguousarray(img))
@@ -203,7 +203,7 @@ def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None,
         aa_params = dict(translate_const=int(input_size * 0.45),
                          img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
                          interpolation=Image.BICUBIC)
-        tfl += [ToPIL(), rand_augment_transform(aa, aa_params)]
+        tfl.append(rand_augment_transform(aa, aa_params))
     elif color_jitter is not None:
         tfl += [ToPIL(), ColorJitter(color_jitter, color_jitter, color_jitter)]
     tfl.append(ToUint8Array())
