@@ -20,8 +20,10 @@ COMMON=(--data_path "$DATA" --batch_size 64 --num_workers 0 --print_freq 100)
 CLS=(--nb_classes 10 --warmup_epochs 1 --save_freq 1000)
 step() { echo; echo "=== $* ==="; }
 
+# pixel targets (no --norm_pix_loss), as the official reconstruction demos: a norm-pix model predicts each
+# removed patch relative to its own unknown mean and std, which a picture can only guess
 step "1/6 pre-train mae_vit_micro_patch4 for $PE epochs"
-python main_pretrain.py --model mae_vit_micro_patch4 --norm_pix_loss --mask_ratio 0.75 --epochs "$PE" \
+python main_pretrain.py --model mae_vit_micro_patch4 --mask_ratio 0.75 --epochs "$PE" \
     --warmup_epochs $((PE < 2 ? PE : 2)) --blr 2e-3 --save_freq 1000 "${COMMON[@]}" --output_dir "$OUT/pretrain" --log_dir "$OUT/pretrain"
 PRETRAINED="$OUT/pretrain/checkpoint-$((PE - 1)).pd"
 

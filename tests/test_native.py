@@ -172,7 +172,7 @@ def test_one_warning_per_run_across_ranks_and_loader_workers(tmp_path):
     res = run_script("-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
                      "main_pretrain.py", "--model", "mae_vit_micro_patch4", "--input_size", "28", "--device", "cpu",
                      "--num_workers", "2", "--batch_size", "250", "--epochs", "1", "--warmup_epochs", "0",
-                     "--data_path", data, "--output_dir", str(tmp_path / "out"),
+                     "--data_path", data, "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "out"),
                      env={"CC": str(tmp_path / "no-such-cc"), "PADDLE_EXTENSION_DIR": str(tmp_path / "ext")})
     logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "log" / "workerlog.*")))
     assert res.returncode == 0, logs[-3000:]
