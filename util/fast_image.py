@@ -1,9 +1,9 @@
-"""The input pipeline's hot loops in C (fast_image.c): bicubic resizing of RGB arrays and RandAugment's
-affine warps with Pillow's pixels (~2x and ~3x faster than Pillow), the horizontal flip, the per-batch
-normalisation by table lookup straight into a CPU tensor, and random erasing of the boxes only (the device
-path draws noise for the whole batch). Compiled once per machine with the C compiler (about 1 s) through
-util.native and loaded with ctypes; when that is not possible Pillow and Paddle's ops do the work, after one
-warning."""
+"""The input pipeline's hot loops in C (fast_image.c): bicubic resizing of RGB arrays (~2x faster than
+Pillow) and RandAugment's affine warps (shears and translations ~3x), both with Pillow's pixels; the
+horizontal flip; the per-batch normalisation by table lookup straight into a CPU tensor; random erasing of
+the boxes only (the device path draws noise for the whole batch). Compiled once per machine with the C
+compiler (about 1 s) through util.native and loaded with ctypes; when that is not possible Pillow and
+Paddle's ops do the work, after one warning."""
 import ctypes
 import os
 
@@ -84,8 +84,9 @@ def mirror(img):
 
 def affine(img, coefficients, resample, fill):
     """HWC uint8 RGB array (any row stride) -> the array of Image.fromarray(img).transform(size, AFFINE,
-    coefficients, resample, fillcolor=fill) at the same size, for BILINEAR or BICUBIC: the same pixels, about
-    3x faster (Pillow finds the source point and its neighbours again for each channel)."""
+    coefficients, resample, fillcolor=fill) at the same size, for BILINEAR or BICUBIC: the same pixels. Shears
+    and translations ~3x faster (their source points lie on pixel rows or columns, so one row or column of
+    taps gives Pillow's value), rotations about as fast as Pillow."""
     if (not available() or not follows_installed_pillow() or resample not in (Image.BILINEAR, Image.BICUBIC)
             or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1)):
         pil = Image.fromarray(np.ascontiguousarray(img))
