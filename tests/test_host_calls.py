@@ -23,7 +23,7 @@ def test_one_blocking_host_call_per_step(job, native, tmp_path):
     """Every augmentation on: one read per step (the loss, for the non-finite check); before the first step
     at most the two normalisation constants are placed on the device."""
     res = run_script("tests/host_calls_worker.py", *JOBS[job], *COMMON, "--output_dir", str(tmp_path),
-                     env={"MAE_NATIVE": native})
+                     "--log_dir", str(tmp_path), env={"MAE_NATIVE": native})
     assert res.returncode == 0, res.stderr[-2000:]
     counts = json.loads(res.stdout.strip().splitlines()[-1])
     steps = counts["steps"]
