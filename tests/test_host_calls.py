@@ -32,3 +32,17 @@ def test_one_blocking_host_call_per_step(job, native, tmp_path):
     assert counts["before_first_step"] <= (2 if native == "0" else 0), counts
     where = {site.split(":")[0] for site in counts["where"]}
     assert where <= {"util/epochs.py", "util/transforms.py"}, counts  # the loss read; the constants
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pair", "elem"])
+def test_per_sample_mixing_adds_one_upload_per_step(mode, tmp_path):
+    """timm's per-sample modes (not the official default): their mixing numbers are drawn on the host and
+    uploaded together, once per step; the CutMix boxes are drawn on the device."""
+    res = run_script("tests/host_calls_worker.py", *JOBS["finetune"], "--mixup_mode", mode, *COMMON,
+                     "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), env={"MAE_NATIVE": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts["steps"] == [2] * (2000 // 16), counts  # the loss read and one upload
+    assert {site.split(":")[0] for site in counts["where"]} == {"util/epochs.py", "util/transforms.py",
+                                                                "util/mixup.py"}, counts

@@ -103,24 +103,27 @@ class Mixup:
         return lam, use_cutmix
 
     def _mix_per_sample(self, x):
-        """'elem' / 'pair': sample i mixes with sample B-1-i, each with its own lam (and CutMix box)."""
-        n = x.shape[0]
+        """'elem' / 'pair': sample i mixes with sample B-1-i, each with its own lam (and CutMix box). The
+        per-sample numbers reach the device in one upload; the boxes are drawn there from their corners."""
+        n, (h, w) = x.shape[0], x.shape[2:]
         lam, use_cutmix = self._params_per_elem(n if self.mode == "elem" else n // 2)
-        boxes = np.zeros((n, 1) + tuple(x.shape[2:]), dtype=bool)
+        corners = np.zeros((len(lam), 4), np.float32)  # top, bottom, left, right; empty unless CutMix
         for i in range(len(lam)):
             if lam[i] != 1.0 and use_cutmix[i]:
-                (yl, yh, xl, xh), lam[i] = cutmix_bbox_and_lam(x.shape, lam[i], self.cutmix_minmax, self.correct_lam)
-                boxes[i, :, yl:yh, xl:xh] = True
+                corners[i], lam[i] = cutmix_bbox_and_lam(x.shape, lam[i], self.cutmix_minmax, self.correct_lam)
         if self.mode == "pair":
             lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
-            boxes[n // 2:] = boxes[:n // 2][::-1]
-        blend = np.where(use_cutmix, 1.0, lam).astype(np.float32).reshape([n, 1, 1, 1])
+            corners = np.concatenate([corners, corners[::-1]])
+        blend = np.where(use_cutmix, 1.0, lam)
+        params = paddle.to_tensor(np.concatenate([blend[:, None], lam[:, None], corners], 1).astype(np.float32))
+        rows, cols = paddle.arange(h, dtype="float32"), paddle.arange(w, dtype="float32")
+        in_rows = (rows >= params[:, 2:3]) & (rows < params[:, 3:4])
+        in_cols = (cols >= params[:, 4:5]) & (cols < params[:, 5:6])
+        boxes = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)
         partner = x.flip(0)
-        blend = paddle.to_tensor(blend).astype(x.dtype)
-        mixed = x * blend + partner * (1.0 - blend)
-        if boxes.any():
-            mixed = paddle.where(paddle.to_tensor(boxes), partner, mixed)
-        return mixed, paddle.to_tensor(lam.reshape([n, 1]), dtype="float32")
+        blend = params[:, 0].reshape([n, 1, 1, 1]).astype(x.dtype)
+        mixed = paddle.where(boxes, partner, x * blend + partner * (1.0 - blend))
+        return mixed, params[:, 1:2]
 
     def _mix_batch(self, x):
         lam, use_cutmix = self._params_per_batch()
