@@ -1,6 +1,7 @@
 """Augmentations and criteria against timm's documented behaviour: statistics over many draws and
 fixed-seed properties."""
 import math
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,8 @@ from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, buil
 from util.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from util.random_erasing import RandomErasing
 from util.transforms import RandomResizedCrop, SingleDrawResizedCrop, eval_transform, finetune_transform
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 
 
 def _photo(size=64, seed=0):
@@ -99,6 +102,32 @@ def test_affine_ops_equal_pillows_on_arrays_and_images():
                 pairs.append((op(given, arg, **kw), img.transform(img.size, Image.Transform.AFFINE, m, **kw)))
             for got, want in pairs:
                 assert np.array_equal(np.asarray(got), np.asarray(want)), (i, degrees, resample)
+
+
+@pytest.mark.parametrize("warps", ["C", "Pillow"])
+def test_rand_augment_equals_timm_pixel_for_pixel(warps, monkeypatch):
+    """The official policy on photo crops, seeded per image as timm's outputs were made
+    (tests/reference/make_timm_rand_augment.py, timm 0.3.2): the same pixels, with the C warps and with
+    Pillow's."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_timm", os.path.join(REFERENCE, "make_timm_rand_augment.py"))
+    make_timm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_timm)
+    want = np.load(os.path.join(REFERENCE, "timm_rand_augment.npz"))["outputs"]
+    if warps == "Pillow":
+        monkeypatch.setattr(fast_image, "_state", {"lib": None})
+    else:
+        assert fast_image.available()
+    augment = aa.rand_augment_transform(make_timm.POLICY, make_timm.HPARAMS)
+    inputs = make_timm.inputs()
+    changed = 0
+    for i, img in enumerate(inputs):
+        random.seed(i)
+        np.random.seed(i)
+        got = np.asarray(augment(img))
+        assert np.array_equal(got, want[i]), i
+        changed += not np.array_equal(got, img)
+    assert changed > len(inputs) // 2  # most images were changed by some op
 
 
 def test_op_probability_is_one_half():
