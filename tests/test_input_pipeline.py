@@ -67,6 +67,8 @@ def test_mirror_equals_the_reversed_view(monkeypatch):
     for view in (a, a[5:205, 7:150], a[:1, :1], a[:, ::2]):  # whole, a crop, one pixel, a strided view
         got = fast_image.mirror(view)
         assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, view[:, ::-1])
+    wide = a.astype(np.int16) * 3  # not uint8: NumPy flips, the C never reads other element sizes
+    assert np.array_equal(fast_image.mirror(wide), wide[:, ::-1])
     monkeypatch.setattr(fast_image, "_state", {"lib": None})  # not built: NumPy flips
     assert np.array_equal(fast_image.mirror(a[5:205, 7:150]), a[5:205, 7:150, :][:, ::-1])
 

@@ -60,11 +60,16 @@ def follows_installed_pillow():
     return int(PIL.__version__.split(".")[0]) == PILLOW_FOLLOWED
 
 
+def _packed_rgb(img):
+    """An HWC uint8 array whose pixels are 3 adjacent bytes (rows may be any stride apart): what the C reads."""
+    return img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.strides[1:] == (3, 1)
+
+
 def resize_bicubic(img, size):
     """HWC uint8 RGB array (any row stride, e.g. a crop view) -> (height, width) = size, as
     Image.fromarray(img).resize((width, height), Image.BICUBIC)."""
     height, width = size
-    if not available() or not follows_installed_pillow() or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1):
+    if not available() or not follows_installed_pillow() or not _packed_rgb(img):
         return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), Image.BICUBIC))
     out = np.empty((height, width, 3), np.uint8)
     if _state["lib"].resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data, height, width):
@@ -75,7 +80,7 @@ def resize_bicubic(img, size):
 def mirror(img):
     """HWC uint8 RGB array (any row stride) -> img[:, ::-1] as a contiguous array, ~10x faster than NumPy's
     copy of the reversed view."""
-    if not available() or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1):
+    if not available() or not _packed_rgb(img):
         return np.ascontiguousarray(img[:, ::-1])
     out = np.empty(img.shape, np.uint8)
     _state["lib"].mirror_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data)
@@ -88,7 +93,7 @@ def affine(img, coefficients, resample, fill):
     and translations ~3x faster (their source points lie on pixel rows or columns, so one row or column of
     taps gives Pillow's value), rotations about as fast as Pillow."""
     if (not available() or not follows_installed_pillow() or resample not in (Image.BILINEAR, Image.BICUBIC)
-            or img.ndim != 3 or img.shape[2] != 3 or img.strides[1:] != (3, 1)):
+            or not _packed_rgb(img)):
         pil = Image.fromarray(np.ascontiguousarray(img))
         return np.asarray(pil.transform(pil.size, Image.Transform.AFFINE, tuple(coefficients), resample=resample,
                                         fillcolor=tuple(fill)))
