@@ -1,9 +1,13 @@
 """The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
+import paddle
 import pytest
 
 from conftest import ROOT
@@ -64,7 +68,8 @@ def test_study_driver_smoke(tmp_path):
                 names = [f"{method}_{p}pct_draw{d}_blr{blr}" for d in ((0,) if p == "100" else (0, 1))]
                 assert cell["values"] == [runs[n]["test_acc1"] for n in names]
                 for n in names:
-                    shipped = open(os.path.join(out, "logs", n, "test.txt")).read()
+                    assert runs[n]["logs"] == [f"{n}/log.txt", f"{n}/test.txt"]
+                    shipped = open(os.path.join(out, n, "test.txt")).read()
                     assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
     baselines = [json.loads(line) for line in open(os.path.join(out, "baselines", "log.txt"))]
     assert len(baselines) == 5 * 5
@@ -76,6 +81,11 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
+    for epochs in (1, 2):  # later stages start from the pre-trainings' weights, kept without optimizer state
+        weights = os.path.join(out, f"pretrain_e{epochs}", "model.pd")
+        assert set(paddle.load(weights)) == {"model"}
+        assert f"--finetune {weights}" in runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"
+                                               + ("" if epochs == 2 else "_pretrain1")]["command"]
     assert set(report["pretrain_epochs"]) == {"1", "2"}
     assert report["pretrain_epochs"]["2"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
         "test_acc1"]
@@ -135,3 +145,20 @@ def test_study_baselines_solvers():
     images += rng.normal(scale=0.1, size=images.shape).astype(np.float32)
     model, loss = cnn.train(images, labels, 2, 1e-3, 3, seed=0, batch_size=32)
     assert loss < 0.2 and (cnn.predict(model, images) == labels).mean() == 1.0
+
+
+def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
+    """A run's wall_clock.txt counts the seconds it ran, not the seconds the study was stopped (SIGSTOP)."""
+    driver = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.join(ROOT, DRIVER))!r}); import run; "
+              f"run.TICK = 0.2; run.timed_call([sys.executable, '-c', 'import time\\nfor _ in range(30): time.sleep(0.1)'], "
+              f"{str(tmp_path / 'run')!r}, {str(tmp_path / 'run.stdout')!r})")
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, start_new_session=True)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    time.sleep(4.0)
+    os.killpg(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=60) == 0
+    elapsed = time.monotonic() - start
+    counted = float((tmp_path / "run" / "wall_clock.txt").read_text())
+    assert elapsed > 6.5 and 2.9 <= counted < elapsed - 3.0  # 3 s of sleeps, 4 s stopped

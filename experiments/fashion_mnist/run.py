@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ METHODS = {"finetune_mae": "fine-tune, MAE encoder", "finetune_scratch": "fine-t
            "linprobe_mae": "linear probe, MAE encoder", "logreg_mae": "logistic regression, MAE features",
            "knn_mae": "kNN, MAE features", "logreg_pixels": "logistic regression, raw pixels",
            "knn_pixels": "kNN, raw pixels", "cnn": "small CNN, from scratch"}
+TICK = 10  # seconds between the updates of a running wall_clock.txt
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
 
@@ -71,21 +71,25 @@ def wall_clock(folder):
 
 def timed_call(cmd, folder, stdout):
     """Run cmd from the repository root, console appended to `stdout`; add its seconds to folder's
-    wall_clock.txt (summed over resumed attempts, rewritten every minute so that an attempt killed with
-    the session still counts); exit naming the file on failure."""
+    wall_clock.txt (summed over resumed attempts, rewritten every TICK seconds so that an attempt killed with
+    the session still counts); exit naming the file on failure. The clock advances at most 2 * TICK per tick,
+    so time the study spends stopped (SIGSTOP, e.g. while the machine measures something else) is not
+    counted."""
     os.makedirs(folder, exist_ok=True)
     print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
-    start, spent = time.time(), wall_clock(folder) or 0.0
+    spent, last = wall_clock(folder) or 0.0, time.monotonic()
     with open(stdout, "a", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         code = None
         while code is None:
             try:
-                code = proc.wait(timeout=60)
+                code = proc.wait(timeout=TICK)
             except subprocess.TimeoutExpired:
                 pass
+            now = time.monotonic()
+            spent, last = spent + min(now - last, 2 * TICK), now
             with open(os.path.join(folder, "wall_clock.txt.tmp"), "w") as f:
-                f.write(f"{spent + time.time() - start:.1f}\n")
+                f.write(f"{spent:.1f}\n")
             os.replace(os.path.join(folder, "wall_clock.txt.tmp"), os.path.join(folder, "wall_clock.txt"))
     if code != 0:
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
@@ -109,11 +113,21 @@ class Study:
     def checkpoint(self, name):
         return os.path.join(self.folder(name), "checkpoint-last.pd")
 
+    def weights(self, name):
+        """The model weights of a finished pre-training (no optimizer state): what later stages start from,
+        kept with the logs."""
+        return os.path.join(self.folder(name), "model.pd")
+
     def pretrain(self, epochs, pixels=False):
         name = f"pretrain_pixels_e{epochs}" if pixels else f"pretrain_e{epochs}"
         flags = [*PRETRAIN, *([] if pixels else ["--norm_pix_loss"]), "--data_path", self.dev,
                  "--warmup_epochs", str(epochs // 10)]
-        return self.train(name, flags, epochs, 100)
+        self.train(name, flags, epochs, 100)
+        if not os.path.isfile(self.weights(name)):
+            convert = [sys.executable, "-m", "util.convert_weights", self.checkpoint(name), self.weights(name)]
+            if subprocess.call(convert, cwd=ROOT) != 0:
+                sys.exit(f"error: could not write {self.weights(name)} (the message above says why)")
+        return name
 
     def classify(self, method, percent, draw, blr, pretrain=None):
         """A fine-tuning or linear-probe run on a label subset, validated on the validation split."""
@@ -124,7 +138,7 @@ class Study:
                  "--warmup_epochs", str(min(5, self.c["epochs"][percent])),
                  "--eval_freq", str(self.c["eval_freq"][percent])]
         if method != "finetune_scratch":
-            flags += ["--finetune", self.checkpoint(f"pretrain_e{pretrain}")]
+            flags += ["--finetune", self.weights(f"pretrain_e{pretrain}")]
         return self.train(name, flags, self.c["epochs"][percent], percent)
 
     def train(self, name, flags, epochs, percent):
@@ -142,6 +156,9 @@ class Study:
         path = os.path.join(self.folder(name), "test.txt")
         found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read()) if os.path.isfile(path) else []
         if not found:
+            if not os.path.isfile(self.checkpoint(name)):
+                sys.exit(f"error: {self.checkpoint(name)} is missing, so {name} cannot be tested; delete "
+                         f"{self.folder(name)} to train it again")
             script, model = self.runs[name][0][:3:2]
             timed_call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
                         "--nb_classes", "10", "--data_path", self.data, "--batch_size", "256", "--num_workers", "2",
@@ -171,6 +188,7 @@ class Study:
                 for method, grid in c["grids"].items():
                     for blr in grid:
                         self.classify(method, percent, 0, blr)
+                    self.test(self.classify(method, percent, 0, self.chosen(method, percent)))
         elif group in ("draws", "full"):
             for method in c["grids"]:
                 for percent, draw in ([(p, d) for p in (1, 10) for d in c["draws"]] if group == "draws"
@@ -180,7 +198,7 @@ class Study:
             train = [f"{p}:{d}={folder}/train" for (p, d), folder in sorted(self.subsets.items())]
             flags = [os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", *train, "--val",
                      f"{self.dev}/val", "--test", f"{self.data}/val", "--checkpoint",
-                     self.checkpoint(f"pretrain_e{self.main_pretrain}"), "--model", VIT, "--input_size", str(SIZE),
+                     self.weights(f"pretrain_e{self.main_pretrain}"), "--model", VIT, "--input_size", str(SIZE),
                      "--epochs", *[f"{p}={n}" for p, n in c["epochs"].items()],
                      "--max_iter", str(c["lbfgs_iterations"]),
                      "--log", os.path.join(self.folder("baselines"), "log.txt")]
@@ -227,8 +245,9 @@ def collect(study, report):
     runs = {}
     for name, (flags, epochs, percent) in study.runs.items():
         logs = read_log(study.folder(name))
-        shipped = ship_logs(study.folder(name), os.path.join(report, "logs", name))
-        entry = {"command": " ".join(["python", *flags]), "logs": [os.path.relpath(p, report) for p in shipped],
+        shipped = [os.path.join(study.folder(name), f) for f in ("log.txt", "test.txt")]
+        entry = {"command": " ".join(["python", *flags]),
+                 "logs": [os.path.relpath(p, report) for p in shipped if os.path.isfile(p)],
                  "wall_clock_s": wall_clock(study.folder(name))}
         if epochs is not None and logs:
             images = sum(len(os.listdir(os.path.join(flags[flags.index("--data_path") + 1], "train", k)))
@@ -265,23 +284,6 @@ def collect(study, report):
             with open(readme, "w", encoding="utf-8") as f:
                 f.write(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
     return stats, curve
-
-
-def ship_logs(folder, dst):
-    """Under dst, a copy of the run's log.txt and the lines of its test evaluation's console that name the
-    checkpoint, the images and the result (test.txt); their paths."""
-    os.makedirs(dst, exist_ok=True)
-    copies = []
-    if os.path.isfile(os.path.join(folder, "log.txt")):
-        shutil.copyfile(os.path.join(folder, "log.txt"), os.path.join(dst, "log.txt"))
-        copies.append(os.path.join(dst, "log.txt"))
-    if os.path.isfile(os.path.join(folder, "test.txt")):
-        with open(os.path.join(folder, "test.txt"), encoding="utf-8") as f:
-            lines = [line for line in f if re.search(r"Resume checkpoint|Dataset:|Acc@1 |Accuracy of", line)]
-        with open(os.path.join(dst, "test.txt"), "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        copies.append(os.path.join(dst, "test.txt"))
-    return copies
 
 
 def cell(s):
@@ -368,7 +370,7 @@ def plots(study, stats, curve, report):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(report, "loss_curves.png"), dpi=100, metadata={"Software": None})
-    ckpt = study.checkpoint(f"pretrain_pixels_e{study.c['pixel_epochs']}")
+    ckpt = study.weights(f"pretrain_pixels_e{study.c['pixel_epochs']}")
     if not os.path.isfile(ckpt):
         return
     test = os.path.join(study.data, "val")
@@ -390,7 +392,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="ImageFolder root, made from the IDX files when it has no "
                         "train/ (default: data/fashion_mnist, data/fashion_mnist_smoke with --smoke)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "output_dir", "fashion_mnist"), help="run outputs")
+    parser.add_argument("--out", default=os.path.join(HERE, "runs"), help="run outputs (default: runs/ beside "
+                        "this script, where the logs and pre-trained weights are kept with the results)")
     parser.add_argument("--report", default=None, help="results.json, results.md and the pictures "
                         "(default: this folder; --out with --smoke)")
     parser.add_argument("--stages", nargs="*", default=None, choices=GROUPS, metavar="STAGE",
