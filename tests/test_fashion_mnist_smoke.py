@@ -45,7 +45,9 @@ def test_study_driver_smoke(tmp_path):
 
     runs = report["runs"]
     chosen = report["protocol"]["chosen_blr"]
-    assert [len(report["sweeps_val_top1"]["finetune_mae"][p]) for p in ("1", "10")] == [2, 2]  # a real choice
+    for p in ("1", "10"):  # a real choice; two values put the best at an end, so the grid goes on past it
+        swept = list(report["sweeps_val_top1"]["finetune_mae"][p])
+        assert swept in (["2.5e-3", "5e-3", "1.25e-3"], ["2.5e-3", "5e-3", "1e-2"])
     for method, sweep in report["sweeps_val_top1"].items():
         for p in ("1", "10"):
             assert chosen[method][p] == max(sweep[p], key=sweep[p].get)  # the best validation top-1
@@ -162,3 +164,18 @@ def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     elapsed = time.monotonic() - start
     counted = float((tmp_path / "run" / "wall_clock.txt").read_text())
     assert elapsed > 6.5 and 2.9 <= counted < elapsed - 3.0  # 3 s of sleeps, 4 s stopped
+
+
+def test_study_grid_goes_on_past_the_end_holding_the_best():
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import run
+
+    grid = ["2.5e-3", "5e-3", "1e-2"]
+    assert run.beyond_edge(grid, {"2.5e-3": 58.2, "5e-3": 61.8, "1e-2": 66.4}) == "2e-2"
+    assert run.beyond_edge(grid, {"2.5e-3": 70.0, "5e-3": 61.8, "1e-2": 66.4}) == "1.25e-3"
+    assert run.beyond_edge(grid, {"2.5e-3": 58.2, "5e-3": 66.5, "1e-2": 66.4}) is None
+    assert run.beyond_edge(grid, {"2.5e-3": 60.0, "5e-3": 60.0, "1e-2": 60.0}) == "1.25e-3"  # ties: the smaller
+    probe = ["0.1", "0.8", "6.4", "25.6"]
+    assert run.beyond_edge(probe, dict(zip(probe, (18.7, 40.8, 67.9, 70.1)))) == "102.4"
+    assert run.beyond_edge(probe, dict(zip(probe, (71.0, 40.8, 67.9, 70.1)))) == "1.25e-2"
+    assert run.beyond_edge(["0.8"], {"0.8": 50.0}) is None  # one value: no ratio to go on at

@@ -32,11 +32,11 @@ MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
 GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures")
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "pretrain_epochs": (10, 25, 50), "pixel_epochs": 25,
-        "lbfgs_iterations": 5000,
+        "lbfgs_iterations": 5000, "extend": 3,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
-SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), pretrain_epochs=(1, 2), pixel_epochs=1, batch=16, lbfgs_iterations=50,
+SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), pretrain_epochs=(1, 2), pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
              epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS},
              grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()})
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
@@ -93,6 +93,21 @@ def timed_call(cmd, folder, stdout):
             os.replace(os.path.join(folder, "wall_clock.txt.tmp"), os.path.join(folder, "wall_clock.txt"))
     if code != 0:
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
+
+
+def beyond_edge(grid, val):
+    """The value continuing `grid` (strings of numbers) past its end when that end holds the best of `val`
+    (ties: the smaller value), at the ratio of the two values there; None when the best lies inside."""
+    grid = sorted(grid, key=float)
+    values = [float(v) for v in grid]
+    best = max(range(len(grid)), key=lambda i: (val[grid[i]], -i))
+    if len(grid) < 2 or 0 < best < len(grid) - 1:
+        return None
+    value = values[-1] ** 2 / values[-2] if best == len(grid) - 1 else values[0] ** 2 / values[1]
+    if value >= 0.1:
+        return f"{value:.4g}"
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 class Study:
@@ -170,11 +185,29 @@ class Study:
     def val_acc(self, name):
         return read_log(self.folder(name))[-1]["test_acc1"]  # the scripts' "test" set is the validation split
 
+    def finished(self, name, percent):
+        return len(read_log(self.folder(name))) >= self.c["epochs"][percent]
+
+    def grid(self, method, percent):
+        """The values swept for `method` at `percent` (draw 0), as far as its runs have finished: the stated
+        grid, continued past the edge that holds the best validation top-1, by up to c["extend"] values (in the
+        order they were added)."""
+        grid = list(self.c["grids"][method])
+        for _ in range(self.c["extend"]):
+            names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in grid}
+            if not all(self.finished(n, percent) for n in names.values()):
+                break
+            value = beyond_edge(grid, {blr: self.val_acc(n) for blr, n in names.items()})
+            if value is None:
+                break
+            grid.append(value)
+        return grid
+
     def chosen(self, method, percent):
-        """The grid value with the best last-epoch validation top-1 of draw 0 (100%: the 10% choice)."""
+        """The swept value with the best last-epoch validation top-1 of draw 0 (100%: the 10% choice)."""
         percent = 10 if percent == 100 else percent
-        names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in self.c["grids"][method]}
-        missing = [n for n in names.values() if len(read_log(self.folder(n))) < self.c["epochs"][percent]]
+        names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in self.grid(method, percent)}
+        missing = [n for n in names.values() if not self.finished(n, percent)]
         if missing:
             sys.exit(f"error: the sweep is not finished ({', '.join(missing)}); run --stages sweep first")
         return max(names, key=lambda blr: self.val_acc(names[blr]))
@@ -185,9 +218,12 @@ class Study:
             self.pretrain(self.main_pretrain)
         elif group == "sweep":
             for percent in (1, 10):
-                for method, grid in c["grids"].items():
-                    for blr in grid:
+                for method in c["grids"]:
+                    swept = []
+                    while len(swept) < len(self.grid(method, percent)):
+                        blr = next(b for b in self.grid(method, percent) if b not in swept)
                         self.classify(method, percent, 0, blr)
+                        swept.append(blr)
                     self.test(self.classify(method, percent, 0, self.chosen(method, percent)))
         elif group in ("draws", "full"):
             for method in c["grids"]:
@@ -235,8 +271,8 @@ def collect(study, report):
     c = study.c
     stats = summary(study)
     chosen = {m: {p: study.chosen(m, p) for p in (1, 10)} for m in c["grids"]}
-    sweeps = {m: {p: {blr: study.val_acc(f"{m}_{p}pct_draw0_blr{blr}") for blr in c["grids"][m]} for p in (1, 10)}
-              for m in c["grids"]}
+    sweeps = {m: {p: {blr: study.val_acc(f"{m}_{p}pct_draw0_blr{blr}") for blr in study.grid(m, p)}
+                  for p in (1, 10)} for m in c["grids"]}
     curve = {}
     for epochs in c["pretrain_epochs"]:
         name = study.classify("finetune_mae", 10, 0, chosen["finetune_mae"][10], pretrain=epochs)
@@ -264,7 +300,9 @@ def collect(study, report):
                 "training images, never trained on", "test": "the 10,000 test images, evaluated once per reported "
                 "run with its chosen setting", "draws": list(c["draws"]), "epochs": {str(p): n for p, n in
                                                                                     c["epochs"].items()},
-                "grids": {m: list(g) for m, g in c["grids"].items()}, "chosen_blr": chosen,
+                "grids": {m: list(g) for m, g in c["grids"].items()},
+                "grid_rule": f"a grid whose best validation top-1 lies at an end is continued past it at the ratio "
+                f"there, by up to {c['extend']} values", "chosen_blr": chosen,
                 "baseline_settings": {f"{r['method']} {r['percent']}%": r["setting"] for r in baselines
                                       if r["draw"] == 0}}
     result = {"protocol": protocol,
@@ -301,10 +339,10 @@ def tables(stats, sweeps, chosen, curve, stages, baselines):
     rows += ["", "Runs per cell: " + ", ".join(f"{p}%: {n}" for p, n in runs.items()) + ".", ""]
     rows += ["| validation top-1 (%) of draw 0 | blr | 1% labels | 10% labels |", "|---|---|---|---|"]
     for m, grid in sweeps.items():
-        for blr in grid[1]:
-            marks = ["**" if chosen[m][p] == blr else "" for p in (1, 10)]
-            rows.append(f"| {METHODS[m]} | {blr} | {marks[0]}{grid[1][blr]:.2f}{marks[0]} | "
-                        f"{marks[1]}{grid[10][blr]:.2f}{marks[1]} |")
+        for blr in sorted({*grid[1], *grid[10]}, key=float):
+            cells = [(f"**{grid[p][blr]:.2f}**" if chosen[m][p] == blr else f"{grid[p][blr]:.2f}")
+                     if blr in grid[p] else "–" for p in (1, 10)]
+            rows.append(f"| {METHODS[m]} | {blr} | {cells[0]} | {cells[1]} |")
     rows += ["", "| baseline, draw 0 | 1% setting | 10% setting | validation top-1 1% / 10% |", "|---|---|---|---|"]
     first = {(r["method"], r["percent"]): r for r in baselines if r["draw"] == 0}
     for m in METHODS:
