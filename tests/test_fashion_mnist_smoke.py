@@ -166,16 +166,27 @@ def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     assert elapsed > 6.5 and 2.9 <= counted < elapsed - 3.0  # 3 s of sleeps, 4 s stopped
 
 
-def test_study_grid_goes_on_past_the_end_holding_the_best():
+def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import baselines
+    import grids
     import run
 
-    grid = ["2.5e-3", "5e-3", "1e-2"]
-    assert run.beyond_edge(grid, {"2.5e-3": 58.2, "5e-3": 61.8, "1e-2": 66.4}) == "2e-2"
-    assert run.beyond_edge(grid, {"2.5e-3": 70.0, "5e-3": 61.8, "1e-2": 66.4}) == "1.25e-3"
-    assert run.beyond_edge(grid, {"2.5e-3": 58.2, "5e-3": 66.5, "1e-2": 66.4}) is None
-    assert run.beyond_edge(grid, {"2.5e-3": 60.0, "5e-3": 60.0, "1e-2": 60.0}) == "1.25e-3"  # ties: the smaller
-    probe = ["0.1", "0.8", "6.4", "25.6"]
-    assert run.beyond_edge(probe, dict(zip(probe, (18.7, 40.8, 67.9, 70.1)))) == "102.4"
-    assert run.beyond_edge(probe, dict(zip(probe, (71.0, 40.8, 67.9, 70.1)))) == "1.25e-2"
-    assert run.beyond_edge(["0.8"], {"0.8": 50.0}) is None  # one value: no ratio to go on at
+    assert grids.beyond_edge([2.5e-3, 5e-3, 1e-2], [58.2, 61.8, 66.4]) == pytest.approx(2e-2)
+    assert grids.beyond_edge([5e-3, 1e-2, 2.5e-3], [61.8, 50.0, 70.0]) == pytest.approx(1.25e-3)  # any order
+    assert grids.beyond_edge([2.5e-3, 5e-3, 1e-2], [58.2, 66.5, 66.4]) is None
+    assert grids.beyond_edge([2.5e-3, 5e-3, 1e-2], [60.0, 60.0, 60.0]) == pytest.approx(1.25e-3)  # ties: smaller
+    assert grids.beyond_edge([0.1, 0.8, 6.4, 25.6], [18.7, 40.8, 67.9, 70.1]) == pytest.approx(102.4)
+    assert grids.beyond_edge([0.8], [50.0]) is None  # one value: no ratio to go on at
+    assert [run.blr_string(v) for v in (0.01 * 0.01 / 0.005, 2.5e-3 ** 2 / 5e-3, 25.6 ** 2 / 6.4, 1e-2)] == [
+        "2e-2", "1.25e-3", "102.4", "1e-2"]
+
+    # a baseline's sweep: here the validation top-1 grows with k up to k = 200, so the grid goes on past 50
+    def fit(kind, setting, x, y, classes, epochs, seed, max_iter):
+        return (lambda v: (np.arange(len(v)) >= min(setting["k"], 200)).astype(np.int64)), {}
+
+    monkeypatch.setattr(baselines, "fit", fit)
+    data = ({"pixels": np.zeros((300, 2))}, np.zeros(300, np.int64))
+    row = baselines.run("knn_pixels", "1", 0, data, data, data, 2, 1, None, 10)
+    assert [s["setting"]["k"] for s in row["sweep"]] == [1, 3, 5, 10, 20, 50, 125, 312, 779]
+    assert row["setting"] == {"k": 312, "features": "pixels"} and row["val_acc1"] == pytest.approx(200 / 3)

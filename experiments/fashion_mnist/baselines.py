@@ -6,7 +6,8 @@ k-nearest neighbours on raw pixels and on the frozen MAE encoder's features, and
 
 Each `--train PERCENT:DRAW=DIR` is an ImageFolder of one label subset. A method's setting (C, k, the CNN's
 learning rate; for MAE features also the class token or the average-pooled patch tokens) is chosen by
-top-1 on --val with draw 0 at 1% and at 10%, over the grids below; other draws use that choice, and 100%
+top-1 on --val with draw 0 at 1% and at 10%, over the grids below, continued past an end that holds the
+best (grids.py); other draws use that choice, and 100%
 uses the 10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction
 and draw goes to --log; a line already there is skipped, so the stage resumes.
 """
@@ -24,15 +25,16 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import cnn  # noqa: E402
+from grids import EXTEND, beyond_edge  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import load_pretrained  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
 from util.features import encoder_features  # noqa: E402
 from util.transforms import eval_transform  # noqa: E402
 
-GRIDS = {"logreg": [{"C": c} for c in (0.01, 0.1, 1.0, 10.0)],  # inverse L2 strength
-         "knn": [{"k": k} for k in (1, 3, 5, 10, 20, 50)],
-         "cnn": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)]}
+GRIDS = {"logreg": ("C", (0.01, 0.1, 1.0, 10.0)),  # inverse L2 strength
+         "knn": ("k", (1, 3, 5, 10, 20, 50)),
+         "cnn": ("lr", (3e-4, 1e-3, 3e-3))}
 METHODS = {"logreg_pixels": ("logreg", ("pixels",)), "logreg_mae": ("logreg", ("mae_cls", "mae_avg")),
            "knn_pixels": ("knn", ("pixels",)), "knn_mae": ("knn", ("mae_cls", "mae_avg")),
            "cnn": ("cnn", ("pixels",))}
@@ -125,15 +127,31 @@ def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_it
     top-1 of the chosen setting."""
     kind, feature_names = METHODS[method]
     (x, y), (val_x, val_y), (test_x, test_y) = train, val, test
-    candidates = [dict(s, features=f) for f in feature_names for s in GRIDS[kind]] if chosen is None else [chosen]
     sweep, best = [], None
-    for setting in candidates:
+
+    def evaluate(setting):
+        nonlocal best
         f = setting["features"]
         predict, facts = fit(kind, setting, x[f], y, classes, epochs, draw, max_iter)
         acc = top1(predict(val_x[f]), val_y)
         sweep.append({"setting": setting, "val_acc1": acc, **facts})
         if best is None or acc > best[0]:
             best = (acc, setting, predict, facts)
+        return acc
+
+    if chosen is not None:
+        evaluate(chosen)
+    for f in feature_names if chosen is None else ():
+        name, values = GRIDS[kind][0], list(GRIDS[kind][1])
+        scores = [evaluate({name: v, "features": f}) for v in values]
+        while len(values) < len(GRIDS[kind][1]) + EXTEND:
+            value = beyond_edge(values, scores)
+            if value is not None:
+                value = round(value) if kind == "knn" else float(f"{value:.4g}")
+            if value is None or value < 1 and kind == "knn" or value in values:
+                break
+            values.append(value)
+            scores.append(evaluate({name: value, "features": f}))
     acc, setting, predict, facts = best
     row = {"method": method, "percent": percent, "draw": draw, "train_images": len(y), "setting": setting,
            "val_acc1": acc, "test_acc1": top1(predict(test_x[setting["features"]]), test_y), **facts}

@@ -26,13 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from grids import EXTEND, beyond_edge  # noqa: E402
 from splits import VAL_PER_CLASS, development_folder, label_subset_folder  # noqa: E402
 
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
 GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures")
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "pretrain_epochs": (10, 25, 50), "pixel_epochs": 25,
-        "lbfgs_iterations": 5000, "extend": 3,
+        "lbfgs_iterations": 5000, "extend": EXTEND,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
@@ -95,15 +96,8 @@ def timed_call(cmd, folder, stdout):
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
 
-def beyond_edge(grid, val):
-    """The value continuing `grid` (strings of numbers) past its end when that end holds the best of `val`
-    (ties: the smaller value), at the ratio of the two values there; None when the best lies inside."""
-    grid = sorted(grid, key=float)
-    values = [float(v) for v in grid]
-    best = max(range(len(grid)), key=lambda i: (val[grid[i]], -i))
-    if len(grid) < 2 or 0 < best < len(grid) - 1:
-        return None
-    value = values[-1] ** 2 / values[-2] if best == len(grid) - 1 else values[0] ** 2 / values[1]
+def blr_string(value):
+    """A swept value as the run names spell it: 2e-2, 1.25e-3, 102.4."""
     if value >= 0.1:
         return f"{value:.4g}"
     mantissa, exponent = f"{value:.3e}".split("e")
@@ -197,10 +191,10 @@ class Study:
             names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in grid}
             if not all(self.finished(n, percent) for n in names.values()):
                 break
-            value = beyond_edge(grid, {blr: self.val_acc(n) for blr, n in names.items()})
+            value = beyond_edge([float(blr) for blr in grid], [self.val_acc(n) for n in names.values()])
             if value is None:
                 break
-            grid.append(value)
+            grid.append(blr_string(value))
         return grid
 
     def chosen(self, method, percent):
