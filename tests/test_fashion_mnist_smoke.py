@@ -73,6 +73,10 @@ def test_study_driver_smoke(tmp_path):
                     assert runs[n]["logs"] == [f"{n}/log.txt", f"{n}/test.txt"]
                     shipped = open(os.path.join(out, n, "test.txt")).read()
                     assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
+    for name, entry in runs.items():  # from scratch (the ViT and the CNN) trains longer: here 2 epochs, not 1
+        if name.startswith("finetune_"):
+            assert entry["epochs"] == (2 if name.startswith("finetune_scratch") else 1), name
+    assert report["protocol"]["scratch_and_cnn_epochs"] == {"1": 2, "10": 2, "100": 2}
     baselines = [json.loads(line) for line in open(os.path.join(out, "baselines", "log.txt"))]
     assert len(baselines) == 5 * 5
     for row in baselines:
@@ -83,6 +87,7 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
+        assert row["method"] != "cnn" or row["epochs"] == 2
     for epochs in (1, 2):  # later stages start from the pre-trainings' weights, kept without optimizer state
         weights = os.path.join(out, f"pretrain_e{epochs}", "model.pd")
         assert set(paddle.load(weights)) == {"model"}

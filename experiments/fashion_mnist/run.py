@@ -35,10 +35,11 @@ GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures"
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "pretrain_epochs": (10, 25, 50), "pixel_epochs": 25,
         "lbfgs_iterations": 5000, "extend": EXTEND,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
+        "scratch_longer": {1: 4, 10: 2, 100: 2},
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
 SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), pretrain_epochs=(1, 2), pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
-             epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS},
+             epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS}, scratch_longer={p: 2 for p in PERCENTS},
              grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()})
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
 PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
@@ -138,17 +139,23 @@ class Study:
                 sys.exit(f"error: could not write {self.weights(name)} (the message above says why)")
         return name
 
+    def epochs(self, method, percent):
+        """MAE fine-tuning and the probe train c["epochs"]; from scratch, with no pre-training to start from,
+        c["scratch_longer"] times as many."""
+        return self.c["epochs"][percent] * (self.c["scratch_longer"][percent] if method == "finetune_scratch" else 1)
+
     def classify(self, method, percent, draw, blr, pretrain=None):
         """A fine-tuning or linear-probe run on a label subset, validated on the validation split."""
+        longer = self.epochs(method, percent) // self.c["epochs"][percent]
         pretrain = pretrain or self.main_pretrain
         name = f"{method}_{percent}pct_draw{draw}_blr{blr}" + ("" if pretrain == self.main_pretrain
                                                                 else f"_pretrain{pretrain}")
         flags = [*SCRIPTED[method], "--blr", blr, "--data_path", self.subsets[(percent, draw)], "--seed", str(draw),
                  "--warmup_epochs", str(min(5, self.c["epochs"][percent])),
-                 "--eval_freq", str(self.c["eval_freq"][percent])]
+                 "--eval_freq", str(self.c["eval_freq"][percent] * longer)]
         if method != "finetune_scratch":
             flags += ["--finetune", self.weights(f"pretrain_e{pretrain}")]
-        return self.train(name, flags, self.c["epochs"][percent], percent)
+        return self.train(name, flags, self.epochs(method, percent), percent)
 
     def train(self, name, flags, epochs, percent):
         flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
@@ -179,8 +186,10 @@ class Study:
     def val_acc(self, name):
         return read_log(self.folder(name))[-1]["test_acc1"]  # the scripts' "test" set is the validation split
 
-    def finished(self, name, percent):
-        return len(read_log(self.folder(name))) >= self.c["epochs"][percent]
+    def finished(self, method, percent, blr):
+        """Whether the draw-0 run of `method` at `percent` with `blr` has all its epochs."""
+        name = f"{method}_{percent}pct_draw0_blr{blr}"
+        return len(read_log(self.folder(name))) >= self.epochs(method, percent)
 
     def grid(self, method, percent):
         """The values swept for `method` at `percent` (draw 0), as far as its runs have finished: the stated
@@ -189,7 +198,7 @@ class Study:
         grid = list(self.c["grids"][method])
         for _ in range(self.c["extend"]):
             names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in grid}
-            if not all(self.finished(n, percent) for n in names.values()):
+            if not all(self.finished(method, percent, blr) for blr in grid):
                 break
             value = beyond_edge([float(blr) for blr in grid], [self.val_acc(n) for n in names.values()])
             if value is None:
@@ -201,7 +210,7 @@ class Study:
         """The swept value with the best last-epoch validation top-1 of draw 0 (100%: the 10% choice)."""
         percent = 10 if percent == 100 else percent
         names = {blr: f"{method}_{percent}pct_draw0_blr{blr}" for blr in self.grid(method, percent)}
-        missing = [n for n in names.values() if not self.finished(n, percent)]
+        missing = [n for blr, n in names.items() if not self.finished(method, percent, blr)]
         if missing:
             sys.exit(f"error: the sweep is not finished ({', '.join(missing)}); run --stages sweep first")
         return max(names, key=lambda blr: self.val_acc(names[blr]))
@@ -229,7 +238,7 @@ class Study:
             flags = [os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", *train, "--val",
                      f"{self.dev}/val", "--test", f"{self.data}/val", "--checkpoint",
                      self.weights(f"pretrain_e{self.main_pretrain}"), "--model", VIT, "--input_size", str(SIZE),
-                     "--epochs", *[f"{p}={n}" for p, n in c["epochs"].items()],
+                     "--epochs", *[f"{p}={self.epochs('finetune_scratch', p)}" for p in PERCENTS],
                      "--max_iter", str(c["lbfgs_iterations"]),
                      "--log", os.path.join(self.folder("baselines"), "log.txt")]
             self.runs["baselines"] = (flags, None, None)
@@ -294,6 +303,7 @@ def collect(study, report):
                 "training images, never trained on", "test": "the 10,000 test images, evaluated once per reported "
                 "run with its chosen setting", "draws": list(c["draws"]), "epochs": {str(p): n for p, n in
                                                                                     c["epochs"].items()},
+                "scratch_and_cnn_epochs": {str(p): study.epochs("finetune_scratch", p) for p in PERCENTS},
                 "grids": {m: list(g) for m, g in c["grids"].items()},
                 "grid_rule": f"a grid whose best validation top-1 lies at an end is continued past it at the ratio "
                 f"there, by up to {c['extend']} values", "chosen_blr": chosen,
