@@ -93,7 +93,7 @@ def test_study_driver_smoke(tmp_path):
         assert set(paddle.load(weights)) == {"model"}
         assert f"--finetune {weights}" in runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"
                                                + ("" if epochs == 2 else "_pretrain1")]["command"]
-    assert set(report["pretrain_epochs"]) == {"1", "2"}
+    assert set(report["pretrain_epochs"]) == {"1", "2"} and report["protocol"]["main_pretrain_epochs"] == 2
     assert report["pretrain_epochs"]["2"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
         "test_acc1"]
     table = open(os.path.join(out, "results.md")).read()

@@ -32,13 +32,15 @@ from splits import VAL_PER_CLASS, development_folder, label_subset_folder  # noq
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
 GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures")
-FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "pretrain_epochs": (10, 25, 50), "pixel_epochs": 25,
+FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
+        "pretrain_epochs": (10, 25, 50, 100), "pixel_epochs": 25,
         "lbfgs_iterations": 5000, "extend": EXTEND,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "scratch_longer": {1: 4, 10: 2, 100: 2},
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
-SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), pretrain_epochs=(1, 2), pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
+SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=2, pretrain_epochs=(1, 2),
+             pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
              epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS}, scratch_longer={p: 2 for p in PERCENTS},
              grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()})
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
@@ -114,7 +116,7 @@ class Study:
         self.subsets = {(p, d): label_subset_folder(self.dev, p, d) for p in PERCENTS if p != 100
                         for d in config["draws"]}
         self.subsets[(100, 0)] = self.dev
-        self.main_pretrain = max(config["pretrain_epochs"])
+        self.main_pretrain = config["main_pretrain"]  # the pre-training every classifier starts from
         self.runs = {}  # name -> (flags, epochs, percent)
 
     def folder(self, name):
@@ -300,7 +302,8 @@ def collect(study, report):
         runs[name] = entry
     baselines = read_log(study.folder("baselines"))
     protocol = {"selection": "val", "validation": f"{c['val_per_class']} images per class held out from the "
-                "training images, never trained on", "test": "the 10,000 test images, evaluated once per reported "
+                "training images, never trained on", "main_pretrain_epochs": c["main_pretrain"],
+                "test": "the 10,000 test images, evaluated once per reported "
                 "run with its chosen setting", "draws": list(c["draws"]), "epochs": {str(p): n for p, n in
                                                                                     c["epochs"].items()},
                 "scratch_and_cnn_epochs": {str(p): study.epochs("finetune_scratch", p) for p in PERCENTS},
