@@ -92,10 +92,12 @@ def test_study_driver_smoke(tmp_path):
         weights = os.path.join(out, f"pretrain_e{epochs}", "model.pd")
         assert set(paddle.load(weights)) == {"model"}
         assert f"--finetune {weights}" in runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"
-                                               + ("" if epochs == 2 else "_pretrain1")]["command"]
-    assert set(report["pretrain_epochs"]) == {"1", "2"} and report["protocol"]["main_pretrain_epochs"] == 2
-    assert report["pretrain_epochs"]["2"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
+                                               + ("" if epochs == 1 else "_pretrain2")]["command"]
+    # the curve may go past the pre-training that every classifier and baseline starts from
+    assert set(report["pretrain_epochs"]) == {"1", "2"} and report["protocol"]["main_pretrain_epochs"] == 1
+    assert report["pretrain_epochs"]["1"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
         "test_acc1"]
+    assert os.path.join(out, "pretrain_e1", "model.pd") in runs["baselines"]["command"]
     table = open(os.path.join(out, "results.md")).read()
     assert open(os.path.join(out, "README.md")).read() == (
         f"intro\n<!-- results: written by run.py -->\n{table}<!-- end of results -->\nconclusions\n")

@@ -39,7 +39,7 @@ FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "scratch_longer": {1: 4, 10: 2, 100: 2},
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
-SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=2, pretrain_epochs=(1, 2),
+SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=1, pretrain_epochs=(1, 2),
              pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
              epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS}, scratch_longer={p: 2 for p in PERCENTS},
              grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()})
