@@ -4,14 +4,18 @@
         --output val_features.npz [--pool avg|cls] [--input_size 224] [--batch_size 64]
     python -m paddle.distributed.launch --nproc_per_node 2 main_extract.py ...   # the ranks share the images
 
---data_path is a folder of class folders (labels are their sorted indices) or a folder of images (labels -1).
+--data_path is a folder of class folders (labels are their sorted indices) or a folder of images (labels -1);
+a dataset root (train/ and val/ of class folders) needs --split train or --split val. Images beside folders
+are refused. Every image appears once, in the order of ImageFolder (class folders) or sorted by name.
 --finetune takes our pre-training, fine-tuning or linear-probing checkpoints, an official .pth, or a released
-name. The file holds `features` (float32, [N, D]), `labels` (int64), `paths` and `class_names`; rank 0
-writes it. From Python: util.features.extract and util.features.encoder_features.
+name. The file holds `features` (float32, [N, D]), `labels` (int64), `paths` and `class_names`; every rank
+writes its rows as they are computed, rank 0 the .npz. A stop signal (SIGTERM, SIGINT, SIGHUP) ends it with
+one line and no output. From Python: util.features.extract and util.features.encoder_features.
 """
 import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import os
+import signal
 import sys
 
 import numpy as np
@@ -20,13 +24,13 @@ import paddle
 import models_vit
 from util.args import add_cache_arg, check_model_input, checkpoint_file, device, non_negative_int, positive_int
 from util.checkpoint import CheckpointError, load_checkpoint, load_pretrained
-from util.classifier import image_paths
 from util.cpu import configure_cpu
 from util.cpu_layer import attach_cpu_paths
-from util.datasets import DataError, ImageFolder, _class_folders
-from util.dist import LaunchError, check_launch_environment, init_distributed_mode, is_main_process
+from util.datasets import IMG_EXTENSIONS, STOP_SIGNALS, DataError, ImageFolder
+from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank, get_world_size,
+                       init_distributed_mode, is_main_process)
 from util.factory import checkpoint_img_size
-from util.features import POOLS, extract, loaders_over
+from util.features import POOLS, feature_batches, loaders_over, rank_share
 from util.run_dir import RunDirError, check_writable
 from util.transforms import eval_transform
 
@@ -35,7 +39,10 @@ def get_args_parser():
     parser = argparse.ArgumentParser("Extract MAE encoder features", add_help=True)
     parser.add_argument("--model", default="vit_base_patch16", choices=models_vit.MODELS)
     parser.add_argument("--finetune", required=True, help="checkpoint (.pd, official .pth) or a released name")
-    parser.add_argument("--data_path", required=True, help="a folder of class folders, or of images")
+    parser.add_argument("--data_path", required=True,
+                        help="a folder of class folders, a folder of images, or a dataset root with --split")
+    parser.add_argument("--split", default=None,
+                        help="the sub-folder of --data_path to extract (e.g. train or val of a dataset root)")
     parser.add_argument("--output", required=True, help="the .npz file to write")
     parser.add_argument("--pool", default="avg", choices=POOLS,
                         help="avg: mean of the patch tokens through the final norm (default); cls: the class token")
@@ -56,13 +63,34 @@ class ImageList(ImageFolder):
         self.samples = [(p, -1) for p in paths]
 
 
-def dataset_of(folder, transform):
-    """ImageFolder when `folder` holds class folders, else its images with label -1."""
+SPLITS = ("train", "val")
+
+
+def dataset_of(data_path, split, transform):
+    """The images to extract, by one rule: --split NAME takes DATA/NAME; a dataset root (train/ or val/
+    holding folders) needs --split; a folder of class folders gives each image its class folder's sorted
+    index; a folder of images gives -1. Images beside folders are refused: neither rule covers them all."""
+    folder = os.path.join(data_path, split) if split else data_path
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: folder not found")
-    if _class_folders(folder):
+    if not split:
+        roots = [s for s in SPLITS if os.path.isdir(os.path.join(folder, s)) and
+                 any(e.is_dir() for e in os.scandir(os.path.join(folder, s)))]
+        if roots:
+            raise DataError(f"{folder}: a dataset root ({', '.join(r + '/' for r in roots)} of class folders); "
+                            f"choose the images with {' or '.join('--split ' + r for r in roots)} (or --data_path "
+                            f"{os.path.join(folder, roots[0])})")
+    entries = list(os.scandir(folder))
+    images = sorted(e.path for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    folders = [e for e in entries if e.is_dir()]
+    if images and folders:
+        raise DataError(f"{folder}: {len(images)} image file(s) beside {len(folders)} folder(s); extraction takes "
+                        "a folder of class folders or a folder of images, not both")
+    if folders:
         return ImageFolder(folder, transform=transform)
-    return ImageList(image_paths([folder]), folder, transform=transform)
+    if not images:
+        raise DataError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)}) and no class folders")
+    return ImageList(images, folder, transform=transform)
 
 
 def encoder(args):
@@ -75,6 +103,77 @@ def encoder(args):
     return attach_cpu_paths(model)
 
 
+class Stopped(Exception):
+    """A stop signal arrived: the extraction ends without output."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def write_features(args, model, data):
+    """Every rank writes the features of its rank_share into one [N, D] float32 .npy beside --output as they
+    are computed (with pwrite: a full disk is an OSError, where a memory map would die of SIGBUS; peak memory
+    independent of N); then rank 0 streams that file into the .npz, renamed into place when complete.
+    Nothing partial is left under either name."""
+    count, dim = len(data), model.cls_token.shape[-1]
+    stem = args.output[:-len(".npz")]
+    rows_path, tmp = stem + ".rows.tmp.npy", stem + ".tmp.npz"
+    rank, world = get_rank(), get_world_size()
+
+    def create():
+        if rank == 0:
+            with open(rows_path, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (count, dim)})
+                f.truncate(f.tell() + count * dim * 4)
+
+    def write_rows():
+        if not os.path.isfile(rows_path):
+            raise DataError(f"{rows_path}: not found by rank {rank}; --output must be in a folder that every "
+                            "process sees")
+        with open(rows_path, "r+b") as rows:
+            np.lib.format.read_magic(rows)
+            np.lib.format.read_array_header_2_0(rows)
+            offset, mine, done = rows.tell(), rank_share(count), 0
+            loader = loaders_over(data, args.batch_size, args.num_workers)(mine)
+            for feats in feature_batches(model, loader, args.pool, label="extracting"):
+                for row in feats:
+                    os.pwrite(rows.fileno(), row.tobytes(), offset + mine[done] * dim * 4)
+                    done += 1
+
+    try:
+        agree(create, rows_path)
+        agree(write_rows, rows_path)
+        if rank == 0:
+            np.savez(tmp, features=np.load(rows_path, mmap_mode="r"),
+                     labels=np.array([t for _, t in data.samples], np.int64),
+                     paths=np.array([p for p, _ in data.samples]), class_names=np.array(data.classes))
+            os.replace(tmp, args.output)
+            print(f"wrote {args.output}: features {[count, dim]}")
+    except OSError as e:
+        raise DataError(f"cannot write {args.output}: {e.strerror or e}") from None
+    finally:
+        if rank == 0:
+            for path in (tmp, rows_path):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def agree(step, path):
+    """step() on every rank; when it fails on any (a DataError, or an OSError writing `path`), every rank
+    stops with the first failing rank's error."""
+    try:
+        step()
+        failure = None
+    except DataError as e:
+        failure = str(e)
+    except OSError as e:
+        failure = f"cannot write {path}: {e.strerror or e}"
+    failures = [f for f in all_gather(failure) if f]
+    if failures:
+        raise DataError(failures[0])
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -82,6 +181,9 @@ def main(argv=None):
     if not args.output.endswith(".npz") or os.path.isdir(args.output):
         parser.error(f"argument --output: {args.output!r} is not a .npz file path")
     args.finetune = checkpoint_file(parser, "--finetune", args.finetune, args.cache_dir)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit fails, not the process
     try:
         check_launch_environment()
         if args.device == "cpu":
@@ -90,18 +192,13 @@ def main(argv=None):
         if is_main_process():
             check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
         model = encoder(args)
-        data = dataset_of(args.data_path, eval_transform(model.patch_embed.img_size[0]))
-        print(f"{len(data)} images in {args.data_path}; {args.pool} features of {args.model}")
-        features = extract(model, loaders_over(data, args.batch_size, args.num_workers), len(data), args.pool,
-                           label="extracting")
-        if is_main_process():
-            tmp = args.output[:-len(".npz")] + ".tmp.npz"
-            np.savez(tmp, features=features, labels=np.array([t for _, t in data.samples], np.int64),
-                     paths=np.array([p for p, _ in data.samples]), class_names=np.array(data.classes))
-            os.replace(tmp, args.output)
-            print(f"wrote {args.output}: features {list(features.shape)}")
+        data = dataset_of(args.data_path, args.split, eval_transform(model.patch_embed.img_size[0]))
+        print(f"{len(data)} images in {data.root}; {args.pool} features of {args.model}")
+        write_features(args, model, data)
     except (CheckpointError, DataError, LaunchError, RunDirError) as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        sys.exit(f"error: stopped by {e}; {args.output} not written")
     except OSError as e:
         sys.exit(f"error: cannot write {args.output}: {e.strerror or e}")
 

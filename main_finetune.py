@@ -65,8 +65,13 @@ def parse_args(argv=None):
             rand_augment_transform(args.aa, {})
         except ValueError as e:
             parser.error(f"argument --aa: {e}")
-    if args.cutmix_minmax is not None and not 0.0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1.0:
-        parser.error(f"argument --cutmix_minmax: needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
+    if args.cutmix_minmax is not None:
+        low, high = args.cutmix_minmax
+        if not 0.0 < low < high <= 1.0:
+            parser.error(f"argument --cutmix_minmax: needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
+        if int(args.input_size * low) >= int(args.input_size * high):
+            parser.error(f"argument --cutmix_minmax: {low} {high} of {args.input_size} px leaves no box side to draw "
+                         f"(from {int(args.input_size * low)} up to but not including {int(args.input_size * high)} px)")
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
         parser.error(f"argument --batch_size: mixup/cutmix needs an even batch size, got {args.batch_size}")
     return args

@@ -126,6 +126,19 @@ def write_png(pixels, path):
             os.remove(tmp)
 
 
+def check_picture(parser, args, rows, patch_embed):
+    """parser.error (exit 2) for a mask ratio that leaves no visible patch, or a picture larger than Pillow
+    opens (its decompression-bomb limit), before any work."""
+    if int(patch_embed.num_patches * (1 - args.mask_ratio)) < 1:
+        parser.error(f"argument --mask_ratio: {args.mask_ratio} of {patch_embed.num_patches} patches leaves no "
+                     "visible patch")
+    side = patch_embed.img_size[0] * args.scale
+    if 4 * side * rows * side > Image.MAX_IMAGE_PIXELS:
+        parser.error(f"argument --scale: {args.scale} makes a {4 * side}x{rows * side} px picture, more than the "
+                     f"{Image.MAX_IMAGE_PIXELS} pixels an image viewer (Pillow) opens; use a smaller --scale or fewer "
+                     "images")
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -143,6 +156,7 @@ def main(argv=None):
             / np.asarray(IMAGENET_DEFAULT_STD, np.float32).reshape(3, 1, 1) for p in paths])
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    check_picture(parser, args, len(paths), model.patch_embed)
     if norm_pix:
         print("norm_pix_loss model: removed patches are un-normalised with the mean and std of nearby visible patches")
     rows = reconstruct(model, imgs, args.mask_ratio, args.seed, norm_pix)

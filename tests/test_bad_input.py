@@ -183,6 +183,29 @@ def test_accum_iter_beyond_an_epoch(data, tmp_path):
     assert_one_line_error(out, 1, "--accum_iter 4", "never step")
 
 
+def test_a_position_beyond_the_epoch_is_refused(data, tmp_path):
+    """A checkpoint stopped at an iteration the epoch does not have (another dataset or batch size, or a
+    damaged file): one line naming it, the checkpoint and log untouched."""
+    out = str(tmp_path / "o")
+    args = ["main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir", out, *FLAGS]
+    assert run_script(*args).returncode == 0
+    last = os.path.join(out, "checkpoint-last.pd")
+    ckpt = load_checkpoint(last)
+    for iteration in (3, 1000):  # 12 images / batch 4: iterations 0-2
+        save_file({**ckpt, "epoch": -1, "iteration": iteration}, last)
+        before = digest(out)
+        res = run_script(*args, "--epochs", "2")
+        assert_one_line_error(res, 1, last, f"iteration {iteration}", "3 iterations")
+        assert {k: v for k, v in digest(out).items() if k != ".lock"} == \
+            {k: v for k, v in before.items() if k != ".lock"}  # .lock holds the pid of the run that has it
+
+
+def test_knn_subset_larger_than_a_class(data, tmp_path):
+    res = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch4", "--data_path", data, "--output_dir",
+                     str(tmp_path / "o"), *FLAGS, "--knn_freq", "1", "--knn_train_per_class", "5")
+    assert_one_line_error(res, 1, "--knn_train_per_class 5", os.path.join(data, "train", "class_0"), "holds 4")
+
+
 @pytest.mark.parametrize("script,flags,named", [
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--mask_ratio", "0.999"], "--mask_ratio"),
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--input_size", "4"], "--mask_ratio"),
@@ -192,6 +215,17 @@ def test_accum_iter_beyond_an_epoch(data, tmp_path):
     ("main_finetune.py", ["--model", "vit_micro_patch4", "--aa", "garbage-xyz"], "--aa"),
     ("main_finetune.py", ["--model", "vit_micro_patch4", "--cutmix_minmax", "0.9", "0.1"], "--cutmix_minmax"),
     ("main_finetune.py", ["--model", "vit_micro_patch4", "--mixup_prob", "1.5"], "--mixup_prob"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--input_size", "28", "--cutmix_minmax", "0.5", "0.51"],
+     "--cutmix_minmax"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--input_size", "8", "--cutmix_minmax", "0.1", "0.12"],
+     "--cutmix_minmax"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--mixup", "inf"], "--mixup"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--clip_grad", "inf"], "--clip_grad"),
+    ("main_finetune.py", ["--model", "vit_micro_patch4", "--layer_decay", "1e999"], "--layer_decay"),
+    ("main_linprobe.py", ["--model", "vit_micro_patch4", "--lr", "inf"], "--lr"),
+    ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--weight_decay", "inf"], "--weight_decay"),
+    ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--knn_t", "inf"], "--knn_t"),
+    ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--knn_t", "0"], "--knn_t"),
     ("main_linprobe.py", ["--model", "vit_micro_patch4", "--batch_size", "1"], "--batch_size"),
     ("benchmark.py", ["--job", "pretrain", "--mask_ratio", "1"], "--mask_ratio"),
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--on_nonfinite", "rewind", "--output_dir", ""],
@@ -351,6 +385,8 @@ def test_integer_weights_are_refused_naming_the_key(data, tmp_path, command):
     ("main_infer.py", ["--input_size", "33"], "--input_size"),
     ("main_export.py", ["--input_size", "33", "--output", "x"], "--input_size"),
     ("main_visualize.py", ["--model", "mae_vit_tiny_patch4", "--input_size", "33"], "--input_size"),
+    ("main_visualize.py", ["--model", "mae_vit_micro_patch4", "--scale", "100000"], "--scale"),
+    ("main_visualize.py", ["--model", "mae_vit_micro_patch4", "--mask_ratio", "0.999"], "--mask_ratio"),
     ("benchmark.py", ["--job", "infer", "--input_size", "33"], "--input_size"),
     ("main_pretrain.py", ["--input_size", "100000"], "--input_size"),
     ("benchmark.py", ["--job", "finetune", "--model", "vit_nope"], "--model"),

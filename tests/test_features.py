@@ -1,6 +1,7 @@
 """Features without masking: the weighted k-NN, the k-NN monitor of pre-training, main_extract.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,9 +29,9 @@ def numpy_knn(train, train_y, test, test_y, classes, k, t):
     correct = 0
     for row, label in zip(test @ train.T, test_y):
         near = np.argsort(-row, kind="stable")[:k]
-        scores = np.zeros(classes)
-        for j in near:
-            scores[train_y[j]] += np.exp(row[j] / t)
+        scores = np.full(classes, -np.inf)
+        for j in near:  # log-sum-exp per class: exact at any temperature
+            scores[train_y[j]] = np.logaddexp(scores[train_y[j]], row[j] / t)
         correct += scores.argmax() == label
     return 100.0 * correct / len(test_y)
 
@@ -45,6 +46,20 @@ def test_weighted_knn_equals_numpy():
         got = knn_top1(train, train_y, test, test_y, 4, k, t, chunk=17)
         assert got == pytest.approx(numpy_knn(train, train_y, test, test_y, 4, k, t), abs=1e-9)
         assert 30 < got < 100
+
+
+def test_weighted_knn_at_small_temperatures():
+    """exp(similarity / t) overflows float64 below t ~ 1/709: the vote is taken relative to each query's
+    nearest neighbour, so that it stays the log-sum-exp vote (not NaN, not class 0)."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(10, 16))
+    train_y, test_y = rng.integers(0, 10, 400), rng.integers(1, 10, 40)  # class 0 is never the answer
+    train = (centres[train_y] + 1.2 * rng.normal(size=(400, 16))).astype(np.float32)
+    test = (centres[test_y] + 1.2 * rng.normal(size=(40, 16))).astype(np.float32)
+    for t in (1e-4, 1e-3, 0.07):
+        got = knn_top1(train, train_y, test, test_y, 10, 20, t)
+        assert got == pytest.approx(numpy_knn(train, train_y, test, test_y, 10, 20, t), abs=1e-9)
+        assert got > 40
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +110,15 @@ def test_extract_class_folders_flat_folders_and_two_processes(data, tmp_path):
     assert res.returncode == 0, open(os.path.join(logs, "workerlog.0")).read()[-3000:]
     assert np.allclose(np.load(two)["features"], got["features"], atol=1e-5)
     assert np.load(two)["paths"].tolist() == got["paths"].tolist()
+    one = tmp_path / "one"  # fewer images than processes: rank 1 holds none
+    one.mkdir()
+    os.link(samples[0][0], one / "a.png")
+    res = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                          logs, "main_extract.py", "--model", "vit_micro_patch4", "--finetune", VIT, "--data_path",
+                          str(one), "--output", str(tmp_path / "one.npz"), "--device", "cpu", "--num_workers", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, open(os.path.join(logs, "workerlog.1")).read()[-3000:]
+    assert np.allclose(np.load(tmp_path / "one.npz")["features"], ref[:1], atol=1e-5)
 
 
 def test_extract_bad_input(data, tmp_path):
@@ -159,3 +183,113 @@ def test_knn_monitor_in_pre_training(tmp_path):
                      "--knn_freq", "1", "--device", "cpu", "--output_dir", str(tmp_path / "o3"), "--batch_size", "8")
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'noval' / 'val'}: dataset folder not found"], res.stderr
+
+
+def _extract(*argv, timeout=600):
+    return run_script("main_extract.py", "--model", "vit_micro_patch4", "--device", "cpu", "--num_workers", "0",
+                      *argv, timeout=timeout)
+
+
+def _one_line(res, *words):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines
+
+
+def test_extract_takes_labels_from_one_rule(data, tmp_path):
+    """A dataset root needs --split; images beside folders are refused; a flat folder gives -1 for each of its
+    images (other files ignored); class folders keep their nested images."""
+    out = str(tmp_path / "f.npz")
+    _one_line(_extract("--finetune", VIT, "--data_path", data, "--output", out), "dataset root", "--split val")
+    res = _extract("--finetune", VIT, "--data_path", data, "--split", "val", "--output", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    val = ImageFolder(os.path.join(data, "val"))
+    got = np.load(out)
+    assert got["labels"].tolist() == [t for _, t in val.samples] and got["paths"].tolist() == [p for p, _ in val.samples]
+    _one_line(_extract("--finetune", VIT, "--data_path", data, "--split", "test", "--output", out), "folder not found")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(data, "val", "class_0"), mixed / "sub")
+    for i, (p, _) in enumerate(val.samples[-2:]):
+        shutil.copy(p, mixed / f"top_{i}.png")
+    _one_line(_extract("--finetune", VIT, "--data_path", str(mixed), "--output", out), "2 image file(s) beside 1")
+    shutil.rmtree(mixed / "sub")
+    (mixed / "notes.txt").write_text("not an image")
+    res = _extract("--finetune", VIT, "--data_path", str(mixed), "--output", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.load(out)["labels"].tolist() == [-1, -1] and len(np.load(out)["paths"]) == 2
+    nested = tmp_path / "nested"
+    shutil.copytree(os.path.join(data, "val"), nested)
+    shutil.copytree(os.path.join(data, "val", "class_1"), nested / "class_1" / "deeper")
+    res = _extract("--finetune", VIT, "--data_path", str(nested), "--output", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    paths = np.load(out)["paths"].tolist()
+    assert len(paths) == len(set(paths)) == len(val) + 4 and sum("deeper" in p for p in paths) == 4
+
+
+def test_extract_class_tokens_of_a_pretraining_checkpoint(data, tmp_path):
+    """--pool cls reads an MAE checkpoint (its decoder ignored): the class token through the final norm."""
+    out = str(tmp_path / "cls.npz")
+    mae = golden("mae_tiny.pth")
+    res = _extract("--finetune", mae, "--data_path", os.path.join(data, "val"), "--output", out, "--pool", "cls")
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = models_mae.mae_vit_micro_patch4()
+    load_model_weights(model, load_checkpoint(mae)["model"], mae)
+    model.eval()
+    ref, _ = _features_by_hand(model, os.path.join(data, "val"), "cls")
+    assert np.allclose(np.load(out)["features"], ref, atol=1e-5)
+
+
+def _spawned_gather(count):
+    import paddle.distributed as dist
+    from util.features import gather_rows, rank_share
+    dist.init_parallel_env()
+    mine = rank_share(count)
+    share = np.array([[i, i * 10.0] for i in mine], np.float32).reshape(len(mine), 2)
+    got = gather_rows(share, count)
+    assert got.tolist() == [[i, i * 10.0] for i in range(count)], (dist.get_rank(), got)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_gather_with_ranks_that_hold_no_rows(count):
+    paddle.distributed.spawn(_spawned_gather, args=(count,), nprocs=3, backend="gloo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_extract_stops_on_a_signal_with_one_line(tmp_path, sig):
+    import signal
+    out = tmp_path / "f.npz"
+    proc = subprocess.Popen([sys.executable, "main_extract.py", "--model", "vit_micro_patch4", "--finetune", VIT,
+                             "--device", "cpu", "--num_workers", "2", "--batch_size", "1", "--data_path",
+                             os.path.join(ROOT, "demo", "fashion_mnist_small", "train"), "--output", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "extracting features: 50/" in line:  # inside the loop, the rows file open
+            break
+    assert list(tmp_path.iterdir()), "the rows file exists while extracting"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-2000:]
+    assert err.strip().splitlines() == [f"error: stopped by {sig}; {out} not written"], err[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["64k", "200k"])
+def test_extract_on_a_full_disk_leaves_nothing(data, tmp_path, size):
+    """64k: the rows fail while features are written; 200k: the rows fit, the .npz does not."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = os.path.join(ROOT, "demo", "fashion_mnist_small", "val")  # 500 x 64 float32: 128 KB of rows
+    cmd = (f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 9; {sys.executable} main_extract.py --model "
+           f"vit_micro_patch4 --finetune {VIT} --device cpu --num_workers 0 --data_path {train} --output "
+           f"{disk}/f.npz; echo EXIT $?; ls -A {disk}")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "EXIT 1" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert res.stdout.split("EXIT 1", 1)[1].split() == []  # nothing left on that disk
+    written = "f.rows.tmp.npy" if size == "64k" else "f.npz"
+    assert res.stderr.strip().splitlines() == [f"error: cannot write {disk}/{written}: No space left on device"], \
+        res.stderr[-2000:]

@@ -52,22 +52,24 @@ def assert_fell_back(res, words):
 @pytest.mark.parametrize("name", ["missing", "error"])
 def test_no_compiler_or_a_compiler_error_is_remembered(tmp_path, name):
     cc = str(tmp_path / "no-such-cc") if name == "missing" else compiler(tmp_path, "echo 'x.c:1: error: boom'; exit 1")
-    first = probe(tmp_path, CC=cc)
+    first = probe(tmp_path, CC=cc, MAE_NATIVE_TIMEOUT="120")  # time for Paddle's extension tool to call it
     assert_fell_back(first, "boom" if name == "error" else "")
-    assert glob.glob(str(tmp_path / "ext" / "*.failed"))
+    assert len(glob.glob(str(tmp_path / "ext" / "*.failed"))) == 2
     built = calls(tmp_path)
-    second = probe(tmp_path, CC=cc)
+    second = probe(tmp_path, CC=cc, MAE_NATIVE_TIMEOUT="120")
     assert_fell_back(second, "delete it to retry")
     assert calls(tmp_path) == built  # no process retries a failed build
 
 
 def test_a_compiler_that_never_returns_is_stopped(tmp_path):
-    res = probe(tmp_path, CC=compiler(tmp_path, "sleep 1000"))
+    res = probe(tmp_path, CC=compiler(tmp_path, f"echo $$ >> {tmp_path}/pids; exec sleep 1000"))
     assert_fell_back(res, "did not finish within 3 s")
     assert res.seconds < 60
-    assert calls(tmp_path) >= 1  # the build really started
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert pids  # the build really started
     time.sleep(0.5)
-    assert "sleep 1000" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    for pid in pids:  # this test's own compilers, not any other `sleep 1000` on the machine
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read(), pid
 
 
 @pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
@@ -177,3 +179,77 @@ def test_one_warning_per_run_across_ranks_and_loader_workers(tmp_path):
     logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "log" / "workerlog.*")))
     assert res.returncode == 0, logs[-3000:]
     assert logs.count("warning: native CPU code") == 1, logs
+
+
+FAST_ONLY = "import sys; sys.path.insert(0, '.'); from util import fast_image; print(fast_image.available(), False)"
+
+
+def test_a_time_limit_or_signal_is_not_remembered(tmp_path):
+    """A build cut off by the time limit, or killed by a signal, is tried again by the next run (the same
+    compiler, then answering), which uses the fused code without a warning."""
+    cc = compiler(tmp_path, "exec sleep 1000")
+    assert_fell_back(probe(tmp_path, FAST_ONLY, CC=cc), "did not finish within 3 s")
+    assert not glob.glob(str(tmp_path / "ext" / "*.failed"))
+    compiler(tmp_path, "kill -9 $$")
+    assert_fell_back(probe(tmp_path, FAST_ONLY, CC=cc), "killed by SIGKILL")
+    assert not glob.glob(str(tmp_path / "ext" / "*.failed"))
+    compiler(tmp_path, 'exec cc "$@"')  # the same path and --version: the same cache key
+    res = probe(tmp_path, FAST_ONLY, CC=cc)
+    assert res.stdout.split() == ["True", "False"] and not res.warnings, res.stderr
+    assert calls(tmp_path) == 3
+
+
+def test_a_full_disk_is_named_and_not_remembered(tmp_path):
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    cc = compiler(tmp_path, 'exec cc "$@"')
+    cmd = (f"mount -t tmpfs -o size=256k tmpfs {ext} && (head -c 1m /dev/zero > {ext}/filler 2>/dev/null; "
+           f"df -k {ext} | tail -1 | awk '{{print \"FREE\", $4}}'); exec {sys.executable} -c \"{FAST_ONLY}\"")
+    env = {**os.environ, "PADDLE_EXTENSION_DIR": str(ext), "MAE_NATIVE_TIMEOUT": "60", "CC": cc}
+    env.pop(native.WARNED, None)
+    res = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "FREE 0" in res.stdout  # the disk really was full
+    assert calls(tmp_path) == 1  # and the compiler ran
+    res.stdout = res.stdout.split("\n", 1)[1]
+    res.warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert res.stdout.split() == ["False", "False"] and len(res.warnings) == 1, res.stderr
+    assert "disk is full" in res.warnings[0] and "No space left on device" in res.warnings[0], res.warnings
+    assert "Traceback" not in res.stderr
+    res = probe(tmp_path, FAST_ONLY, CC=cc)  # the same folder, no longer full: built, nothing remembered
+    assert res.stdout.split() == ["True", "False"] and not res.warnings, res.stderr
+
+
+def test_a_library_without_its_symbols_is_refused_and_remembered(tmp_path):
+    """A compiler that links a valid library lacking the expected functions: one warning naming them, the
+    Pillow path, and the next run falls back at once instead of loading it again."""
+    cc = compiler(tmp_path, 'while [ $# -gt 1 ]; do [ "$1" = -o ] && out=$2; shift; done; '
+                            'echo "int unrelated(void) { return 0; }" | exec cc -shared -fPIC -x c - -o "$out"')
+    res = probe(tmp_path, FAST_ONLY, CC=cc)
+    assert_fell_back(res, "lacks resize_bicubic_rgb, mirror_rgb, affine_rgb, normalize_nhwc, erase_boxes")
+    assert not glob.glob(str(tmp_path / "ext" / "*.so")) and glob.glob(str(tmp_path / "ext" / "*.failed"))
+    assert_fell_back(probe(tmp_path, FAST_ONLY, CC=cc), "delete it to retry")
+    assert calls(tmp_path) == 1
+
+
+def test_custom_operators_missing_from_a_library_are_refused(tmp_path, monkeypatch):
+    from util import compat, cpu_kernels
+    monkeypatch.setattr(native, "library", lambda *a: str(tmp_path / "k.so"))
+    monkeypatch.setattr(compat, "register_custom_ops", lambda path: ["mae_softmax"])
+    rejected = []
+    monkeypatch.setattr(native, "reject", lambda path, reason: rejected.append((path, reason)))
+    assert cpu_kernels._load() is False
+    assert rejected == [(str(tmp_path / "k.so"), "the library lacks the operator(s) mae_adamw, mae_bias_gelu, "
+                         "mae_layer_norm, mae_merge_heads, mae_residual_drop_path, mae_split_heads")]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-5", "soon", "1e9"])
+def test_a_bad_time_limit_is_refused_at_start(tmp_path, value):
+    from helpers import run_script
+    res = run_script("main_pretrain.py", "--model", "mae_vit_micro_patch4", "--device", "cpu", "--data_path",
+                     str(tmp_path), "--output_dir", str(tmp_path / "out"), env={"MAE_NATIVE_TIMEOUT": value})
+    assert res.returncode == 2 and f"MAE_NATIVE_TIMEOUT={value!r}" in res.stderr.strip().splitlines()[-1], res.stderr
+    assert not (tmp_path / "out").exists()
+    assert_fell_back(probe(tmp_path, MAE_NATIVE_TIMEOUT=value), f"MAE_NATIVE_TIMEOUT={value!r}")

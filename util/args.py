@@ -1,5 +1,6 @@
 """Command-line flags shared by the training scripts, with validation."""
 import argparse
+import math
 import os
 import sys
 
@@ -33,15 +34,15 @@ def seed(value):
 
 def non_negative_float(value):
     v = float(value)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return v
 
 
 def positive_float(value):
     v = float(value)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return v
 
 
@@ -230,11 +231,20 @@ def resolve(parser, args, model_names):
         parser.error("--eval needs --resume CHECKPOINT (the model to evaluate)")
     if args.on_nonfinite == "rewind" and not args.output_dir:
         parser.error("--on_nonfinite rewind goes back to checkpoint-last.pd: it needs an --output_dir")
+    check_environment(parser)
+    return args
+
+
+def check_environment(parser):
+    """The environment variables a run reads later (the testing aid MAE_INJECT_NONFINITE, the native build's
+    MAE_NATIVE_TIMEOUT), checked now: parser.error (exit 2) names a bad one."""
+    from util import native
+
     try:
         injection()
+        native.timeout()
     except ValueError as e:
         parser.error(str(e))
-    return args
 
 
 def check_dist_eval(args):

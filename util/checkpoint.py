@@ -209,10 +209,10 @@ def match_dtypes(model, state_dict, path):
     return out
 
 
-def load_model_weights(model, state_dict, path, allow_missing=()):
+def load_model_weights(model, state_dict, path, allow_missing=(), ignore_unexpected=False):
     """Strictly load state_dict into model (keys in allow_missing may be absent; extra keys are ignored
-    only when allow_missing is given, as for --finetune). Floating weights of another precision are cast."""
-    check_state_dict(model, state_dict, path, allow_missing, ignore_unexpected=bool(allow_missing))
+    only with ignore_unexpected, as for --finetune). Floating weights of another precision are cast."""
+    check_state_dict(model, state_dict, path, allow_missing, ignore_unexpected)
     state_dict = match_dtypes(model, state_dict, path)
     own = model.state_dict()
     with warnings.catch_warnings():  # keys absent on purpose were checked above
@@ -265,7 +265,7 @@ def load_pretrained(model, path, fc_norm_from_norm=False):
             del state_dict[k]
     interpolate_pos_embed(model, state_dict)
     allowed = {k for k in own if k.startswith("head.") or (k.startswith("fc_norm.") and model.global_pool)}
-    load_model_weights(model, state_dict, path, allow_missing=allowed)
+    load_model_weights(model, state_dict, path, allow_missing=allowed, ignore_unexpected=True)
     return sorted(k for k in own if k not in state_dict)
 
 

@@ -27,9 +27,10 @@ def param_groups(optimizer):
 
 
 def register_custom_ops(path):
-    """Register the custom operators of an already built library (cpp_extension.load also builds)."""
+    """Register the custom operators of an already built library (cpp_extension.load also builds); the names
+    of the operators it registered."""
     from paddle.utils import cpp_extension
-    cpp_extension.load_op_meta_info_and_register_op(path)
+    return list(cpp_extension.load_op_meta_info_and_register_op(path))
 
 
 def run_custom_op(name, *args):

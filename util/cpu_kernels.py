@@ -25,6 +25,8 @@ LDFLAGS = ["-l:libiomp5.so", "-lmvec"]  # the OpenMP runtime that MKL uses: one 
 BUILD = ("import json, sys, warnings; warnings.simplefilter('ignore'); from paddle.utils import cpp_extension; "
          "cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cxx_cflags=json.loads(sys.argv[3]), "
          "extra_ldflags=json.loads(sys.argv[4]), build_directory=sys.argv[5])")
+OPS = ("mae_bias_gelu", "mae_layer_norm", "mae_softmax", "mae_split_heads", "mae_merge_heads",
+       "mae_residual_drop_path", "mae_adamw")
 _state = {}
 
 
@@ -43,10 +45,13 @@ def _load():
     if path is None:
         return False
     try:
-        compat.register_custom_ops(path)
+        missing = sorted(set(OPS) - set(compat.register_custom_ops(path)))
     except Exception as e:  # noqa: BLE001 -- whatever the loader raises, Paddle's own ops do the work
         native.warn(f"native CPU code {NAME} not loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                     "running on Paddle's ops")
+        return False
+    if missing:
+        native.reject(path, f"the library lacks the operator(s) {', '.join(missing)}")
         return False
     return True
 

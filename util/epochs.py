@@ -22,7 +22,7 @@ def train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader, t
     epoch continues from the batch, the meters and the random draws where it stopped, so that it ends as the
     uninterrupted run would have. A non-finite loss or weights stop the run, or with --on_nonfinite rewind
     send it back to checkpoint-last.pd without the failed step (util.nonfinite)."""
-    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler, len(data_loader))
     if args.start_epoch >= args.epochs:
         print(f"nothing to do: {args.epochs} of {args.epochs} epochs done in {args.output_dir}")
         return
@@ -110,7 +110,7 @@ def rewind(args, error, model_without_ddp, optimizer, loss_scaler):
     args.resume = os.path.join(args.output_dir, "checkpoint-last.pd")
     print(f"{error.what} at epoch {error.epoch}, iteration {error.iteration}: rewinding to {args.resume} "
           f"(rewind {len(skipped)} of --max_rewinds {args.max_rewinds})")
-    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler, len(data_loader))
     args.skipped = skipped
     epoch, first, last = skipped[-1]
     print(f"Continuing at epoch {args.start_epoch}, iteration {args.start_iter}, without iteration(s) {first}-{last} "

@@ -17,6 +17,7 @@ from util import native
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_image.c")
 PILLOW_FOLLOWED = 13  # the major release whose bicubic resampling fast_image.c reproduces
 CFLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: the weights round as Pillow's
+SYMBOLS = ("resize_bicubic_rgb", "mirror_rgb", "affine_rgb", "normalize_nhwc", "erase_boxes")
 _state = {}
 
 
@@ -31,6 +32,10 @@ def _load():
         lib = ctypes.CDLL(path)
     except OSError as e:
         native.warn(f"native CPU code mae_fast_image not loaded ({e}); running on Pillow and NumPy")
+        return None
+    missing = [s for s in SYMBOLS if not hasattr(lib, s)]
+    if missing:
+        native.reject(path, f"the library lacks {', '.join(missing)}")
         return None
     lib.resize_bicubic_rgb.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_int]

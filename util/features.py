@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
-from util.dist import all_gather, get_rank, get_world_size
+from util.dist import get_rank, get_world_size
 
 POOLS = ("avg", "cls")
 
@@ -35,34 +36,60 @@ def has_pool(model, pool):
     return pool == "avg" or isinstance(getattr(model, "norm", None), paddle.nn.Layer)
 
 
-def extract(model, loader_for, count, pool="avg", label="", print_every=50):
-    """Features of the `count` samples of a dataset, in its order, on every rank: each rank takes every
-    world_size-th sample (loader_for(indices) -> a loader of (images, labels) over those indices), then the
-    shares are gathered. Prints progress every `print_every` batches."""
-    rank, world = get_rank(), get_world_size()
-    mine = list(range(rank, count, world))
-    loader = loader_for(mine)
-    feats, start = [], time.time()
-    was_training = model.training
+def rank_share(count):
+    """The dataset indices this rank takes: every world_size-th, from its rank (none when count is smaller
+    than the rank)."""
+    return list(range(get_rank(), count, get_world_size()))
+
+
+def feature_batches(model, loader, pool="avg", label="", print_every=50):
+    """[batch, D] float32 NumPy features of each batch of `loader`, in eval mode without gradients (the
+    model's mode is restored afterwards). Prints progress every `print_every` batches."""
+    start, was_training = time.time(), model.training
     model.eval()
-    with paddle.no_grad():
-        for i, (images, *_) in enumerate(loader):
-            feats.append(encoder_features(model, images, pool).astype("float32").numpy())
-            if print_every and (i + 1) % print_every == 0:
-                print(f"{label} features: {i + 1}/{len(loader)} batches ({time.time() - start:.0f} s)")
-    model.train(was_training)
-    dim = feats[0].shape[1] if feats else 0
-    shares = all_gather(np.concatenate(feats) if feats else np.zeros((0, dim), np.float32))
-    dim = max(s.shape[1] for s in shares)
-    out = np.zeros((count, dim), np.float32)
-    for r, share in enumerate(shares):
-        out[r::world] = share
+    try:
+        with paddle.no_grad():
+            for i, (images, *_) in enumerate(loader):
+                yield encoder_features(model, images, pool).astype("float32").numpy()
+                if print_every and (i + 1) % print_every == 0:
+                    print(f"{label} features: {i + 1}/{len(loader)} batches ({time.time() - start:.0f} s)")
+    finally:
+        model.train(was_training)
+
+
+def gather_rows(share, count):
+    """The [count, D] rows of a dataset on every rank, from each rank's rows of rank_share(count) (as
+    [n_rank, D] float32, zero rows included): one fixed-size all_gather of tensors, every share padded to the
+    largest."""
+    world = get_world_size()
+    if world == 1:
+        return share
+    rows = -(-count // world)
+    padded = np.zeros((rows, share.shape[1]), np.float32)
+    padded[:len(share)] = share
+    shares = []
+    dist.all_gather(shares, paddle.to_tensor(padded))
+    out = np.zeros((count, share.shape[1]), np.float32)
+    for r, part in enumerate(shares):
+        n = len(range(r, count, world))
+        out[r::world] = part.numpy()[:n]
     return out
+
+
+def extract(model, loader_for, count, pool="avg", label="", print_every=50):
+    """Features of the `count` samples of a dataset, in its order, on every rank: each rank takes its
+    rank_share (loader_for(indices) -> a loader of (images, labels) over those indices), then the shares
+    are gathered."""
+    dim = model.cls_token.shape[-1]
+    batches = list(feature_batches(model, loader_for(rank_share(count)), pool, label, print_every))
+    return gather_rows(np.concatenate(batches) if batches else np.zeros((0, dim), np.float32), count)
 
 
 def knn_top1(train_features, train_labels, test_features, test_labels, classes, k=20, t=0.07, chunk=1024):
     """Top-1 (%) of the weighted k-NN classifier (as in instance discrimination): cosine similarity, the k
-    nearest training samples vote with weight exp(similarity / t)."""
+    nearest training samples vote with weight exp(similarity / t). Each query's weights are taken relative to
+    its nearest neighbour's, exp((similarity - nearest) / t): the same vote (one factor per query), and no
+    overflow at any temperature."""
     # float64: exp(similarity / 0.07) turns float32 rounding of near neighbours into flipped votes
     train = paddle.nn.functional.normalize(paddle.to_tensor(train_features, dtype="float64"), axis=1)
     test = paddle.nn.functional.normalize(paddle.to_tensor(test_features, dtype="float64"), axis=1)
@@ -73,7 +100,7 @@ def knn_top1(train_features, train_labels, test_features, test_labels, classes, 
         sim, near = paddle.topk(test[i:i + chunk] @ train.T, k, axis=1)
         votes = paddle.nn.functional.one_hot(paddle.gather(train_labels, near.flatten()).reshape(near.shape),
                                              classes).astype("float64")
-        scores = (votes * paddle.exp(sim / t).unsqueeze(-1)).sum(axis=1)
+        scores = (votes * paddle.exp((sim - sim[:, :1]) / t).unsqueeze(-1)).sum(axis=1)
         correct += int((scores.argmax(axis=1).numpy() == np.asarray(test_labels[i:i + chunk])).sum())
     return 100.0 * correct / max(1, test.shape[0])
 
@@ -102,7 +129,7 @@ def knn_monitor(model, args):
     of train/ so that ImageNet-size runs stay cheap). A missing val/ stops the run at start."""
     import os
 
-    from util.datasets import ImageFolder
+    from util.datasets import DataError, ImageFolder
     from util.transforms import eval_transform
 
     transform = eval_transform(args.input_size)
@@ -114,6 +141,11 @@ def knn_monitor(model, args):
         by_class = {}
         for sample in train.samples:
             by_class.setdefault(sample[1], []).append(sample)
+        smallest = min(by_class, key=lambda c: len(by_class[c]))
+        if len(by_class[smallest]) < args.knn_train_per_class:
+            raise DataError(f"--knn_train_per_class {args.knn_train_per_class}: class folder "
+                            f"{os.path.join(train.root, train.classes[smallest])} holds {len(by_class[smallest])} "
+                            "images; choose at most that (0: all)")
         train.samples = [s for c in sorted(by_class) for s in
                          (by_class[c][i] for i in sorted(rng.permutation(len(by_class[c]))[:args.knn_train_per_class]))]
     print(f"k-NN monitor: {len(train)} train / {len(val)} val images, k={args.knn_k}, t={args.knn_t}, "

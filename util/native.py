@@ -5,15 +5,19 @@ The build folder is Paddle's: $PADDLE_EXTENSION_DIR, else ~/.cache/paddle_extens
 under a key of its source, the machine architecture, the compiler (its --version line) and the flags, with
 the SHA-256 of the file beside it. A build runs in its own process group under a time limit
 ($MAE_NATIVE_TIMEOUT seconds, default 300) in a private folder, and is renamed into place only when complete.
-A failed build is remembered for its key (a `.failed` file with the reason: delete it to retry), so that
-later processes and ranks don't retry it. Any failure (no compiler, a compiler error or time-out, an
+A build the compiler refuses (an error in the source, a missing compiler, a library without the symbols its
+caller needs) is remembered for its key (a `.failed` file with the reason: delete it to retry), so that
+later processes and ranks don't retry it; a time limit, a signal or a full disk is not remembered, and the
+warning names it. Any failure (no compiler, a compiler error or time-out, an
 unusable build folder, a file system without flock, a lock held too long, a damaged or foreign library)
 gives one warning per run and None: the caller then uses Paddle's ops and Pillow. MAE_NATIVE=0 turns every
 build off."""
+import contextlib
 import errno
 import fcntl
 import glob
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -32,11 +36,19 @@ def enabled():
     return os.environ.get("MAE_NATIVE", "1") != "0"
 
 
+MAX_TIMEOUT = 86400.0
+
+
 def timeout():
+    """$MAE_NATIVE_TIMEOUT in seconds (default 300); ValueError naming it unless it is in [1, MAX_TIMEOUT]."""
+    value = os.environ.get("MAE_NATIVE_TIMEOUT", "300")
     try:
-        return max(1.0, float(os.environ.get("MAE_NATIVE_TIMEOUT", "300")))
+        seconds = float(value)
     except ValueError:
-        return 300.0
+        seconds = math.nan
+    if not 1.0 <= seconds <= MAX_TIMEOUT:
+        raise ValueError(f"MAE_NATIVE_TIMEOUT={value!r}: must be a number of seconds in [1, {MAX_TIMEOUT:.0f}]")
+    return seconds
 
 
 def build_directory():
@@ -95,23 +107,30 @@ def check_library(path):
 
 
 def _run_build(command, cwd, env, limit):
-    """Run the build command in its own process group; (ok, reason)."""
+    """Run the build command in its own process group: (ok, reason, lasting). A failure is lasting (worth
+    remembering) when it is the compiler's answer to the source; a time limit, a signal or a full disk is
+    not."""
     try:
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
     except OSError as e:
-        return False, f"{command[0]}: {e.strerror}"
+        return False, f"{command[0]}: {e.strerror}", e.errno != errno.ENOSPC
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return False, f"the build did not finish within {limit:.0f} s (MAE_NATIVE_TIMEOUT)"
-    if proc.returncode != 0:
-        lines = out.strip().splitlines()
-        errors = [line.strip() for line in lines if "error" in line.lower()]
-        return False, (errors or lines or [f"exit code {proc.returncode}"])[0][:300]
-    return True, ""
+        return False, f"the build did not finish within {limit:.0f} s (MAE_NATIVE_TIMEOUT)", False
+    if proc.returncode == 0:
+        return True, "", False
+    lines = [line.strip() for line in out.strip().splitlines()]
+    full = [line for line in lines if "No space left on device" in line]
+    if full:
+        return False, f"the disk is full: {full[0][:300]}", False
+    if proc.returncode < 0:
+        return False, f"the build was killed by {signal.Signals(-proc.returncode).name}", False
+    errors = [line for line in lines if "error" in line.lower()]
+    return False, (errors or lines or [f"exit code {proc.returncode}"])[0][:300], True
 
 
 def _lock(path, limit):
@@ -135,7 +154,8 @@ def _lock(path, limit):
 def library(name, sources, compiler, flags, build_command, find_output):
     """Path of the built library `name` for this machine, building it once if needed; None (after one
     warning per run) when that is not possible. build_command(out_dir) is the command that builds into
-    out_dir; find_output(out_dir) names the library it produced."""
+    out_dir; find_output(out_dir) names the library it produced. A caller that finds the library unusable
+    (a symbol missing) calls reject()."""
     if not enabled():
         return None
     try:
@@ -155,33 +175,49 @@ def library(name, sources, compiler, flags, build_command, find_output):
         if reason:
             raise OSError(f"{reason}; delete it to rebuild")
         return path
-    except OSError as e:
+    except (OSError, ValueError) as e:
         warn(f"native CPU code {name} not used: {describe(e)}; running on Paddle's ops and Pillow")
         return None
 
 
+def reject(path, reason):
+    """A built library that cannot serve (the compiler produced it without a symbol its caller needs): removed
+    from the cache and remembered as a failure of its key, with one warning."""
+    for stale in (path, path + ".sha256"):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+    with contextlib.suppress(OSError):
+        _write(path + ".failed", reason)
+    warn(f"native CPU code {os.path.basename(path)} not used: {reason}; running on Paddle's ops and Pillow")
+
+
 def describe(error):
-    """One line for an OSError: its message and the file it names."""
-    if error.strerror and error.filename:
-        return f"{error.filename}: {error.strerror}"
-    return str(error.strerror or error).splitlines()[0]
+    """One line for an OSError or ValueError: its message and the file it names; a full disk says so."""
+    strerror, filename = getattr(error, "strerror", None), getattr(error, "filename", None)
+    full = " (the disk is full)" if getattr(error, "errno", None) == errno.ENOSPC else ""
+    if strerror and filename:
+        return f"{filename}: {strerror}{full}"
+    return str(strerror or error).splitlines()[0] + full
 
 
 def _build(path, folder, build_command, find_output):
-    """Build into a private folder, then move the library into place with its checksum; on failure write the
-    .failed file. Folders of earlier builds of this key that were killed half-way go first (the caller holds
-    the key's lock, so no build of it is running)."""
+    """Build into a private folder, then move the library into place with its checksum. A lasting failure
+    (see _run_build) is written to the .failed file; any failure raises OSError with its reason. Folders of
+    earlier builds of this key that were killed half-way go first (the caller holds the key's lock, so no
+    build of it is running)."""
     for stale in glob.glob(glob.escape(path) + ".build.*"):
         shutil.rmtree(stale, ignore_errors=True)
     work = tempfile.mkdtemp(prefix=os.path.basename(path) + ".build.", dir=folder)
     try:
-        ok, reason = _run_build(build_command(work), work, dict(os.environ), timeout())
+        ok, reason, lasting = _run_build(build_command(work), work, dict(os.environ), timeout())
         output = find_output(work) if ok else None
         if ok and not output:
-            ok, reason = False, "the build produced no library"
+            ok, reason, lasting = False, "the build produced no library", True
         if not ok:
-            _write(path + ".failed", reason)
-            return
+            if lasting:
+                with contextlib.suppress(OSError):  # unremembered on a full disk: the next run tries again
+                    _write(path + ".failed", reason)
+            raise OSError(reason)
         os.replace(output, path)
         _write(path + ".sha256", file_sha256(path))
     finally:
@@ -189,6 +225,10 @@ def _build(path, folder, build_command, find_output):
 
 
 def _write(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")

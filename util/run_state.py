@@ -68,12 +68,13 @@ def newest_checkpoint(output_dir):
     return None, None
 
 
-def load_model(args, model_without_ddp, optimizer, loss_scaler):
+def load_model(args, model_without_ddp, optimizer, loss_scaler, iterations=None):
     """--resume (or, with --auto_resume, the newest checkpoint in --output_dir as rank 0 sees it): load the
     model strictly; with optimizer and epoch (and not --eval), continue training where it stopped. Returns
     {'best': the best test top-1 so far and its epoch (0 and None for a new run), 'meters': every rank's
     meters of a stopped epoch}. Sets args.start_epoch, args.start_iter and args.skipped (the iterations
-    rewinds left out, util.nonfinite)."""
+    rewinds left out, util.nonfinite). `iterations` (the epoch's length here) bounds a position inside an
+    epoch."""
     args.start_iter = 0
     args.skipped = []
     best = {"acc1": 0.0, "epoch": None}
@@ -97,6 +98,10 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         checkpoint.load_optimizer_state(optimizer, model_without_ddp, ckpt, path)
         args.start_epoch = int(ckpt["epoch"]) + 1
         args.start_iter = position_in_epoch(ckpt, args, path)
+        if iterations is not None and args.start_iter >= iterations:
+            raise checkpoint.CheckpointError(
+                f"{path}: iteration {args.start_iter} lies beyond epoch {args.start_epoch}'s {iterations} iterations "
+                "with this dataset, --batch_size and process count")
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
         print("With optim & sched!" + (f" Continuing epoch {args.start_epoch} at iteration {args.start_iter}."
