@@ -27,7 +27,7 @@ import models_vit
 import util.misc as misc
 from layer import set_fused_attention, set_recompute
 from util.amp import autocast, create_loss_scaler
-from util.args import check_model_input, device, non_negative_int, positive_int, ratio
+from util.args import check_environment, check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
 from util.cpu_layer import attach_cpu_paths
 
@@ -207,6 +207,7 @@ def parse_args(argv=None):
         names = models_mae.MODELS if args.job == "pretrain" else models_vit.MODELS
         args.model = args.model or names[0]
         check_model_input(parser, args.model, args.input_size, names)
+        check_environment(parser)
     return args
 
 

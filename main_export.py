@@ -44,7 +44,7 @@ def export(args):
     paddle.jit.save(model, args.output, input_spec=spec)
     with open(args.output + ".info", "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
-                   "class_names": model.class_names, "source": os.path.abspath(args.resume),
+                   "class_names": model.class_names, "crop_pct": model.crop_pct, "source": os.path.abspath(args.resume),
                    "sha256": {ext: file_sha256(args.output + ext) for ext in (".json", ".pdiparams")}}, f, indent=1)
     print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:

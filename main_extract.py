@@ -22,12 +22,13 @@ import numpy as np
 import paddle
 
 import models_vit
-from util.args import add_cache_arg, check_model_input, checkpoint_file, device, non_negative_int, positive_int
+from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
+                       non_negative_int, positive_int)
 from util.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from util.cpu import configure_cpu
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import IMG_EXTENSIONS, STOP_SIGNALS, DataError, ImageFolder
-from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank, get_world_size,
+from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank,
                        init_distributed_mode, is_main_process)
 from util.factory import checkpoint_img_size
 from util.features import POOLS, feature_batches, loaders_over, rank_share
@@ -47,6 +48,9 @@ def get_args_parser():
     parser.add_argument("--pool", default="avg", choices=POOLS,
                         help="avg: mean of the patch tokens through the final norm (default); cls: the class token")
     parser.add_argument("--input_size", default=None, type=positive_int, help="default: the model's")
+    parser.add_argument("--crop_pct", default=None, type=crop_fraction,
+                        help="resize to input_size / crop_pct, centre-crop; default the official 224/256 (1 above "
+                             "224 px); 1 keeps the whole image")
     parser.add_argument("--batch_size", default=64, type=positive_int)
     parser.add_argument("--num_workers", default=2, type=non_negative_int)
     parser.add_argument("--device", default="gpu" if paddle.is_compiled_with_cuda() else "cpu", type=device)
@@ -119,7 +123,7 @@ def write_features(args, model, data):
     count, dim = len(data), model.cls_token.shape[-1]
     stem = args.output[:-len(".npz")]
     rows_path, tmp = stem + ".rows.tmp.npy", stem + ".tmp.npz"
-    rank, world = get_rank(), get_world_size()
+    rank = get_rank()
 
     def create():
         if rank == 0:
@@ -178,6 +182,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
+    check_environment(parser)
     if not args.output.endswith(".npz") or os.path.isdir(args.output):
         parser.error(f"argument --output: {args.output!r} is not a .npz file path")
     args.finetune = checkpoint_file(parser, "--finetune", args.finetune, args.cache_dir)
@@ -192,7 +197,7 @@ def main(argv=None):
         if is_main_process():
             check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
         model = encoder(args)
-        data = dataset_of(args.data_path, args.split, eval_transform(model.patch_embed.img_size[0]))
+        data = dataset_of(args.data_path, args.split, eval_transform(model.patch_embed.img_size[0], args.crop_pct))
         print(f"{len(data)} images in {data.root}; {args.pool} features of {args.model}")
         write_features(args, model, data)
     except (CheckpointError, DataError, LaunchError, RunDirError) as e:

@@ -70,8 +70,9 @@ def parse_args(argv=None):
         if not 0.0 < low < high <= 1.0:
             parser.error(f"argument --cutmix_minmax: needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
         if int(args.input_size * low) >= int(args.input_size * high):
-            parser.error(f"argument --cutmix_minmax: {low} {high} of {args.input_size} px leaves no box side to draw "
-                         f"(from {int(args.input_size * low)} up to but not including {int(args.input_size * high)} px)")
+            parser.error(f"argument --cutmix_minmax: {low} {high} of {args.input_size} px leaves no box side to "
+                         f"draw (from {int(args.input_size * low)} up to, not including, "
+                         f"{int(args.input_size * high)} px)")
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
         parser.error(f"argument --batch_size: mixup/cutmix needs an even batch size, got {args.batch_size}")
     return args
@@ -89,8 +90,9 @@ def main(args):
     scale_lr(args)
     check_dist_eval(args)
 
-    train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount)
-    loaders = classification_loaders(args, train_tf, eval_transform(args.input_size))
+    train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount,
+                                  args.crop_scale)
+    loaders = classification_loaders(args, train_tf, eval_transform(args.input_size, args.crop_pct))
     args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     mixup_fn = None

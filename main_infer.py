@@ -14,7 +14,8 @@ import numpy as np
 import paddle
 
 import models_vit
-from util.args import add_cache_arg, check_model_input, checkpoint_file, device, positive_int
+from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
+                       positive_int)
 from util.checkpoint import CheckpointError, file_sha256
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.datasets import DataError
@@ -32,6 +33,9 @@ def get_args_parser():
     parser.add_argument("--input_size", default=None, type=positive_int,
                         help="default: the size the checkpoint was trained at")
     parser.add_argument("--topk", default=5, type=positive_int)
+    parser.add_argument("--crop_pct", default=None, type=crop_fraction,
+                        help="resize to input_size / crop_pct, centre-crop; default the one the model was trained "
+                             "with (its checkpoint's --crop_pct), else the official 224/256")
     parser.add_argument("--class_names", default="", help="text file with one class name per line")
     parser.add_argument("--data_path", default="", help="take class names from this dataset's class folders")
     parser.add_argument("--batch_size", default=16, type=positive_int)
@@ -59,7 +63,7 @@ def native_stdout_silenced():
 class ExportedModel:
     """A model saved by main_export.py, run with Paddle Inference."""
 
-    def __init__(self, prefix, use_gpu):
+    def __init__(self, prefix, device):
         info_path = prefix + ".info"
         for path in (prefix + ".json", prefix + ".pdiparams", info_path):
             if not os.path.isfile(path):
@@ -76,8 +80,8 @@ class ExportedModel:
                                       "differs); export again or keep the files of one export together")
         config = paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")
         config.disable_glog_info()  # the optimisation passes' progress lines
-        if use_gpu:
-            config.enable_use_gpu(256, 0)
+        if device.startswith("gpu"):
+            config.enable_use_gpu(256, int(device.partition(":")[2] or 0))  # MB of the initial memory pool, GPU
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_threads())
@@ -110,23 +114,23 @@ def predict(args):
         configure_cpu()
     paths = image_paths(args.img_path)
     if args.exported:
-        model = ExportedModel(args.exported, args.device.startswith("gpu"))
+        model = ExportedModel(args.exported, args.device)
         input_size, num_classes = model.info["input_size"], model.info["num_classes"]
-        recorded = model.info.get("class_names")
+        recorded, crop_pct = model.info.get("class_names"), model.info.get("crop_pct")
         forward = model
     else:
         if not args.resume:
             raise CheckpointError("--resume or --exported is required")
         model = attach_cpu_paths(classifier_from_checkpoint(args.model, args.resume, args.input_size))
         input_size, num_classes = model.patch_embed.img_size[0], model.num_classes
-        recorded = model.class_names
+        recorded, crop_pct = model.class_names, model.crop_pct
 
         def forward(x):
             with paddle.no_grad():
                 return model(paddle.to_tensor(x)).numpy()
 
     names = class_names(args.class_names, args.data_path, num_classes, recorded)
-    batch = load_batch(paths, eval_transform(input_size))
+    batch = load_batch(paths, eval_transform(input_size, args.crop_pct or crop_pct))
     logits = np.concatenate([forward(batch[i:i + args.batch_size]) for i in range(0, len(batch), args.batch_size)])
     logits = logits - logits.max(1, keepdims=True)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -139,6 +143,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
+    check_environment(parser)
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     try:
         paths, top, probs, names = predict(args)

@@ -56,7 +56,8 @@ def main(args):
     scale_lr(args)
     check_dist_eval(args)
 
-    loaders = classification_loaders(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
+    loaders = classification_loaders(args, linprobe_transform(args.input_size, args.crop_scale),
+                                     eval_transform(args.input_size, args.crop_pct))
     args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     model_without_ddp = attach_cpu_paths(build_model(args))

@@ -35,7 +35,7 @@ def get_args_parser():
     parser.add_argument("--knn_t", default=0.07, type=positive_float, help="temperature of its vote weights")
     parser.add_argument("--knn_train_per_class", default=0, type=non_negative_int, metavar="K",
                         help="k-NN monitor: K training images per class (0: all)")
-    parser.set_defaults(norm_pix_loss=False, save_freq=20)
+    parser.set_defaults(norm_pix_loss=False, save_freq=20, crop_scale=(0.2, 1.0))
     return parser
 
 
@@ -62,7 +62,8 @@ def main(args):
     misc.start_run(args)
     scale_lr(args)
 
-    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=pretrain_transform(args.input_size))
+    transform = pretrain_transform(args.input_size, args.crop_scale)
+    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
     print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
     data_loader_train = train_loader(dataset_train, args)
 

@@ -17,7 +17,8 @@ import paddle
 from PIL import Image
 
 import models_mae
-from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int, ratio, seed
+from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, positive_int, ratio,
+                       seed)
 from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
 from util.datasets import DataError, load_image
@@ -143,6 +144,7 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_model_input(parser, args.model, args.input_size, models_mae.MODELS)
+    check_environment(parser)
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     paddle.set_device("cpu")
     configure_cpu()

@@ -14,7 +14,8 @@ from util import auto_augment as aa, fast_image
 from util.losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
 from util.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from util.random_erasing import RandomErasing
-from util.transforms import RandomResizedCrop, SingleDrawResizedCrop, eval_transform, finetune_transform
+from util.transforms import (RandomResizedCrop, SingleDrawResizedCrop, eval_transform, finetune_transform,
+                             linprobe_transform, pretrain_transform)
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 
@@ -184,6 +185,31 @@ def test_eval_transform_sizes():
     assert eval_transform(32).transforms[0].size == 36
     out = eval_transform(32)(Image.new("RGB", (60, 40)))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_small_image_recipe_flags():
+    """--crop_pct 1 evaluates a 28 px image as it is; --crop_scale reaches every training crop; the defaults
+    stay the official ones."""
+    img = np.asarray(_photo(28))[:28, :28]
+    assert np.array_equal(eval_transform(28, 1.0)(img), img)
+    assert not np.array_equal(eval_transform(28)(img), img)  # the official: resize to 32, crop 28
+    assert eval_transform(28, 0.5).transforms[0].size == 56
+    assert finetune_transform(28).transforms[0].scale == (0.08, 1.0)
+    assert finetune_transform(28, scale=(0.5, 1.0)).transforms[0].scale == (0.5, 1.0)
+    assert pretrain_transform(28).transforms[0].scale == (0.2, 1.0)
+    assert pretrain_transform(28, (0.6, 0.9)).transforms[0].scale == (0.6, 0.9)
+    assert linprobe_transform(28, (0.3, 1.0)).transforms[0].scale == (0.3, 1.0)
+    from helpers import parse_flags
+    for script, default in (("main_pretrain", [0.2, 1.0]), ("main_finetune", [0.08, 1.0]),
+                            ("main_linprobe", [0.08, 1.0])):
+        module = __import__(script)
+        args = module.parse_args(["--model", "vit_micro_patch4" if script != "main_pretrain" else
+                                  "mae_vit_micro_patch4"])
+        assert list(args.crop_scale) == default and args.crop_pct is None
+        for bad in (["--crop_scale", "0", "1"], ["--crop_scale", "0.6", "0.5"], ["--crop_scale", "0.5", "1.5"],
+                    ["--crop_pct", "0"], ["--crop_pct", "1.2"]):
+            out = parse_flags(script + ".py", *bad)
+            assert out.returncode == 2 and bad[0] in out.stderr.strip().splitlines()[-1], (script, bad, out.stderr)
 
 
 def _erase(re, x):

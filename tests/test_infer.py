@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import ROOT, golden
 from helpers import run_script
 from models_vit import vit_micro_patch4
-from util.checkpoint import load_checkpoint, load_model_weights
+from util.checkpoint import load_checkpoint, load_model_weights, save_file
 from util.datasets import load_image
 from util.transforms import eval_transform
 
@@ -18,11 +18,11 @@ CAT = os.path.join(ROOT, "demo", "chelsea.png")
 VIT = golden("vit_tiny_gp.pth")  # an official-format fine-tuned classifier, 10 classes
 
 
-def _by_hand(path):
+def _by_hand(path, crop_pct=None):
     model = vit_micro_patch4(num_classes=10, global_pool=True)
     load_model_weights(model, load_checkpoint(VIT)["model"], VIT)
     model.eval()
-    tf = eval_transform(32)
+    tf = eval_transform(32, crop_pct)
     x = tf.batch(tf(load_image(path))[None])
     probs = paddle.nn.functional.softmax(model(x), -1).numpy()[0]
     top = np.argsort(-probs)[:5]
@@ -37,6 +37,25 @@ def test_top5_equals_transform_and_model_by_hand():
     assert result["path"] == CAT and result["topk_ids"] == ids
     assert np.allclose(result["topk_probs"], probs, atol=1e-5)
     assert result["topk_names"] == [str(i) for i in ids]
+
+
+def test_evaluation_crop_follows_the_checkpoint(tmp_path):
+    """A model fine-tuned with --crop_pct 1 is classified on the whole image unless --crop_pct says otherwise;
+    an export carries it along."""
+    path = str(tmp_path / "whole.pd")
+    save_file({"model": load_checkpoint(VIT)["model"], "args": {"crop_pct": 1.0}}, path)
+    for flags, crop_pct in (([], 1.0), (["--crop_pct", "0.875"], 0.875)):
+        out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", path, "--img_path", CAT, "--json",
+                         *flags)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        ids, probs = _by_hand(CAT, crop_pct)
+        assert result["topk_ids"] == ids and np.allclose(result["topk_probs"], probs, atol=1e-5)
+    assert _by_hand(CAT, 1.0)[1][0] != pytest.approx(_by_hand(CAT)[1][0], abs=1e-4)  # the crop does matter
+    out = run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", path, "--output",
+                     str(tmp_path / "export" / "m"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.load(open(tmp_path / "export" / "m.info"))["crop_pct"] == 1.0
 
 
 def test_folder_text_output_and_class_names(tmp_path):
@@ -155,7 +174,7 @@ def test_export_parity(tmp_path):
     loaded = paddle.jit.load(prefix)
     assert np.abs(loaded(paddle.to_tensor(x)).numpy() - ref).max() <= 1e-5
     import main_infer
-    assert np.abs(main_infer.ExportedModel(prefix, use_gpu=False)(x) - ref).max() <= 1e-5
+    assert np.abs(main_infer.ExportedModel(prefix, device="cpu")(x) - ref).max() <= 1e-5
     out = run_script("main_infer.py", "--exported", prefix, "--img_path", CAT, "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip())["topk_ids"] == _by_hand(CAT)[0]
@@ -227,3 +246,32 @@ def test_bad_seeds_are_flag_errors(seed):
         extra = ["--img_path", CAT, "--resume", VIT] if script == "main_visualize.py" else []
         out = run_script(script, "--seed", seed, *extra)
         assert out.returncode == 2 and "argument --seed" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_exported_model_runs_on_the_chosen_gpu(tmp_path, monkeypatch):
+    """--device gpu:N reaches Paddle Inference's config (read on CPU through a recording Config)."""
+    import main_infer
+    from util.checkpoint import CheckpointError
+    prefix = str(tmp_path / "m")
+    for ext in (".json", ".pdiparams"):
+        open(prefix + ext, "w").close()
+    json.dump({"input_size": 32, "num_classes": 10}, open(prefix + ".info", "w"))
+    calls = []
+
+    class Config:
+        def __init__(self, *files):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, args))
+
+    def no_predictor(config):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(paddle.inference, "Config", Config)
+    monkeypatch.setattr(paddle.inference, "create_predictor", no_predictor)
+    for device, index in (("gpu:3", 3), ("gpu", 0)):
+        calls.clear()
+        with pytest.raises(CheckpointError):
+            main_infer.ExportedModel(prefix, device)
+        assert ("enable_use_gpu", (256, index)) in calls

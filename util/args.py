@@ -67,6 +67,13 @@ def ratio(value):
     return v
 
 
+def crop_fraction(value):
+    v = float(value)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return v
+
+
 def device(value):
     """cpu, gpu or gpu:N (cuda accepted for gpu), checked against this Paddle build and machine."""
     kind, _, index = ("gpu" if value == "cuda" else value.replace("cuda", "gpu")).partition(":")
@@ -138,6 +145,12 @@ def add_common_args(parser):
     parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL")
     parser.add_argument("--input_size", default=None, type=positive_int,
                         help="image size; default: the model's own (224 for the official models)")
+    parser.add_argument("--crop_scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                        help="area range of the training crop (random resized crop); default the official's "
+                             "(0.2 1 for pre-training, 0.08 1 otherwise). Small images may want a larger MIN")
+    parser.add_argument("--crop_pct", type=crop_fraction, default=None,
+                        help="evaluation: resize to input_size / crop_pct, then centre-crop input_size; default "
+                             "the official 224/256 (1 above 224 px). 1 keeps the whole image (small images)")
     parser.add_argument("--weight_decay", type=non_negative_float, default=0.05)
     parser.add_argument("--lr", type=non_negative_float, default=None, metavar="LR",
                         help="absolute learning rate; default blr * effective batch / 256")
@@ -223,6 +236,9 @@ def resolve(parser, args, model_names):
         if getattr(args, flag) != parser.get_default(flag):
             print(f"--{flag} is accepted for compatibility with the official scripts and ignored "
                   "(paddle.distributed.launch sets up the processes)")
+    low, high = args.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        parser.error(f"argument --crop_scale: needs 0 < MIN <= MAX <= 1, got {low} {high}")
     if args.warmup_epochs > args.epochs:
         parser.error(f"--warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}")
     if args.start_epoch >= args.epochs and not getattr(args, "eval", False):

@@ -29,7 +29,9 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
     interpolate_pos_embed(model, state)
     load_model_weights(model, state, path)
     model.eval()
-    model.class_names = (ckpt.get("args") or {}).get("classes")  # recorded by fine-tuning and linear probing
+    recorded = ckpt.get("args") or {}
+    model.class_names = recorded.get("classes")  # recorded by fine-tuning and linear probing
+    model.crop_pct = recorded.get("crop_pct")  # the evaluation it was trained with (None: the official)
     return model
 
 

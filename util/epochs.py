@@ -110,7 +110,7 @@ def rewind(args, error, model_without_ddp, optimizer, loss_scaler):
     args.resume = os.path.join(args.output_dir, "checkpoint-last.pd")
     print(f"{error.what} at epoch {error.epoch}, iteration {error.iteration}: rewinding to {args.resume} "
           f"(rewind {len(skipped)} of --max_rewinds {args.max_rewinds})")
-    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler, len(data_loader))
+    resumed = run_state.load_model(args, model_without_ddp, optimizer, loss_scaler)
     args.skipped = skipped
     epoch, first, last = skipped[-1]
     print(f"Continuing at epoch {args.start_epoch}, iteration {args.start_iter}, without iteration(s) {first}-{last} "

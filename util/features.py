@@ -132,7 +132,7 @@ def knn_monitor(model, args):
     from util.datasets import DataError, ImageFolder
     from util.transforms import eval_transform
 
-    transform = eval_transform(args.input_size)
+    transform = eval_transform(args.input_size, args.crop_pct)
     train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
     val = ImageFolder(os.path.join(args.data_path, "val"), transform=transform, classes=train.classes,
                       classes_from=train.root)

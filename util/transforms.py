@@ -182,23 +182,30 @@ class ColorJitter:
         return img
 
 
-def pretrain_transform(input_size):
+def pretrain_transform(input_size, scale=(0.2, 1.0)):
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
-    return Compose([RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation="bicubic"),
+    return Compose([RandomResizedCrop(input_size, scale=tuple(scale), interpolation="bicubic"),
                     RandomHorizontalFlip(), ToUint8Array()])
 
 
-def eval_transform(input_size):
-    """Resize to input_size / crop_pct (crop_pct 224/256 up to 224 px, else 1), bicubic, centre crop."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+def default_crop_pct(input_size):
+    """The official evaluation's share of the resized image kept by the centre crop: 224/256 up to 224 px,
+    else 1."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
+def eval_transform(input_size, crop_pct=None):
+    """Resize to input_size / crop_pct (default_crop_pct unless given), bicubic, centre crop; crop_pct 1
+    keeps the whole image (a no-op when it already has input_size)."""
+    crop_pct = crop_pct or default_crop_pct(input_size)
     return Compose([Resize(int(input_size / crop_pct)), CenterCrop(input_size), ToUint8Array()])
 
 
 def finetune_transform(input_size, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel",
-                       recount=1):
+                       recount=1, scale=(0.08, 1.0)):
     """timm create_transform(is_training=True) as the official fine-tuning calls it: random resized crop
     (0.08-1, bicubic), flip, RandAugment (or colour jitter when aa is off), normalize, random erasing."""
-    tfl = [RandomResizedCrop(input_size, scale=(0.08, 1.0), interpolation="bicubic"), RandomHorizontalFlip()]
+    tfl = [RandomResizedCrop(input_size, scale=tuple(scale), interpolation="bicubic"), RandomHorizontalFlip()]
     if aa:
         aa_params = dict(translate_const=int(input_size * 0.45),
                          img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
@@ -227,7 +234,7 @@ class SingleDrawResizedCrop(RandomResizedCrop):
         return random.randint(0, height - h), random.randint(0, width - w), h, w
 
 
-def linprobe_transform(input_size):
-    """The official linear-probing augmentation: one-draw random resized crop (bicubic) and flip."""
-    return Compose([SingleDrawResizedCrop(input_size, interpolation="bicubic"), RandomHorizontalFlip(),
-                    ToUint8Array()])
+def linprobe_transform(input_size, scale=(0.08, 1.0)):
+    """The official linear-probing augmentation: one-draw random resized crop (0.08-1, bicubic) and flip."""
+    return Compose([SingleDrawResizedCrop(input_size, scale=tuple(scale), interpolation="bicubic"),
+                    RandomHorizontalFlip(), ToUint8Array()])
