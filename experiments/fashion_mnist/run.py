@@ -31,18 +31,22 @@ from splits import VAL_PER_CLASS, development_folder, label_subset_folder  # noq
 
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
-GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures")
+GROUPS = ("pretrain", "sweep", "draws", "full", "baselines", "curve", "pictures", "recipe", "pretrain_seeds")
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "pretrain_epochs": (10, 25, 50, 100), "pixel_epochs": 25,
         "lbfgs_iterations": 5000, "extend": EXTEND,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "scratch_longer": {1: 4, 10: 2, 100: 2},
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
-                  "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")}}
+                  "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")},
+        "recipe_steps": ({"crop_pct": ("0.875", "1"), "crop_min": ("0.08", "0.25", "0.5")},
+                         {"drop_path": ("0", "0.1", "0.2"), "weight_decay": ("0.05", "0.2")}),
+        "pretrain_seeds": (0, 1)}
 SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=1, pretrain_epochs=(1, 2),
              pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
              epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS}, scratch_longer={p: 2 for p in PERCENTS},
-             grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()})
+             grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()},
+             recipe_steps=({"crop_pct": ("0.875", "1")}, {"drop_path": ("0", "0.1")}))
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
 PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
 SCRIPTED = {"finetune_mae": ["main_finetune.py", "--model", VIT, "--aa", "none", "--reprob", "0", "--drop_path", "0",
@@ -130,10 +134,10 @@ class Study:
         kept with the logs."""
         return os.path.join(self.folder(name), "model.pd")
 
-    def pretrain(self, epochs, pixels=False):
-        name = f"pretrain_pixels_e{epochs}" if pixels else f"pretrain_e{epochs}"
+    def pretrain(self, epochs, pixels=False, seed=0):
+        name = (f"pretrain_pixels_e{epochs}" if pixels else f"pretrain_e{epochs}") + (f"_seed{seed}" if seed else "")
         flags = [*PRETRAIN, *([] if pixels else ["--norm_pix_loss"]), "--data_path", self.dev,
-                 "--warmup_epochs", str(epochs // 10)]
+                 "--warmup_epochs", str(epochs // 10), *(["--seed", str(seed)] if seed else [])]
         self.train(name, flags, epochs, 100)
         if not os.path.isfile(self.weights(name)):
             convert = [sys.executable, "-m", "util.convert_weights", self.checkpoint(name), self.weights(name)]
@@ -159,6 +163,51 @@ class Study:
             flags += ["--finetune", self.weights(f"pretrain_e{pretrain}")]
         return self.train(name, flags, self.epochs(method, percent), percent)
 
+    def recipe_run(self, method, percent, recipe):
+        """A validation run (draw 0) of `method` with the small-image recipe `recipe` (crop_pct, crop_min,
+        drop_path, weight_decay, blr); its name spells the recipe."""
+        name = (f"recipe_{method}_{percent}pct_draw0_crop{recipe['crop_min']}_eval{recipe['crop_pct']}"
+                f"_dp{recipe['drop_path']}_wd{recipe['weight_decay']}_blr{recipe['blr']}")
+        longer = self.epochs(method, percent) // self.c["epochs"][percent]
+        flags = [*SCRIPTED[method], "--blr", recipe["blr"], "--data_path", self.subsets[(percent, 0)], "--seed", "0",
+                 "--warmup_epochs", str(min(5, self.c["epochs"][percent])),
+                 "--eval_freq", str(self.c["eval_freq"][percent] * longer), "--crop_scale", recipe["crop_min"], "1",
+                 "--crop_pct", recipe["crop_pct"], "--drop_path", recipe["drop_path"], "--weight_decay",
+                 recipe["weight_decay"]]
+        if method != "finetune_scratch":
+            flags += ["--finetune", self.weights(f"pretrain_e{self.main_pretrain}")]
+        return self.train(name, flags, self.epochs(method, percent), percent)
+
+    def recipe(self, method, percent=10):
+        """The small-image recipe of `method`, chosen on validation one step at a time (each step's grid over
+        its keys, the others at the best so far), then blr around the earlier sweep's choice, continued past
+        an end that holds the best as the sweeps are. Returns (chosen recipe, {run name: val top-1})."""
+        best = {"crop_pct": "0.875", "crop_min": "0.08", "drop_path": "0", "weight_decay": "0.05",
+                "blr": self.chosen(method, percent)}
+        scores = {}
+
+        def evaluate(candidate):
+            name = self.recipe_run(method, percent, candidate)
+            scores[name] = self.val_acc(name)
+            return scores[name]
+
+        for step in self.c["recipe_steps"]:
+            keys = list(step)
+            grid = [dict(best)]
+            for key in keys:
+                grid = [{**g, key: v} for g in grid for v in step[key]]
+            best = max(grid, key=lambda g: (evaluate(g), -grid.index(g)))
+        centre = float(best["blr"])
+        values = [centre / 2, centre, centre * 2]
+        for _ in range(self.c["extend"] + 1):
+            accs = [evaluate({**best, "blr": blr_string(v)}) for v in values]
+            value = beyond_edge(values, accs)
+            if value is None:
+                break
+            values.append(value)
+        best["blr"] = blr_string(max(values, key=lambda v: (evaluate({**best, "blr": blr_string(v)}), -v)))
+        return best, scores
+
     def train(self, name, flags, epochs, percent):
         flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
                  "--batch_size", str(self.c["batch"]), *COMMON]
@@ -177,8 +226,10 @@ class Study:
             if not os.path.isfile(self.checkpoint(name)):
                 sys.exit(f"error: {self.checkpoint(name)} is missing, so {name} cannot be tested; delete "
                          f"{self.folder(name)} to train it again")
-            script, model = self.runs[name][0][:3:2]
-            timed_call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
+            flags = self.runs[name][0]
+            script, model = flags[:3:2]
+            crop = ["--crop_pct", flags[flags.index("--crop_pct") + 1]] if "--crop_pct" in flags else []
+            timed_call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name), *crop,
                         "--nb_classes", "10", "--data_path", self.data, "--batch_size", "256", "--num_workers", "2",
                         "--input_size", str(SIZE), "--output_dir", "", "--log_dir", ""],
                        os.path.join(self.folder(name), "test"), path)
@@ -253,6 +304,12 @@ class Study:
                 self.test(self.classify("finetune_mae", 10, 0, blr, pretrain=epochs))
         elif group == "pictures":
             self.pretrain(c["pixel_epochs"], pixels=True)
+        elif group == "recipe":
+            for method in ("finetune_mae", "finetune_scratch"):
+                self.recipe(method)
+        elif group == "pretrain_seeds":
+            for seed in c["pretrain_seeds"]:
+                self.pretrain(self.main_pretrain, seed=seed)
 
 
 def summary(study):
