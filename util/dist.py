@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import os
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
@@ -107,6 +108,34 @@ def all_gather(value):
         return [value]
     out = []
     dist.all_gather_object(out, value)
+    return out
+
+
+def made_on_main_process(make):
+    """make() -> {name: value} computed on rank 0 alone and received by every rank (a scan of a dataset that
+    every rank would otherwise repeat): NumPy arrays travel as tensors (one broadcast each, no pickles), the
+    other values and an exception make() raised as small pickles; every rank raises that exception."""
+    if get_world_size() == 1:
+        return make()
+    made, error = None, None
+    if get_rank() == 0:
+        try:
+            made = make()
+        except Exception as e:  # noqa: BLE001 -- raised again on every rank below
+            error = e
+    layout = all_gather((error, None if made is None else {
+        k: ("array", v.dtype.str, v.shape) if isinstance(v, np.ndarray) else ("value", v) for k, v in made.items()}))[0]
+    if layout[0] is not None:
+        raise layout[0]
+    out = {}
+    for k, spec in layout[1].items():
+        if spec[0] == "value":
+            out[k] = spec[1]
+            continue
+        _, dtype, shape = spec
+        t = paddle.to_tensor(made[k] if made is not None else np.zeros(shape, dtype))
+        dist.broadcast(t, src=0)
+        out[k] = t.numpy()
     return out
 
 

@@ -1,0 +1,169 @@
+"""What the project costs at ImageNet's size, on an ImageNet-shaped folder of hard links (no disk used):
+the index, the loader workers' memory, beside the reference implementations.
+
+    python experiments/scale/bench.py --root /tmp/imagenet_shape --make      # 1000 classes, 1,281,167 / 50,000
+    python experiments/scale/bench.py --root /tmp/imagenet_shape --job index --torch_python /tmp/tv/bin/python
+    python experiments/scale/bench.py --root /tmp/imagenet_shape --job loader
+
+index: seconds of ImageFolder(train/) here and torchvision's ImageFolder, alternating (--rounds), and the
+stat-family system calls of a scan of val/ per image file (strace -c, minus the same interpreter's start-up).
+loader: the private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) of each loader worker
+after its first batch and after --batches batches of --batch_size, with this project's compact sample index
+and with the samples as a Python list of tuples (as the official code and torchvision keep them).
+"""
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCES = 64  # small JPEGs every file links to (ext4 allows ~65,000 links per file)
+
+
+def counts(total, classes):
+    """Images per class: as even as possible, summing to total."""
+    return [total // classes + (1 if c < total % classes else 0) for c in range(classes)]
+
+
+def make(root, train, val, classes):
+    """root/{train,val}/nXXXXXXXX/*.JPEG as hard links to SOURCES small JPEGs in root/sources."""
+    from PIL import Image
+    sources = os.path.join(root, "sources")
+    os.makedirs(sources, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(SOURCES):
+        pixels = rng.integers(0, 256, (48, 64, 3), np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+        with open(os.path.join(sources, f"{i}.JPEG"), "wb") as f:
+            f.write(buf.getvalue())
+    n = 0
+    for split, total in (("train", train), ("val", val)):
+        for c, count in enumerate(counts(total, classes)):
+            folder = os.path.join(root, split, f"n{c:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                path = os.path.join(folder, f"n{c:08d}_{i}.JPEG")
+                if not os.path.exists(path):
+                    os.link(os.path.join(sources, f"{n % SOURCES}.JPEG"), path)
+                n += 1
+    print(f"{root}: {train} train and {val} val files in {classes} classes")
+
+
+OURS = ("import sys, time; sys.path.insert(0, {root!r}); from util.datasets import ImageFolder; "
+        "t = time.perf_counter(); d = ImageFolder(sys.argv[1]); print(len(d), time.perf_counter() - t)")
+THEIRS = ("import sys, time, torchvision; t = time.perf_counter(); d = torchvision.datasets.ImageFolder(sys.argv[1]); "
+          "print(len(d), time.perf_counter() - t)")
+BARE = "import sys, time; sys.path.insert(0, {root!r}); from util.datasets import ImageFolder; print(0, 0)"
+BARE_THEIRS = "import sys, time, torchvision; print(0, 0)"
+
+
+def run(python, code, folder, strace=False):
+    cmd = [python, "-c", code, folder]
+    if strace:
+        cmd = ["strace", "-f", "-c", "-e", "trace=%%stat", *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:3])} failed: {res.stderr.strip().splitlines()[-1]}")
+    n, seconds = res.stdout.split()[-2:]
+    calls = int(re.search(r"^\s*100\.00\s+[\d.]+\s+\d+\s+(\d+)\s.*total$", res.stderr, re.M).group(1)) if strace else 0
+    return int(n), float(seconds), calls
+
+
+def job_index(args):
+    train, val = os.path.join(args.root, "train"), os.path.join(args.root, "val")
+    ours, theirs = OURS.format(root=ROOT), THEIRS
+    times = {"ours": [], "torchvision": []}
+    for _ in range(args.rounds):
+        n, s, _ = run(sys.executable, ours, train)
+        times["ours"].append(s)
+        if args.torch_python:
+            m, t, _ = run(args.torch_python, theirs, train)
+            assert m == n, (m, n)
+            times["torchvision"].append(t)
+    print(f"index of {train} ({n} files): ImageFolder here {min(times['ours']):.2f}-{max(times['ours']):.2f} s")
+    if times["torchvision"]:
+        ratios = [a / b for a, b in zip(times["ours"], times["torchvision"])]
+        print(f"  torchvision ImageFolder {min(times['torchvision']):.2f}-{max(times['torchvision']):.2f} s; "
+              f"ratio {min(ratios):.2f}-{max(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
+    n, _, calls = run(sys.executable, ours, val, strace=True)
+    _, _, bare = run(sys.executable, BARE.format(root=ROOT), val, strace=True)
+    print(f"stat-family calls scanning {val} ({n} files): {calls - bare} beyond start-up, "
+          f"{(calls - bare) / n:.4f} per file")
+    if args.torch_python:
+        _, _, calls = run(args.torch_python, theirs, val, strace=True)
+        _, _, bare = run(args.torch_python, BARE_THEIRS, val, strace=True)
+        print(f"  torchvision: {calls - bare} beyond start-up, {(calls - bare) / n:.4f} per file")
+
+
+def private_mb(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
+
+
+def children(pid):
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def job_loader(args):
+    sys.path.insert(0, ROOT)
+    import paddle
+    from util.datasets import ImageFolder, Loader
+    from util.transforms import eval_transform
+
+    data = ImageFolder(os.path.join(args.root, "train"), transform=eval_transform(32))
+    for kind in ("index", "list"):
+        if kind == "list":
+            data.samples = list(data.samples)
+        sampler = paddle.io.BatchSampler(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
+        loader = Loader(data, sampler, args.num_workers)
+        first = None
+        start = time.time()
+        for i, _ in enumerate(loader):
+            if i == 0:
+                workers = children(os.getpid())
+                first = {p: private_mb(p) for p in workers}
+            if i + 1 == args.batches:
+                last = {p: private_mb(p) for p in first}
+                break
+        growth = [last[p] - first[p] for p in first]
+        print(f"loader workers ({kind} of {len(data)} samples, {args.num_workers} workers, {args.batches} batches of "
+              f"{args.batch_size}, {time.time() - start:.0f} s): private memory after the first batch "
+              f"{', '.join(f'{first[p]:.0f}' for p in first)} MB, growth {', '.join(f'{g:.1f}' for g in growth)} MB")
+        del loader
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--make", action="store_true")
+    parser.add_argument("--train", type=int, default=1281167)
+    parser.add_argument("--val", type=int, default=50000)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--job", choices=["index", "loader"])
+    parser.add_argument("--torch_python", default="", help="a Python with torchvision, for the references")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=2)
+    args = parser.parse_args()
+    if args.make:
+        make(args.root, args.train, args.val, args.classes)
+    if args.job == "index":
+        job_index(args)
+    elif args.job == "loader":
+        job_loader(args)
+
+
+if __name__ == "__main__":
+    main()
