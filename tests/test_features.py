@@ -14,7 +14,7 @@ import models_vit
 from conftest import ROOT, golden
 from data import make_train_val
 from helpers import run_script
-from util.checkpoint import load_checkpoint, load_model_weights, load_pretrained
+from util.checkpoint import load_checkpoint, load_model_weights
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, load_image
 from util.features import encoder_features, extract, knn_top1, loaders_over
@@ -60,6 +60,35 @@ def test_weighted_knn_at_small_temperatures():
         got = knn_top1(train, train_y, test, test_y, 10, 20, t)
         assert got == pytest.approx(numpy_knn(train, train_y, test, test_y, 10, 20, t), abs=1e-9)
         assert got > 40
+
+
+def test_nearest_equals_a_float64_search(tmp_path, monkeypatch):
+    """Blocks of the bank (memory-mapped) in float32, candidates re-scored in float64: the neighbours and
+    similarities of a float64 search, also where float32 cannot order rows (near duplicates: the float64
+    fallback) and for ties (the lower row first)."""
+    from util import features
+    monkeypatch.setattr(features, "BLOCK_ROWS", 37)
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(500, 24))
+    bank[100:200] = bank[7] + rng.normal(size=(100, 24)) * 3e-7  # cosines 1e-13 apart: below float32's error
+    bank[300] = bank[301] * 3.0  # the same direction: a tie
+    queries = np.concatenate([rng.normal(size=(30, 24)), bank[[7, 301]] + 1e-12])
+    np.save(tmp_path / "bank.npy", bank.astype(np.float32))
+    mapped = np.load(tmp_path / "bank.npy", mmap_mode="r")
+    exact = bank.astype(np.float32).astype(np.float64)
+    exact /= np.linalg.norm(exact, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    for k in (1, 5, 20, 60):
+        sims, idx = features.nearest(mapped, queries, k)
+        all_sims = q @ exact.T
+        ref = np.lexsort((np.broadcast_to(np.arange(500), all_sims.shape), -all_sims))[:, :k + 1]
+        ref_sims = np.take_along_axis(all_sims, ref, 1)
+        assert np.allclose(sims, ref_sims[:, :k], rtol=0, atol=1e-14), k  # the same k-th neighbour distances
+        apart = np.abs(np.diff(ref_sims, axis=1)) > 1e-14  # rows that float64 itself orders
+        clear = apart[:, :k] & np.concatenate([np.ones((len(q), 1), bool), apart[:, :k - 1]], axis=1)
+        assert np.array_equal(idx[clear], ref[:, :k][clear]), k
+        assert clear[:30].all() and (k == 1 or not clear[30].all())  # the near duplicates: not by float64 either
+    assert list(features.nearest(mapped, queries[-1:], 2)[1][0]) == [300, 301]
 
 
 @pytest.fixture(scope="module")

@@ -85,24 +85,99 @@ def extract(model, loader_for, count, pool="avg", label="", print_every=50):
     return gather_rows(np.concatenate(batches) if batches else np.zeros((0, dim), np.float32), count)
 
 
+MARGIN = 20  # candidates beyond k that the float32 pass keeps for the exact re-scoring
+BLOCK_ROWS, BLOCK_QUERIES = 4096, 256  # a block of similarities selected at a time: it stays in the cache
+RESCORE_QUERIES = 256  # queries whose candidates are re-scored at a time (float64: 256 x keep x D)
+
+
+def _unit(rows):
+    """Rows scaled to unit length in float64 (zero rows stay zero, as paddle's normalize with eps 1e-12)."""
+    rows = np.asarray(rows, np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def _keep_best(best_v, best_i, sims, start, keep):
+    """Fold a block's float32 similarities (columns = bank rows from `start`) into the running `keep` best
+    per query, looking only at entries above a threshold: a query's worst kept value, or for the first block
+    the keep-th best of a strided sample of its columns (never above the block's own keep-th best); only the
+    queries with such entries are merged."""
+    q, c = sims.shape
+    if np.isneginf(best_v).all():
+        over = np.arange(q)
+        sample = sims[:, ::max(1, c // (8 * keep))]
+        low = np.partition(sample, sample.shape[1] - keep, axis=1)[:, sample.shape[1] - keep, None] \
+            if sample.shape[1] > keep else np.full((q, 1), -np.inf, np.float32)
+        rows, cols = np.nonzero(sims >= low)
+    else:
+        worst = best_v.min(axis=1, keepdims=True)
+        over = np.flatnonzero(sims.max(axis=1, keepdims=True) > worst)  # one fast pass; most queries stop here
+        if not over.size:
+            return
+        rows, cols = np.nonzero(sims[over] > worst[over])
+    v = np.concatenate([best_v[over].ravel(), sims[over[rows], cols]])
+    r = np.concatenate([np.repeat(np.arange(len(over)), keep), rows])
+    i = np.concatenate([best_i[over].ravel(), cols + start])
+    order = np.lexsort((-v, r))
+    rank = np.arange(len(order)) - np.searchsorted(r[order], r[order])
+    chosen = order[rank < keep]
+    best_v[over], best_i[over] = v[chosen].reshape(-1, keep), i[chosen].reshape(-1, keep)
+
+
+def nearest(bank, queries, k):
+    """(similarities [Q, k] float64, bank rows [Q, k]) of each query's k nearest rows of `bank` by cosine
+    similarity, best first (ties: the lower row), equal to a float64 search. The bank (NumPy, memory-mapped
+    ones included) is read block by block in float32 keeping k + MARGIN candidates, which are re-scored in
+    float64; a query whose candidates could miss a neighbour (float32's error bound) is searched again in
+    float64."""
+    n = len(bank)
+    k, keep = min(k, n), min(k + MARGIN, n)
+    q64 = _unit(queries)
+    q32 = q64.astype(np.float32)
+    best_v = np.full((len(q64), keep), -np.inf, np.float32)
+    best_i = np.zeros((len(q64), keep), np.int64)
+    rows = BLOCK_ROWS
+    for start in range(0, n, rows):
+        block = np.array(bank[start:start + rows], np.float32)
+        block /= np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)[:, None]
+        for a in range(0, len(q32), BLOCK_QUERIES):
+            _keep_best(best_v[a:a + BLOCK_QUERIES], best_i[a:a + BLOCK_QUERIES], q32[a:a + BLOCK_QUERIES] @ block.T,
+                       start, keep)
+    sims = np.empty(best_i.shape)
+    for a in range(0, len(q64), RESCORE_QUERIES):
+        b = a + RESCORE_QUERIES
+        cand = np.asarray(bank[best_i[a:b].ravel()], np.float64).reshape(-1, keep, q64.shape[1])
+        norms = np.maximum(np.sqrt(np.einsum("qkd,qkd->qk", cand, cand)), 1e-12)
+        sims[a:b] = np.einsum("qd,qkd->qk", q64[a:b], cand) / norms
+    order = np.lexsort((best_i, -sims))  # per query: the most similar first, ties by row
+    sims, idx = np.take_along_axis(sims, order, 1)[:, :k], np.take_along_axis(best_i, order, 1)[:, :k]
+    error = q64.shape[1] * 2.0 ** -23  # twice the bound on a float32 dot product of unit vectors: D * 2^-24
+    unsure = np.flatnonzero(best_v.min(axis=1) + error >= sims[:, -1]) if keep < n else []
+    for qi in unsure:
+        row = np.concatenate([_unit(bank[s:s + rows]) @ q64[qi] for s in range(0, n, rows)])
+        near = np.lexsort((np.arange(n), -row))[:k]
+        sims[qi], idx[qi] = row[near], near
+    return sims, idx
+
+
+def knn_vote(sims, labels, classes, t):
+    """Predicted classes of the weighted k-NN vote: each neighbour adds exp((similarity - nearest) / t) to its
+    class (the weights exp(similarity / t) up to one factor per query, without overflow at any t)."""
+    scores = np.zeros((len(sims), classes))
+    np.add.at(scores, (np.repeat(np.arange(len(sims)), sims.shape[1]), labels.ravel()),
+              np.exp((sims - sims[:, :1]) / t).ravel())
+    return scores.argmax(axis=1)
+
+
 def knn_top1(train_features, train_labels, test_features, test_labels, classes, k=20, t=0.07, chunk=1024):
     """Top-1 (%) of the weighted k-NN classifier (as in instance discrimination): cosine similarity, the k
-    nearest training samples vote with weight exp(similarity / t). Each query's weights are taken relative to
-    its nearest neighbour's, exp((similarity - nearest) / t): the same vote (one factor per query), and no
-    overflow at any temperature."""
-    # float64: exp(similarity / 0.07) turns float32 rounding of near neighbours into flipped votes
-    train = paddle.nn.functional.normalize(paddle.to_tensor(train_features, dtype="float64"), axis=1)
-    test = paddle.nn.functional.normalize(paddle.to_tensor(test_features, dtype="float64"), axis=1)
-    train_labels = paddle.to_tensor(np.asarray(train_labels, np.int64))
-    k = min(k, train.shape[0])
+    nearest training samples vote with weight exp(similarity / t). The neighbours are those of a float64
+    search (see nearest); `chunk` queries at a time."""
+    train_labels, test_labels = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
     correct = 0
-    for i in range(0, test.shape[0], chunk):
-        sim, near = paddle.topk(test[i:i + chunk] @ train.T, k, axis=1)
-        votes = paddle.nn.functional.one_hot(paddle.gather(train_labels, near.flatten()).reshape(near.shape),
-                                             classes).astype("float64")
-        scores = (votes * paddle.exp((sim - sim[:, :1]) / t).unsqueeze(-1)).sum(axis=1)
-        correct += int((scores.argmax(axis=1).numpy() == np.asarray(test_labels[i:i + chunk])).sum())
-    return 100.0 * correct / max(1, test.shape[0])
+    for i in range(0, len(test_labels), chunk):
+        sims, idx = nearest(train_features, test_features[i:i + chunk], k)
+        correct += int((knn_vote(sims, train_labels[idx], classes, t) == test_labels[i:i + chunk]).sum())
+    return 100.0 * correct / max(1, len(test_labels))
 
 
 class _Batches:

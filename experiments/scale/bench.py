@@ -127,12 +127,11 @@ def job_loader(args):
             data.samples = list(data.samples)
         sampler = paddle.io.BatchSampler(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
         loader = Loader(data, sampler, args.num_workers)
-        first = None
+        first, earlier = None, set(children(os.getpid()))  # an earlier loader's workers may still be ending
         start = time.time()
         for i, _ in enumerate(loader):
             if i == 0:
-                workers = children(os.getpid())
-                first = {p: private_mb(p) for p in workers}
+                first = {p: private_mb(p) for p in children(os.getpid()) if p not in earlier}
             if i + 1 == args.batches:
                 last = {p: private_mb(p) for p in first}
                 break
@@ -143,6 +142,60 @@ def job_loader(args):
         del loader
 
 
+def job_knn(args):
+    """util.features.knn_top1 on a memory-mapped bank of random unit-scale features (N x D float32, written once
+    to --bank), against the same run's blocked float32 matrix product of the queries with the bank, and
+    against a float64 search; the peak memory of the process."""
+    import resource
+    sys.path.insert(0, ROOT)
+    from util.features import BLOCK_ROWS, knn_top1, knn_vote
+    n, d, q = args.bank_rows, args.dim, args.queries
+    if not os.path.isfile(args.bank):
+        rng = np.random.default_rng(0)
+        out = np.lib.format.open_memmap(args.bank, "w+", np.float32, (n, d))
+        centres = rng.standard_normal((1000, d)).astype(np.float32)
+        for s in range(0, n, 100000):
+            e = min(n, s + 100000)
+            out[s:e] = centres[np.arange(s, e) % 1000] + 2.0 * rng.standard_normal((e - s, d), dtype=np.float32)
+        out.flush()
+        del out
+    bank = np.load(args.bank, mmap_mode="r")
+    labels = np.arange(n) % 1000
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, n, q)  # queries: noisy copies of bank rows, as validation images of the classes
+    test_labels = labels[rows]
+    queries = (np.asarray(bank[rows]) + 2.0 * rng.standard_normal((q, d), dtype=np.float32)).astype(np.float32)
+    times = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for s in range(0, n, BLOCK_ROWS):
+            queries @ np.asarray(bank[s:s + BLOCK_ROWS]).T
+        product = time.perf_counter() - start
+        start = time.perf_counter()
+        acc = knn_top1(bank, labels, queries, test_labels, 1000, 20, 0.07, chunk=q)
+        times.append((time.perf_counter() - start, product))
+    ratios = [a / b for a, b in times]
+    print(f"k-NN, bank {n} x {d} float32 (memory-mapped), {q} queries, k 20: knn_top1 "
+          f"{min(a for a, _ in times):.1f}-{max(a for a, _ in times):.1f} s, the float32 product "
+          f"{min(b for _, b in times):.1f}-{max(b for _, b in times):.1f} s; ratio {min(ratios):.2f}-{max(ratios):.2f} "
+          f"({', '.join(f'{r:.2f}' for r in ratios)}); top-1 {acc:.2f}%; peak memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB (the bank "
+          f"{bank.nbytes / 2 ** 30:.2f} GiB)")
+    if args.reference:
+        q64 = queries / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+        best_s, best_i = np.full((q, 20), -np.inf), np.zeros((q, 20), np.int64)
+        for s in range(0, n, 20000):
+            block = np.asarray(bank[s:s + 20000], np.float64)
+            sims = q64 @ (block / np.linalg.norm(block, axis=1, keepdims=True)).T
+            top = np.argpartition(-sims, 20, axis=1)[:, :21]  # the block's 21 best (ties at the 20th kept)
+            all_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
+            all_i = np.concatenate([best_i, top + s], 1)
+            order = np.lexsort((all_i, -all_s))[:, :20]
+            best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
+        ref = 100.0 * (knn_vote(best_s, labels[best_i], 1000, 0.07) == test_labels).mean()
+        print(f"  float64 search: top-1 {ref:.2f}% ({'equal' if ref == acc else 'DIFFERENT'})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
@@ -150,7 +203,12 @@ def main():
     parser.add_argument("--train", type=int, default=1281167)
     parser.add_argument("--val", type=int, default=50000)
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--job", choices=["index", "loader"])
+    parser.add_argument("--job", choices=["index", "loader", "knn"])
+    parser.add_argument("--bank", default="/tmp/knn_bank.npy", help="--job knn: the bank file (made if missing)")
+    parser.add_argument("--bank_rows", type=int, default=1281167)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--reference", action="store_true", help="--job knn: also the float64 search")
     parser.add_argument("--torch_python", default="", help="a Python with torchvision, for the references")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=300)
@@ -163,6 +221,8 @@ def main():
         job_index(args)
     elif args.job == "loader":
         job_loader(args)
+    elif args.job == "knn":
+        job_knn(args)
 
 
 if __name__ == "__main__":
