@@ -54,6 +54,9 @@ def get_args_parser():
     parser.add_argument("--batch_size", default=64, type=positive_int)
     parser.add_argument("--num_workers", default=2, type=non_negative_int)
     parser.add_argument("--device", default="gpu" if paddle.is_compiled_with_cuda() else "cpu", type=device)
+    parser.add_argument("--no_amp", action="store_true", help="extract in float32 on GPU (CPU always is)")
+    parser.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
+                        help="autocast dtype on GPU, as in training")
     add_cache_arg(parser)
     return parser
 
@@ -140,7 +143,8 @@ def write_features(args, model, data):
             np.lib.format.read_array_header_2_0(rows)
             offset, mine, done = rows.tell(), rank_share(count), 0
             loader = loaders_over(data, args.batch_size, args.num_workers)(mine)
-            for feats in feature_batches(model, loader, args.pool, label="extracting"):
+            amp = args.amp_dtype if args.device.startswith("gpu") and not args.no_amp else None
+            for feats in feature_batches(model, loader, args.pool, label="extracting", amp_dtype=amp):
                 for row in feats:
                     os.pwrite(rows.fileno(), row.tobytes(), offset + mine[done] * dim * 4)
                     done += 1

@@ -33,8 +33,9 @@ def get_args_parser():
                         "(0: off)")
     parser.add_argument("--knn_k", default=20, type=positive_int, help="neighbours of the k-NN monitor")
     parser.add_argument("--knn_t", default=0.07, type=positive_float, help="temperature of its vote weights")
-    parser.add_argument("--knn_train_per_class", default=0, type=non_negative_int, metavar="K",
-                        help="k-NN monitor: K training images per class (0: all)")
+    parser.add_argument("--knn_train_per_class", default=None, type=non_negative_int, metavar="K",
+                        help="k-NN monitor: K training images per class (default 50, or a smaller class whole; "
+                             "0: all)")
     parser.set_defaults(norm_pix_loss=False, save_freq=20, crop_scale=(0.2, 1.0))
     return parser
 

@@ -279,6 +279,49 @@ def _spawned_gather(count):
     assert got.tolist() == [[i, i * 10.0] for i in range(count)], (dist.get_rank(), got)
 
 
+def _spawned_nearest(count, out):
+    import paddle.distributed as dist
+    from util.features import nearest_over_ranks, rank_share
+    dist.init_parallel_env()
+    rng = np.random.default_rng(3)
+    bank, queries = rng.normal(size=(count, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+    mine = np.asarray(rank_share(count), np.int64)
+    sims, idx = nearest_over_ranks(bank[mine], mine, queries, 4)
+    np.savez(f"{out}.{dist.get_rank()}.npz", sims=sims, idx=idx, bank=bank, queries=queries)
+
+
+@pytest.mark.parametrize("count", [2, 40])
+def test_nearest_over_ranks_equals_one_search(tmp_path, count):
+    """Three ranks, each searching its share of the bank (none for rank 2 when the bank has 2 rows), give
+    every rank the neighbours of one search over the whole bank."""
+    from util.features import nearest
+    paddle.distributed.spawn(_spawned_nearest, args=(count, str(tmp_path / "r")), nprocs=3, backend="gloo")
+    got = [np.load(tmp_path / f"r.{r}.npz") for r in range(3)]
+    sims, idx = nearest(got[0]["bank"], got[0]["queries"], 4)
+    for g in got:
+        assert np.array_equal(g["idx"], idx) and np.allclose(g["sims"], sims, rtol=0, atol=1e-12)
+    assert idx.shape == (6, min(4, count))
+
+
+@pytest.mark.slow
+def test_knn_monitor_with_fewer_val_images_than_processes(tmp_path):
+    """Two processes, one validation image: rank 1 extracts nothing, the monitor still reports."""
+    from data import make_image_folder
+    root = str(tmp_path / "d")
+    make_image_folder(root, classes=1, per_class=8, split="train")
+    make_image_folder(root, classes=1, per_class=1, split="val", seed=1)
+    out, logs = str(tmp_path / "out"), str(tmp_path / "logs")
+    res = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                          logs, "main_pretrain.py", "--model", "mae_vit_micro_patch4", "--device", "cpu",
+                          "--num_workers", "1", "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+                          "--data_path", root, "--output_dir", out, "--log_dir", out, "--knn_freq", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, open(os.path.join(logs, "workerlog.1")).read()[-3000:]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert log[-1]["knn_acc1"] == 100.0  # one class
+    assert "k-NN monitor: 8 train / 1 val images" in open(os.path.join(logs, "workerlog.0")).read()
+
+
 @pytest.mark.parametrize("count", [1, 2, 5])
 def test_gather_with_ranks_that_hold_no_rows(count):
     paddle.distributed.spawn(_spawned_gather, args=(count,), nprocs=3, backend="gloo")

@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from util.dist import get_rank, get_world_size
+from util.dist import all_reduce_sum, get_rank, get_world_size
 
 POOLS = ("avg", "cls")
 
@@ -42,13 +42,14 @@ def rank_share(count):
     return list(range(get_rank(), count, get_world_size()))
 
 
-def feature_batches(model, loader, pool="avg", label="", print_every=50):
+def feature_batches(model, loader, pool="avg", label="", print_every=50, amp_dtype=None):
     """[batch, D] float32 NumPy features of each batch of `loader`, in eval mode without gradients (the
-    model's mode is restored afterwards). Prints progress every `print_every` batches."""
+    model's mode is restored afterwards), under autocast to `amp_dtype` when given (GPU). Prints progress
+    every `print_every` batches."""
     start, was_training = time.time(), model.training
     model.eval()
     try:
-        with paddle.no_grad():
+        with paddle.no_grad(), paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
             for i, (images, *_) in enumerate(loader):
                 yield encoder_features(model, images, pool).astype("float32").numpy()
                 if print_every and (i + 1) % print_every == 0:
@@ -76,12 +77,12 @@ def gather_rows(share, count):
     return out
 
 
-def extract(model, loader_for, count, pool="avg", label="", print_every=50):
+def extract(model, loader_for, count, pool="avg", label="", print_every=50, amp_dtype=None):
     """Features of the `count` samples of a dataset, in its order, on every rank: each rank takes its
     rank_share (loader_for(indices) -> a loader of (images, labels) over those indices), then the shares
     are gathered."""
     dim = model.cls_token.shape[-1]
-    batches = list(feature_batches(model, loader_for(rank_share(count)), pool, label, print_every))
+    batches = list(feature_batches(model, loader_for(rank_share(count)), pool, label, print_every, amp_dtype))
     return gather_rows(np.concatenate(batches) if batches else np.zeros((0, dim), np.float32), count)
 
 
@@ -197,43 +198,88 @@ def loaders_over(dataset, batch_size, num_workers=0):
     return lambda indices: Loader(dataset, _Batches(indices, batch_size), num_workers)
 
 
+DEFAULT_PER_CLASS = 50  # the monitor's training images per class unless --knn_train_per_class says otherwise
+
+
+def class_subset(data, per_class, seed, strict):
+    """`per_class` samples of each class of an ImageFolder (drawn from `seed`, kept in the dataset's order),
+    as a SampleIndex; a class with fewer is a DataError when `strict`, else taken whole."""
+    import os
+
+    from util.datasets import DataError, SampleIndex
+
+    labels = data.samples.labels if hasattr(data.samples, "labels") else np.array([t for _, t in data.samples])
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(data.classes) + 1))
+    rng, chosen = np.random.default_rng(seed), []
+    for c in range(len(data.classes)):
+        members = order[bounds[c]:bounds[c + 1]]
+        if strict and len(members) < per_class:
+            raise DataError(f"--knn_train_per_class {per_class}: class folder "
+                            f"{os.path.join(data.root, data.classes[c])} holds {len(members)} images; choose at most "
+                            "that (0: all)")
+        if len(members):
+            chosen += list(members[np.sort(rng.permutation(len(members))[:per_class])])
+    return SampleIndex([data.samples[i][0] for i in chosen], labels[chosen])
+
+
 def knn_monitor(model, args):
     """epoch -> {'knn_acc1': top-1 of the weighted k-NN on val/ against train/ features} every --knn_freq
     epochs and at the last, else {}: how good the encoder's features are while pre-training runs (eval
-    transform, no masking, average-pooled patch tokens; --knn_train_per_class keeps a class-balanced subset
-    of train/ so that ImageNet-size runs stay cheap). A missing val/ stops the run at start."""
+    transform, no masking, average-pooled patch tokens, autocast as training on GPU). A class-balanced subset
+    of train/ (--knn_train_per_class, default DEFAULT_PER_CLASS) keeps a pass at ImageNet size near 8% of an
+    epoch (see docs/recipes.md). Each rank keeps the features of its share of train/ and searches them; the
+    ranks exchange only each query's k best (fixed-size collectives). A missing val/ stops the run at start."""
     import os
 
-    from util.datasets import DataError, ImageFolder
+    from util.datasets import ImageFolder
     from util.transforms import eval_transform
 
     transform = eval_transform(args.input_size, args.crop_pct)
     train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
     val = ImageFolder(os.path.join(args.data_path, "val"), transform=transform, classes=train.classes,
                       classes_from=train.root)
-    if args.knn_train_per_class:
-        rng = np.random.default_rng(args.seed)
-        by_class = {}
-        for sample in train.samples:
-            by_class.setdefault(sample[1], []).append(sample)
-        smallest = min(by_class, key=lambda c: len(by_class[c]))
-        if len(by_class[smallest]) < args.knn_train_per_class:
-            raise DataError(f"--knn_train_per_class {args.knn_train_per_class}: class folder "
-                            f"{os.path.join(train.root, train.classes[smallest])} holds {len(by_class[smallest])} "
-                            "images; choose at most that (0: all)")
-        train.samples = [s for c in sorted(by_class) for s in
-                         (by_class[c][i] for i in sorted(rng.permutation(len(by_class[c]))[:args.knn_train_per_class]))]
+    per_class = DEFAULT_PER_CLASS if args.knn_train_per_class is None else args.knn_train_per_class
+    if per_class:
+        train.samples = class_subset(train, per_class, args.seed, strict=args.knn_train_per_class is not None)
     print(f"k-NN monitor: {len(train)} train / {len(val)} val images, k={args.knn_k}, t={args.knn_t}, "
           f"every {args.knn_freq} epoch(s)")
-    labels = [np.array([t for _, t in d.samples]) for d in (train, val)]
+    train_labels = np.array([t for _, t in train.samples])
+    val_labels = np.array([t for _, t in val.samples])
+    amp = args.amp_dtype if args.device.startswith("gpu") and not args.no_amp else None
 
     def monitor(epoch):
         if (epoch + 1) % args.knn_freq and epoch + 1 != args.epochs:
             return {}
-        feats = [extract(model, loaders_over(d, args.batch_size, args.num_workers), len(d), "avg", label=name)
-                 for d, name in ((train, "k-NN train"), (val, "k-NN val"))]
-        acc = knn_top1(feats[0], labels[0], feats[1], labels[1], len(train.classes), args.knn_k, args.knn_t)
+        mine = rank_share(len(train))
+        batches = list(feature_batches(model, loaders_over(train, args.batch_size, args.num_workers)(mine), "avg",
+                                       "k-NN train", amp_dtype=amp))
+        bank = np.concatenate(batches) if batches else np.zeros((0, model.cls_token.shape[-1]), np.float32)
+        queries = extract(model, loaders_over(val, args.batch_size, args.num_workers), len(val), "avg",
+                          label="k-NN val", amp_dtype=amp)
+        sims, idx = nearest_over_ranks(bank, np.asarray(mine, np.int64), queries, args.knn_k)
+        acc = 100.0 * float((knn_vote(sims, train_labels[idx], len(train.classes), args.knn_t) == val_labels).mean())
         print(f"k-NN monitor (epoch {epoch}): top-1 {acc:.2f}%")
         return {"knn_acc1": acc}
 
     return monitor
+
+
+def nearest_over_ranks(bank, rows, queries, k):
+    """nearest() of the queries in the union of every rank's bank (this rank's: `bank`, whose rows are dataset
+    rows `rows`): each rank's k best are gathered (fixed-size tensors, padded for a rank with fewer rows) and
+    the k best of all kept, ties by dataset row."""
+    k = min(k, int(all_reduce_sum([float(len(bank))])[0]))
+    sims = np.full((len(queries), k), -np.inf)
+    idx = np.full((len(queries), k), np.iinfo(np.int64).max, np.int64)
+    if len(bank):
+        local_sims, local_idx = nearest(bank, queries, k)
+        sims[:, :local_sims.shape[1]], idx[:, :local_sims.shape[1]] = local_sims, rows[local_idx]
+    if get_world_size() > 1:
+        gathered_sims, gathered_idx = [], []
+        dist.all_gather(gathered_sims, paddle.to_tensor(sims))
+        dist.all_gather(gathered_idx, paddle.to_tensor(idx))
+        sims = np.concatenate([t.numpy() for t in gathered_sims], axis=1)
+        idx = np.concatenate([t.numpy() for t in gathered_idx], axis=1)
+    order = np.lexsort((idx, -sims))[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
