@@ -34,6 +34,16 @@ def test_optimizer_accumulators_and_groups():
         "Optimizer._add_accumulator / _get_accumulator (LARS's momentum) changed"
 
 
+def test_batch_norm_statistics():
+    bn = paddle.nn.BatchNorm1D(3)
+    bn.train()
+    bn(paddle.to_tensor(np.arange(12, dtype=np.float32).reshape(4, 3)))
+    mean, variance = compat.batch_norm_statistics(paddle.nn.Sequential(paddle.nn.Linear(3, 3), bn))
+    assert np.allclose(mean.numpy(), 0.1 * np.array([4.5, 5.5, 6.5])), \
+        "paddle.nn.layer.norm._BatchNormBase._mean (the running mean) changed"
+    assert variance.shape == [3] and float(variance.numpy()[0]) != 1.0, "_BatchNormBase._variance changed"
+
+
 def test_custom_operators_by_name():
     assert hasattr(paddle._C_ops, "_run_custom_op"), "paddle._C_ops._run_custom_op is gone"
     from paddle.utils import cpp_extension

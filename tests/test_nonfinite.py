@@ -157,6 +157,28 @@ def test_the_failed_step_is_the_one_that_made_the_weights_non_finite():
     assert nonfinite.failed_step(NonFiniteError("Loss is nan", 3, 1), model, 2) == [3, 0, 1]
 
 
+def test_batch_statistics_blame_no_earlier_step():
+    """The probe's BatchNorm statistics (non-trainable parameters in Paddle) overflowed by a batch's forward
+    are that step's failure, not the step before; frozen encoder weights are not the optimizer's either."""
+    import models_vit
+    from helpers import tiny_vit
+    model = tiny_vit(global_pool=False)
+    models_vit.add_bn_head(model)
+    for p in model.parameters():
+        p.stop_gradient = True
+    for p in model.head.parameters():
+        p.stop_gradient = False
+    error = NonFiniteError("Loss is nan", 3, 5)
+    from util import compat
+    stats = compat.batch_norm_statistics(model)
+    assert len(stats) == 2 and not any(t.stop_gradient for t in stats)  # as main_linprobe leaves them
+    stats[1].set_value(paddle.full_like(stats[1], float("inf")))  # the running variance
+    assert not nonfinite.weights_finite(model) and nonfinite.weights_finite(model, trained=True)
+    assert nonfinite.failed_step(error, model, 2) == [3, 4, 5]
+    model.head[1].weight.set_value(paddle.full_like(model.head[1].weight, float("nan")))
+    assert nonfinite.failed_step(error, model, 2) == [3, 2, 3]
+
+
 @pytest.mark.parametrize("value", ["x", "1", "1:2:3:4", "-1:2", "1:b"])
 def test_a_malformed_injection_variable_is_named(value, tmp_path, monkeypatch):
     monkeypatch.setenv(nonfinite.INJECT_VAR, value)

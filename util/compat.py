@@ -26,6 +26,13 @@ def param_groups(optimizer):
     return groups
 
 
+def batch_norm_statistics(model):
+    """The running mean and variance of every BatchNorm layer in `model`: Paddle keeps them as parameters (not
+    buffers) of a private base class, under private names."""
+    return [t for layer in model.sublayers(include_self=True) if isinstance(layer, paddle.nn.layer.norm._BatchNormBase)
+            for t in (layer._mean, layer._variance)]
+
+
 def register_custom_ops(path):
     """Register the custom operators of an already built library (cpp_extension.load also builds); the names
     of the operators it registered."""

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import paddle
 import paddle.distributed as dist
-import paddle.nn as nn
+
+from util import compat
 
 
 class LaunchError(RuntimeError):
@@ -158,9 +159,7 @@ def broadcast_buffers(model):
     would drift with its own batches."""
     if get_world_size() == 1:
         return
-    stats = [t for layer in model.sublayers(include_self=True) if isinstance(layer, nn.layer.norm._BatchNormBase)
-             for t in (layer._mean, layer._variance)]
-    for tensor in list(model.buffers()) + stats:
+    for tensor in list(model.buffers()) + compat.batch_norm_statistics(model):
         dist.broadcast(tensor, src=0)
 
 

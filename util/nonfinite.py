@@ -9,7 +9,8 @@ import os
 
 import paddle
 
-from util.dist import get_rank
+from util import compat
+from util.dist import get_rank, get_world_size
 
 INJECT_VAR = "MAE_INJECT_NONFINITE"
 
@@ -54,10 +55,19 @@ def check_loss(loss_value, epoch, step):
         raise NonFiniteError(f"Loss is {loss_value}", epoch, step)
 
 
-def weights_finite(model):
-    """Whether every weight is finite: one reduction on the device and one read."""
-    flags = [paddle.isfinite(p).all() for p in model.parameters()]
-    return bool(paddle.stack(flags).all().item()) if flags else True
+def weights_finite(model, trained=False):
+    """Whether every weight (with `trained`, every one an optimizer step changes: not a frozen encoder, not
+    the BatchNorm statistics a forward pass updates) is finite on every rank: one reduction on the device,
+    one collective, one read."""
+    stats = {id(t) for t in compat.batch_norm_statistics(model)} if trained else set()
+    flags = [paddle.isfinite(p).all() for p in model.parameters()
+             if not (trained and (p.stop_gradient or id(p) in stats))]
+    if not flags:
+        return True
+    bad = (~paddle.stack(flags).all()).astype("float32").reshape([1])
+    if get_world_size() > 1:
+        paddle.distributed.all_reduce(bad)
+    return not bad.item()
 
 
 def check_weights(model, epoch, last_step):
@@ -75,9 +85,10 @@ def window(step, accum_iter):
 
 def failed_step(error, model, accum_iter):
     """(epoch, first, last) iterations to leave out after `error`: its own optimizer step, or the one before
-    when the weights are already non-finite (non-finite gradients that step made them so)."""
+    when the trained weights are already non-finite (non-finite gradients that step made them so); every rank
+    decides alike. Statistics a batch's forward updates (BatchNorm's) blame no earlier step."""
     first, last = window(error.iteration, accum_iter)
-    if error.loss and first >= accum_iter and not weights_finite(model):
+    if error.loss and first >= accum_iter and not weights_finite(model, trained=True):
         first, last = first - accum_iter, first - 1
     return [error.epoch, first, last]
 
