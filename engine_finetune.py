@@ -53,12 +53,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
     return metric_logger
 
 
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (k capped at the number of classes)."""
+def correct_counts(output, target, topk=(1,)):
+    """How many samples have their target among the top k outputs, for each k (capped at the number of
+    classes), as one device tensor [len(topk)]."""
     maxk = min(max(topk), output.shape[1])
     pred = paddle.topk(output, maxk, axis=1)[1]
-    correct = pred == target.reshape([-1, 1])
-    return [correct[:, :min(k, maxk)].astype("float32").sum().item() * 100.0 / output.shape[0] for k in topk]
+    correct = (pred == target.reshape([-1, 1])).astype("float32")
+    return paddle.stack([correct[:, :min(k, maxk)].sum() for k in topk])
 
 
 @paddle.no_grad()
@@ -71,9 +72,10 @@ def evaluate(data_loader, model, args):
             output = model(images)
         output = output.astype("float32")
         loss = F.cross_entropy(output, target)
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        loss, top1, top5 = paddle.concat([loss.reshape([1]), correct_counts(output, target, (1, 5))]).tolist()
         batch_size = images.shape[0]
-        metric_logger.update(loss=loss.item())
+        acc1, acc5 = top1 * 100.0 / batch_size, top5 * 100.0 / batch_size
+        metric_logger.update(loss=loss)  # the batch's one read of the device
         metric_logger.meters["acc1"].update(acc1, n=batch_size)
         metric_logger.meters["acc5"].update(acc5, n=batch_size)
     metric_logger.synchronize_between_processes()

@@ -142,3 +142,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_file({"model": {"a": np.zeros(2, np.float32)}}, path)
     assert np.array_equal(load_checkpoint(path)["model"]["a"], np.ones(2))
     assert os.listdir(tmp_path) == ["checkpoint-0.pd"]
+
+
+def test_resumed_accumulators_stay_where_the_optimizer_keeps_them(monkeypatch):
+    """Every accumulator is written from a tensor on its own place (Paddle's set_value of a NumPy array
+    would move it to the current device: the beta powers, which Adam keeps on the CPU, onto the GPU)."""
+    from util import compat
+    from util.adamw import AdamW
+    from util.checkpoint import load_optimizer_state, optimizer_state
+    model = paddle.nn.Linear(3, 2)
+    opt = AdamW(learning_rate=1e-3, parameters=model.parameters())
+    model(paddle.ones([4, 3])).sum().backward()
+    opt.step()
+    saved = optimizer_state(opt, model)
+    fresh = AdamW(learning_rate=1e-3, parameters=model.parameters())
+    written = []
+    original = paddle.Tensor.set_value
+
+    def spy(self, value):
+        written.append((type(value), getattr(value, "place", None), self.place))
+        return original(self, value)
+
+    monkeypatch.setattr(paddle.Tensor, "set_value", spy)
+    load_optimizer_state(fresh, model, {"optimizer": saved}, "ckpt")
+    assert len(written) == sum(len(v) for v in saved["state"].values()) == 8
+    assert all(kind is paddle.Tensor and str(src) == str(dst) for kind, src, dst in written), written
+    for acc, per_param in compat.accumulators(fresh).items():
+        for pname, value in per_param.items():
+            name = {p.name: n for n, p in model.named_parameters()}[pname]
+            assert np.array_equal(value.numpy(), saved["state"][name][acc])

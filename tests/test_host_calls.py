@@ -3,6 +3,8 @@ train_one_epoch, on the path that runs on GPUs (no native CPU code) and with the
 import json
 import os
 
+import numpy as np
+import paddle
 import pytest
 
 from helpers import run_script
@@ -46,3 +48,37 @@ def test_per_sample_mixing_adds_one_upload_per_step(mode, tmp_path):
     assert counts["steps"] == [2] * (2000 // 16), counts  # the loss read and one upload
     assert {site.split(":")[0] for site in counts["where"]} == {"util/epochs.py", "util/transforms.py",
                                                                 "util/mixup.py"}, counts
+
+
+def test_evaluation_reads_the_device_once_per_batch(monkeypatch):
+    """evaluate(): loss, top-1 and top-5 of a batch come back in one read; the numbers are those of the model."""
+    import types
+
+    import engine_finetune
+    from helpers import tiny_vit
+    paddle.seed(0)
+    model = tiny_vit(num_classes=10)
+    batches = [(paddle.randn([4, 3, 32, 32]), paddle.to_tensor(np.array([0, 1, 2, 3]) + i)) for i in range(3)]
+    reads, depth = [], []
+
+    def counted(fn, name):
+        def read(self, *args):
+            if not depth:  # the outermost call (tolist reads through numpy)
+                reads.append(name)
+            depth.append(name)
+            try:
+                return fn(self, *args)
+            finally:
+                depth.pop()
+        return read
+
+    for name in ("item", "numpy", "tolist", "__float__"):
+        monkeypatch.setattr(paddle.Tensor, name, counted(getattr(paddle.Tensor, name), name))
+    stats = engine_finetune.evaluate(batches, model, types.SimpleNamespace(device="cpu", no_amp=True,
+                                                                           amp_dtype="float16"))
+    assert len(reads) == 3, reads
+    monkeypatch.undo()
+    with paddle.no_grad():
+        logits = [model(x) for x, _ in batches]
+    top1 = [float((lg.argmax(1) == y).astype("float32").mean()) * 100 for lg, (_, y) in zip(logits, batches)]
+    assert stats["acc1"] == pytest.approx(np.mean(top1), abs=1e-9)

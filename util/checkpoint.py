@@ -323,4 +323,6 @@ def load_optimizer_state(optimizer, model, ckpt, path):
             if list(np.shape(value)) != list(target.shape):
                 raise CheckpointError(f"{path}: optimizer state {names[p.name]}/{acc} has shape "
                                       f"{list(np.shape(value))}, expected {list(target.shape)}")
-            target.set_value(np.asarray(value, dtype=np.float32))
+            # a tensor on the accumulator's own place: set_value of a NumPy array would move it to the current
+            # device, and Adam keeps its beta powers on the CPU (read there, one kernel fewer per step on GPU)
+            target.set_value(paddle.to_tensor(np.asarray(value, dtype=np.float32), place=target.place))
