@@ -32,6 +32,9 @@ def parse_args(argv=None):
     args = resolve(parser, parser.parse_args(argv), models_vit.MODELS)
     if args.batch_size < 2:
         parser.error("argument --batch_size: the BatchNorm head needs at least 2 samples per batch")
+    if args.recompute:
+        parser.error("argument --recompute: linear probing keeps no encoder activations for the backward pass "
+                     "(the encoder is frozen), so there is nothing to recompute")
     return args
 
 

@@ -227,6 +227,7 @@ def test_knn_subset_larger_than_a_class(data, tmp_path):
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--knn_t", "inf"], "--knn_t"),
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--knn_t", "0"], "--knn_t"),
     ("main_linprobe.py", ["--model", "vit_micro_patch4", "--batch_size", "1"], "--batch_size"),
+    ("main_linprobe.py", ["--model", "vit_micro_patch4", "--recompute"], "--recompute"),
     ("benchmark.py", ["--job", "pretrain", "--mask_ratio", "1"], "--mask_ratio"),
     ("main_pretrain.py", ["--model", "mae_vit_tiny_patch4", "--on_nonfinite", "rewind", "--output_dir", ""],
      "--on_nonfinite rewind"),
