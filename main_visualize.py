@@ -1,4 +1,5 @@
-"""MAE reconstructions as in the official demo: original | masked | reconstruction | reconstruction + visible.
+"""MAE reconstructions as in the official demo: original | masked | prediction | prediction + visible, under
+a row of headings that name the columns.
 
     python main_visualize.py --model mae_vit_large_patch16 --resume mae_visualize_vit_large.pth \\
         --img_path demo/chelsea.png --output recon.png
@@ -113,6 +114,32 @@ def reconstruct(model, imgs, mask_ratio, seed, norm_pix):
     return rows
 
 
+HEADINGS = ("original", "masked", "prediction", "prediction + visible")
+
+
+def heading_height(panel):
+    """Pixels of the band that names the columns above panels `panel` pixels wide."""
+    return max(12, panel // 8)
+
+
+def with_headings(grid, panel):
+    """The picture with a white band on top naming its four columns (black text, as large as fits)."""
+    from PIL import ImageDraw, ImageFont
+
+    height = heading_height(panel)
+    band = Image.new("RGB", (grid.shape[1], height), "white")
+    draw = ImageDraw.Draw(band)
+    for i, text in enumerate(HEADINGS):
+        size = int(height * 0.8)
+        font = ImageFont.load_default(size=size)
+        while size > 6 and draw.textlength(text, font=font) > panel - 2:
+            size -= 1
+            font = ImageFont.load_default(size=size)
+        width = draw.textlength(text, font=font)
+        draw.text((i * panel + (panel - width) / 2, height / 2), text, fill="black", font=font, anchor="lm")
+    return np.concatenate([np.asarray(band), grid], axis=0)
+
+
 def write_png(pixels, path):
     """Through a temporary file in the same folder, removed if the write fails."""
     if os.path.isdir(path):
@@ -134,8 +161,9 @@ def check_picture(parser, args, rows, patch_embed):
         parser.error(f"argument --mask_ratio: {args.mask_ratio} of {patch_embed.num_patches} patches leaves no "
                      "visible patch")
     side = patch_embed.img_size[0] * args.scale
-    if 4 * side * rows * side > Image.MAX_IMAGE_PIXELS:
-        parser.error(f"argument --scale: {args.scale} makes a {4 * side}x{rows * side} px picture, more than the "
+    height = rows * side + heading_height(side)
+    if 4 * side * height > Image.MAX_IMAGE_PIXELS:
+        parser.error(f"argument --scale: {args.scale} makes a {4 * side}x{height} px picture, more than the "
                      f"{Image.MAX_IMAGE_PIXELS} pixels an image viewer (Pillow) opens; use a smaller --scale or fewer "
                      "images")
 
@@ -164,12 +192,13 @@ def main(argv=None):
     rows = reconstruct(model, imgs, args.mask_ratio, args.seed, norm_pix)
     grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
     grid = grid.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
+    grid = with_headings(grid, model.patch_embed.img_size[0] * args.scale)
     try:
         write_png(grid, args.output)
     except OSError as e:
         sys.exit(f"error: --output {args.output}: cannot write there ({e.strerror or e})")
-    print(f"wrote {args.output}: {len(rows)} image(s) x [original | masked | reconstruction | "
-          f"reconstruction + visible], {grid.shape[1]}x{grid.shape[0]} px")
+    print(f"wrote {args.output}: {len(rows)} image(s) x [{' | '.join(HEADINGS)}] under a row of headings, "
+          f"{grid.shape[1]}x{grid.shape[0]} px")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,17 @@ def test_wrong_checkpoints():
     assert out.returncode == 1 and "vit_tiny_gp.pth does not fit" in out.stderr.strip().splitlines()[-1]
 
 
-def _panels(path, size=32):
+def _body(path, size=32):
+    """The picture below its row of headings (which is not white only: the text is drawn)."""
+    from main_visualize import heading_height
     grid = np.asarray(Image.open(path))
+    band = grid[:heading_height(size)]
+    assert (band == 255).mean() > 0.5 and (band < 128).any()
+    return grid[heading_height(size):]
+
+
+def _panels(path, size=32):
+    grid = _body(path, size)
     return [grid[:, i * size:(i + 1) * size] for i in range(4)]
 
 
@@ -130,7 +139,7 @@ def test_visualisation_png(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "un-normalised with the mean and std of nearby visible patches" in out.stdout
     grid = Image.open(out_png)
-    assert grid.size == (4 * 32, 2 * 32) and grid.mode == "RGB"
+    assert grid.size == (4 * 32, 2 * 32 + 12) and grid.mode == "RGB"
     original, masked, recon, both = _panels(out_png)
     patches = masked[:32].reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(64, 16, 3)
     blank = np.all(patches == np.array([123, 116, 103]), axis=(1, 2))  # x * (1 - mask) = 0: the ImageNet mean
@@ -145,8 +154,8 @@ def test_visualisation_png(tmp_path):
     assert not np.array_equal(_panels(other)[1], masked)
     large = str(tmp_path / "large.png")
     run_script(*args[:-1], large, "--scale", "3")  # each pixel as a 3 x 3 block
-    assert np.array_equal(np.asarray(Image.open(large))[::3, ::3], np.asarray(grid))
-    assert Image.open(large).size == (3 * 4 * 32, 3 * 2 * 32)
+    assert np.array_equal(_body(large, 96)[::3, ::3], _body(out_png))
+    assert Image.open(large).size == (3 * 4 * 32, 3 * 2 * 32 + 12)
 
 
 def test_visualisation_refuses_encoder_only(tmp_path):
