@@ -158,7 +158,7 @@ def bench_infer(args, model, x):
                 [None, 3, args.input_size, args.input_size], "float32")])
             with open(prefix + ".info", "w") as f:
                 json.dump({"input_size": args.input_size, "num_classes": model.num_classes}, f)
-            runner = ExportedModel(prefix, args.device.startswith("gpu"))
+            runner = ExportedModel(prefix, args.device)
         xs = x.numpy()
 
         def forward():

@@ -27,10 +27,11 @@ from util.args import (add_cache_arg, check_environment, check_model_input, chec
 from util.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from util.cpu import configure_cpu
 from util.cpu_layer import attach_cpu_paths
-from util.datasets import IMG_EXTENSIONS, STOP_SIGNALS, DataError, ImageFolder
+from util.datasets import STOP_SIGNALS, DataError, ImageFolder
 from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank,
                        init_distributed_mode, is_main_process)
 from util.factory import checkpoint_img_size
+from util.image_index import IMG_EXTENSIONS
 from util.features import POOLS, feature_batches, loaders_over, rank_share
 from util.run_dir import RunDirError, check_writable
 from util.transforms import eval_transform

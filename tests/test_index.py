@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 from data import make_image_folder
-from util.datasets import IMG_EXTENSIONS, DataError, ImageFolder, SampleIndex
+from util.datasets import DataError, ImageFolder
+from util.image_index import IMG_EXTENSIONS, SampleIndex
 
 
 def walked(root):
@@ -129,8 +130,8 @@ def _rank_scans(root, counts):
     from util import datasets
     dist.init_parallel_env()
     scans = []
-    real_scan = datasets._scan
-    datasets._scan = lambda *a: scans.append(1) or real_scan(*a)
+    real_scan = datasets.scan_image_folder
+    datasets.scan_image_folder = lambda *a: scans.append(1) or real_scan(*a)
     data = ImageFolder(root)
     with open(counts, "a") as f:
         digest = hashlib.sha256(repr(list(data.samples)).encode()).hexdigest()

@@ -31,7 +31,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert f"=== {stage}" in res.stdout
     assert "* Acc@1" in res.stdout and "1. " in res.stdout
-    assert Image.open(os.path.join(out, "reconstruction.png")).size == (6 * 128, 6 * 96)  # --scale 6
+    assert Image.open(os.path.join(out, "reconstruction.png")).size == (6 * 128, 6 * 96 + 24)  # --scale 6, headings
     for stage in ("pretrain", "finetune", "linprobe"):
         assert [json.loads(line)["epoch"] for line in open(os.path.join(out, stage, "log.txt"))] == [0]
     assert os.path.isfile(os.path.join(out, "finetune", "checkpoint-best.pd"))

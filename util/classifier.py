@@ -5,7 +5,8 @@ import numpy as np
 
 import models_vit
 from util.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from util.datasets import IMG_EXTENSIONS, DataError, load_image
+from util.datasets import DataError, load_image
+from util.image_index import IMG_EXTENSIONS
 from util.factory import checkpoint_img_size
 from util.pos_embed import interpolate_pos_embed
 

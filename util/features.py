@@ -206,7 +206,8 @@ def class_subset(data, per_class, seed, strict):
     as a SampleIndex; a class with fewer is a DataError when `strict`, else taken whole."""
     import os
 
-    from util.datasets import DataError, SampleIndex
+    from util.errors import DataError
+    from util.image_index import SampleIndex
 
     labels = data.samples.labels if hasattr(data.samples, "labels") else np.array([t for _, t in data.samples])
     order = np.argsort(labels, kind="stable")
