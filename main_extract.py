@@ -31,7 +31,7 @@ from util.datasets import STOP_SIGNALS, DataError, ImageFolder
 from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank,
                        init_distributed_mode, is_main_process)
 from util.factory import checkpoint_img_size
-from util.image_index import IMG_EXTENSIONS
+from util.image_index import IMG_EXTENSIONS, SampleIndex
 from util.features import POOLS, feature_batches, loaders_over, rank_share
 from util.run_dir import RunDirError, check_writable
 from util.transforms import eval_transform
@@ -68,7 +68,7 @@ class ImageList(ImageFolder):
     def __init__(self, paths, root, transform=None):
         self.root, self.transform, self.replaced, self.seed = root, transform, None, 0
         self.classes, self.class_to_idx = [], {}
-        self.samples = [(p, -1) for p in paths]
+        self.samples = SampleIndex(paths, np.full(len(paths), -1))
 
 
 SPLITS = ("train", "val")
@@ -155,7 +155,7 @@ def write_features(args, model, data):
         agree(write_rows, rows_path)
         if rank == 0:
             np.savez(tmp, features=np.load(rows_path, mmap_mode="r"),
-                     labels=np.array([t for _, t in data.samples], np.int64),
+                     labels=data.samples.labels,
                      paths=np.array([p for p, _ in data.samples]), class_names=np.array(data.classes))
             os.replace(tmp, args.output)
             print(f"wrote {args.output}: features {[count, dim]}")

@@ -245,8 +245,7 @@ def knn_monitor(model, args):
         train.samples = class_subset(train, per_class, args.seed, strict=args.knn_train_per_class is not None)
     print(f"k-NN monitor: {len(train)} train / {len(val)} val images, k={args.knn_k}, t={args.knn_t}, "
           f"every {args.knn_freq} epoch(s)")
-    train_labels = np.array([t for _, t in train.samples])
-    val_labels = np.array([t for _, t in val.samples])
+    train_labels, val_labels = train.samples.labels, val.samples.labels  # arrays: no pass over N in Python
     amp = args.amp_dtype if args.device.startswith("gpu") and not args.no_amp else None
 
     def monitor(epoch):
