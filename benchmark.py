@@ -30,6 +30,7 @@ from util.amp import autocast, create_loss_scaler
 from util.args import check_environment, check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
 from util.cpu_layer import attach_cpu_paths
+from util.errors import run
 
 
 def get_args_parser():
@@ -252,8 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from util.datasets import DataError
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

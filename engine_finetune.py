@@ -8,13 +8,14 @@ from util import nonfinite
 from util.amp import autocast
 from util.dist import get_rank, grad_sync
 from util.epochs import epoch_meters, log_step, read_step, train_epochs
-from util.run_state import load_model
+from util.run_state import load_weights
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
-                    log_writer=None, args=None, start_iter=0, metric_logger=None, erasing=None):
+                    log_writer=None, args=None, start_iter=0, left_out=(), metric_logger=None, erasing=None):
     """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
-    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (erasing values,
+    meters; passing over the iterations in left_out, which rewinds left out); returns (the meters, for
+    util.epochs.end_epoch; the iteration a stop signal ended the epoch after, or None). Every step's random draws (erasing values,
     mixup, drop path) are seeded from (seed, rank, epoch, step), so that a resumed run draws what the
     uninterrupted one did. The step reads one number from the device: the loss (util.epochs.read_step)."""
     model.train()
@@ -24,7 +25,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, *boxes, targets) in enumerate(batches, start=start_iter):
-        if nonfinite.skipped(args, epoch, data_iter_step):  # left out by a rewind (--on_nonfinite rewind)
+        if data_iter_step in left_out:  # left out by a rewind (--on_nonfinite rewind)
             continue
         misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:
@@ -39,7 +40,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             with autocast(args):
                 outputs = model(samples)
                 loss = criterion(outputs.astype("float32"), targets)
-            loss_value, stop = read_step(nonfinite.injected(loss, epoch, data_iter_step), update,
+            loss_value, stop = read_step(nonfinite.through_hooks(loss, epoch, data_iter_step), update,
                                          every_step=args.on_nonfinite == "rewind")
             nonfinite.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
@@ -49,8 +50,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
 
         if log_step(metric_logger, log_writer, loss_value, max(lr_sched.group_lrs(optimizer)), data_iter_step,
                     len(data_loader), epoch, update, stop):
-            break
-    return metric_logger
+            return metric_logger, data_iter_step + 1
+    return metric_logger, None
 
 
 def correct_counts(output, target, topk=(1,)):
@@ -95,13 +96,14 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
         return test_stats
 
     if args.eval:
-        load_model(args, model_without_ddp, optimizer, loss_scaler)
+        load_weights(args, model_without_ddp)
         evaluate_and_report()
         return
 
-    def train_epoch(epoch, start_iter, log_writer, metric_logger):
+    def train_epoch(epoch, start_iter, left_out, log_writer, metric_logger):
         return train_one_epoch(model, criterion, data_loader_train, optimizer, epoch, loss_scaler, max_norm, mixup_fn,
-                               log_writer=log_writer, args=args, start_iter=start_iter, metric_logger=metric_logger,
-                               erasing=erasing)
+                               log_writer=log_writer, args=args, start_iter=start_iter, left_out=left_out,
+                               metric_logger=metric_logger, erasing=erasing)
 
-    train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, evaluate_and_report)
+    train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, evaluate_and_report,
+                 classes=data_loader_train.dataset.classes)

@@ -8,9 +8,10 @@ from util.epochs import epoch_meters, log_step, read_step
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_writer=None, args=None, start_iter=0,
-                    metric_logger=None):
+                    left_out=(), metric_logger=None):
     """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
-    meters); returns the meters, for util.epochs.end_epoch. Every step's random draws (masks) are seeded
+    meters; passing over the iterations in left_out, which rewinds left out); returns (the meters, for
+    util.epochs.end_epoch; the iteration a stop signal ended the epoch after, or None). Every step's random draws (masks) are seeded
     from (seed, rank, epoch, step), so that a resumed run draws what the uninterrupted one did."""
     model.train()
     metric_logger, header = epoch_meters(epoch, metric_logger)
@@ -19,7 +20,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
 
     batches = metric_logger.log_every(data_loader, args.print_freq, header, start=start_iter)
     for data_iter_step, (samples, _) in enumerate(batches, start=start_iter):
-        if nonfinite.skipped(args, epoch, data_iter_step):  # left out by a rewind (--on_nonfinite rewind)
+        if data_iter_step in left_out:  # left out by a rewind (--on_nonfinite rewind)
             continue
         misc.seed_everything(args.seed + get_rank(), epoch, data_iter_step)
         if data_iter_step % accum_iter == 0:  # per-iteration (not per-epoch) lr schedule
@@ -29,7 +30,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         with grad_sync(model, update):
             with autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value, stop = read_step(nonfinite.injected(loss, epoch, data_iter_step), update,
+            loss_value, stop = read_step(nonfinite.through_hooks(loss, epoch, data_iter_step), update,
                                          every_step=args.on_nonfinite == "rewind")
             nonfinite.check_loss(loss_value, epoch, data_iter_step)
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
@@ -38,5 +39,5 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
 
         if log_step(metric_logger, log_writer, loss_value, optimizer.get_lr(), data_iter_step, len(data_loader),
                     epoch, update, stop, loss_tag="train_loss"):
-            break
-    return metric_logger
+            return metric_logger, data_iter_step + 1
+    return metric_logger, None

@@ -11,11 +11,12 @@ fine-tuning and linear probing do).
 import util as _util  # noqa: F401  (first: filters Paddle's import-time warnings)
 import models_mae as _models_mae
 import models_vit as _models_vit
-from util.checkpoint import load_checkpoint as _load_checkpoint
-from util.checkpoint import load_model_weights as _load_model_weights
+from util.checkpoint import recorded_flags as _recorded_flags
 from util.classifier import classifier_from_checkpoint as _classifier_from_checkpoint
 from util.factory import checkpoint_img_size as _checkpoint_img_size
 from util.hub import resolve as _resolve
+from util.weights import load_checkpoint as _load_checkpoint
+from util.weights import load_model_weights as _load_model_weights
 
 dependencies = ["paddle", "numpy", "PIL", "simplejpeg"]  # every package importing this file loads
 
@@ -41,7 +42,7 @@ def _mae(name):
             return getattr(_models_mae, name)(**kwargs)
         ckpt = _load_checkpoint(path)
         kwargs.setdefault("img_size", _checkpoint_img_size(name, ckpt["model"], path))
-        kwargs.setdefault("norm_pix_loss", bool((ckpt.get("args") or {}).get("norm_pix_loss", False)))
+        kwargs.setdefault("norm_pix_loss", bool(_recorded_flags(ckpt).get("norm_pix_loss", False)))
         model = getattr(_models_mae, name)(**kwargs)
         _load_model_weights(model, ckpt["model"], path)
         return model.eval()

@@ -12,15 +12,15 @@ import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off
 import argparse
 import json
 import os
-import sys
 
 import paddle
 
 import models_vit
 from layer import set_fused_attention
 from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
-from util.checkpoint import CheckpointError, file_sha256
 from util.classifier import classifier_from_checkpoint
+from util.errors import LaunchError, WriteError, run
+from util.files import file_sha256
 
 
 def get_args_parser():
@@ -51,7 +51,7 @@ def export(args):
         try:
             import paddle2onnx
         except ImportError:
-            sys.exit("error: --onnx needs paddle2onnx (pip install paddle2onnx)")
+            raise LaunchError("--onnx needs paddle2onnx (pip install paddle2onnx)") from None
         paddle2onnx.export(args.output + ".json", args.output + ".pdiparams", args.output + ".onnx")
         print(f"wrote {args.output}.onnx")
 
@@ -67,11 +67,9 @@ def main(argv=None):
                      f"{os.path.join(folder, 'model')}")
     try:
         export(args)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
     except OSError as e:
-        sys.exit(f"error: cannot write {args.output}: {e.strerror or e}")
+        raise WriteError(f"cannot write {args.output}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,7 +16,6 @@ import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off
 import argparse
 import os
 import signal
-import sys
 
 import numpy as np
 import paddle
@@ -24,17 +23,17 @@ import paddle
 import models_vit
 from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
                        non_negative_int, positive_int)
-from util.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from util.cpu import configure_cpu
 from util.cpu_layer import attach_cpu_paths
-from util.datasets import STOP_SIGNALS, DataError, ImageFolder
-from util.dist import (LaunchError, all_gather, check_launch_environment, get_rank,
-                       init_distributed_mode, is_main_process)
+from util.datasets import STOP_SIGNALS, ImageFolder
+from util.dist import all_gather, check_launch_environment, get_rank, init_distributed_mode, is_main_process
 from util.factory import checkpoint_img_size
 from util.image_index import IMG_EXTENSIONS, SampleIndex
 from util.features import POOLS, feature_batches, loaders_over, rank_share
-from util.run_dir import RunDirError, check_writable
+from util.run_dir import check_writable
 from util.transforms import eval_transform
+from util.errors import DataError, WriteError, run
+from util.weights import load_checkpoint, load_pretrained
 
 
 def get_args_parser():
@@ -198,20 +197,18 @@ def main(argv=None):
         check_launch_environment()
         if args.device == "cpu":
             configure_cpu()
-        init_distributed_mode(args)
+        init_distributed_mode(args.device)
         if is_main_process():
             check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
         model = encoder(args)
         data = dataset_of(args.data_path, args.split, eval_transform(model.patch_embed.img_size[0], args.crop_pct))
         print(f"{len(data)} images in {data.root}; {args.pool} features of {args.model}")
         write_features(args, model, data)
-    except (CheckpointError, DataError, LaunchError, RunDirError) as e:
-        sys.exit(f"error: {e}")
     except Stopped as e:
-        sys.exit(f"error: stopped by {e}; {args.output} not written")
+        raise WriteError(f"stopped by {e}; {args.output} not written") from None
     except OSError as e:
-        sys.exit(f"error: cannot write {args.output}: {e.strerror or e}")
+        raise WriteError(f"cannot write {args.output}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,17 +8,18 @@ from engine_finetune import fit
 from layer import set_recompute, trunc_normal_
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
-from util.args import (add_classification_args, add_common_args, below_one, check_dist_eval, non_negative_float,
-                       positive_float, positive_int, probability, resolve, scale_lr)
+from util.args import (add_classification_args, add_common_args, below_one, freeze, non_negative_float,
+                       positive_float, positive_int, probability, resolve)
 from util.auto_augment import rand_augment_transform
-from util.checkpoint import load_pretrained
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
 from util.dist import data_parallel
+from util.errors import run
 from util.losses import build_criterion
 from util.lr_decay import param_groups_lrd
 from util.mixup import Mixup
 from util.transforms import eval_transform, finetune_transform
+from util.weights import load_pretrained
 
 
 def get_args_parser():
@@ -75,7 +76,7 @@ def parse_args(argv=None):
                          f"{int(args.input_size * high)} px)")
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
         parser.error(f"argument --batch_size: mixup/cutmix needs an even batch size, got {args.batch_size}")
-    return args
+    return freeze(args)
 
 
 def create_optimizer(model, args):
@@ -86,14 +87,11 @@ def create_optimizer(model, args):
 
 
 def main(args):
-    misc.start_run(args)
-    scale_lr(args)
-    check_dist_eval(args)
+    args = misc.start_run(args)
 
     train_tf = finetune_transform(args.input_size, args.aa, args.color_jitter, args.reprob, args.remode, args.recount,
                                   args.crop_scale)
     loaders = classification_loaders(args, train_tf, eval_transform(args.input_size, args.crop_pct))
-    args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None:
@@ -123,5 +121,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    misc.run(main, args)
+    run(lambda: main(parse_args()))

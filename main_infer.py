@@ -16,12 +16,12 @@ import paddle
 import models_vit
 from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
                        positive_int)
-from util.checkpoint import CheckpointError, file_sha256
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
-from util.datasets import DataError
 from util.cpu import configure_cpu, cpu_threads
 from util.cpu_layer import attach_cpu_paths
 from util.transforms import eval_transform
+from util.errors import CheckpointError, run
+from util.files import file_sha256
 
 
 def get_args_parser():
@@ -145,10 +145,7 @@ def main(argv=None):
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
     check_environment(parser)
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
-    try:
-        paths, top, probs, names = predict(args)
-    except (DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    paths, top, probs, names = predict(args)
     for path, ids, p in zip(paths, top, probs):
         if args.json:
             print(json.dumps({"path": path, "topk_ids": ids.tolist(), "topk_names": [names[i] for i in ids],
@@ -160,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

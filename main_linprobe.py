@@ -8,14 +8,15 @@ import util.misc as misc
 from engine_finetune import fit
 from layer import trunc_normal_
 from util.amp import create_loss_scaler
-from util.args import add_classification_args, add_common_args, check_dist_eval, resolve, scale_lr
-from util.checkpoint import load_pretrained
+from util.args import add_classification_args, add_common_args, freeze, resolve
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
 from util.dist import data_parallel
+from util.errors import run
 from util.lars import LARS
 from util.losses import CrossEntropyLoss
 from util.transforms import eval_transform, linprobe_transform
+from util.weights import load_pretrained
 
 
 def get_args_parser():
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     if args.recompute:
         parser.error("argument --recompute: linear probing keeps no encoder activations for the backward pass "
                      "(the encoder is frozen), so there is nothing to recompute")
-    return args
+    return freeze(args)
 
 
 def build_model(args):
@@ -55,13 +56,10 @@ def build_model(args):
 
 
 def main(args):
-    misc.start_run(args)
-    scale_lr(args)
-    check_dist_eval(args)
+    args = misc.start_run(args)
 
     loaders = classification_loaders(args, linprobe_transform(args.input_size, args.crop_scale),
                                      eval_transform(args.input_size, args.crop_pct))
-    args.classes = loaders[0].dataset.classes  # saved with the args in every checkpoint, for inference
 
     model_without_ddp = attach_cpu_paths(build_model(args))
     misc.print_model(model_without_ddp, args)
@@ -74,5 +72,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    misc.run(main, args)
+    run(lambda: main(parse_args()))

@@ -11,10 +11,11 @@ from engine_pretrain import train_one_epoch
 from layer import set_recompute
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
-from util.args import add_common_args, non_negative_int, positive_float, positive_int, ratio, resolve, scale_lr
+from util.args import add_common_args, freeze, non_negative_int, positive_float, positive_int, ratio, resolve
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, train_loader
 from util.dist import data_parallel
+from util.errors import run
 from util.epochs import train_epochs
 from util.factory import create_model
 from util.features import knn_monitor
@@ -56,12 +57,11 @@ def parse_args(argv=None):
         patches = create_model(args.model, img_size=args.input_size).patch_embed.num_patches
     if int(patches * (1 - args.mask_ratio)) < 1:
         parser.error(f"argument --mask_ratio: {args.mask_ratio} of {patches} patches leaves no visible patch")
-    return args
+    return freeze(args)
 
 
 def main(args):
-    misc.start_run(args)
-    scale_lr(args)
+    args = misc.start_run(args)
 
     transform = pretrain_transform(args.input_size, args.crop_scale)
     dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
@@ -78,13 +78,12 @@ def main(args):
     loss_scaler = create_loss_scaler(args)
     monitor = knn_monitor(model_without_ddp, args) if args.knn_freq else None
 
-    def train_epoch(epoch, start_iter, log_writer, metric_logger):
+    def train_epoch(epoch, start_iter, left_out, log_writer, metric_logger):
         return train_one_epoch(model, data_loader_train, optimizer, epoch, loss_scaler, log_writer=log_writer,
-                               args=args, start_iter=start_iter, metric_logger=metric_logger)
+                               args=args, start_iter=start_iter, left_out=left_out, metric_logger=metric_logger)
 
     train_epochs(args, model_without_ddp, optimizer, loss_scaler, data_loader_train, train_epoch, monitor=monitor)
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    misc.run(main, args)
+    run(lambda: main(parse_args()))

@@ -11,7 +11,6 @@ which a removed patch does not reveal: here they are estimated from the visible 
 import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
 import os
-import sys
 
 import numpy as np
 import paddle
@@ -20,13 +19,15 @@ from PIL import Image
 import models_mae
 from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, positive_int, ratio,
                        seed)
-from util.checkpoint import CheckpointError, check_state_dict, load_checkpoint, match_dtypes
 from util.classifier import image_paths
-from util.datasets import DataError, load_image
+from util.datasets import load_image
 from util.factory import checkpoint_img_size
 from util.cpu import configure_cpu
 from util.cpu_layer import attach_cpu_paths
 from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from util.errors import CheckpointError, WriteError, run
+from util.weights import check_state_dict, load_checkpoint, match_dtypes
+from util.checkpoint import recorded_flags
 
 
 def get_args_parser():
@@ -54,7 +55,7 @@ def load_mae(args):
     if not any(k.startswith("decoder_") for k in state):
         raise CheckpointError(f"{args.resume}: no decoder weights (the released mae_pretrain_vit_*.pth are encoder "
                               "only; use mae_visualize_vit_*.pth or mae_pretrain_vit_*_full.pth)")
-    norm_pix = args.norm_pix_loss or bool((ckpt.get("args") or {}).get("norm_pix_loss", False))
+    norm_pix = args.norm_pix_loss or bool(recorded_flags(ckpt).get("norm_pix_loss", False))
     size = args.input_size or checkpoint_img_size(args.model, state, args.resume)
     model = getattr(models_mae, args.model)(img_size=size, norm_pix_loss=norm_pix)
     own = model.state_dict()
@@ -176,16 +177,13 @@ def main(argv=None):
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
     paddle.set_device("cpu")
     configure_cpu()
-    try:
-        paths = image_paths(args.img_path)
-        model, norm_pix = load_mae(args)
-        size = model.patch_embed.img_size[0]
-        imgs = np.stack([
-            (np.asarray(load_image(p).resize((size, size), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0
-             - np.asarray(IMAGENET_DEFAULT_MEAN, np.float32).reshape(3, 1, 1))
-            / np.asarray(IMAGENET_DEFAULT_STD, np.float32).reshape(3, 1, 1) for p in paths])
-    except (DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    paths = image_paths(args.img_path)
+    model, norm_pix = load_mae(args)
+    size = model.patch_embed.img_size[0]
+    imgs = np.stack([
+        (np.asarray(load_image(p).resize((size, size), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0
+         - np.asarray(IMAGENET_DEFAULT_MEAN, np.float32).reshape(3, 1, 1))
+        / np.asarray(IMAGENET_DEFAULT_STD, np.float32).reshape(3, 1, 1) for p in paths])
     check_picture(parser, args, len(paths), model.patch_embed)
     if norm_pix:
         print("norm_pix_loss model: removed patches are un-normalised with the mean and std of nearby visible patches")
@@ -196,10 +194,10 @@ def main(argv=None):
     try:
         write_png(grid, args.output)
     except OSError as e:
-        sys.exit(f"error: --output {args.output}: cannot write there ({e.strerror or e})")
+        raise WriteError(f"--output {args.output}: cannot write there ({e.strerror or e})") from None
     print(f"wrote {args.output}: {len(rows)} image(s) x [{' | '.join(HEADINGS)}] under a row of headings, "
           f"{grid.shape[1]}x{grid.shape[0]} px")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

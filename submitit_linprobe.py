@@ -5,7 +5,7 @@ on preemption or time-out and resumed from the job folder.
 """
 import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 from util import slurm
+from util.errors import run
 
 if __name__ == "__main__":
-    submit_args, args = slurm.parse("Submitit for MAE linear probing", "main_linprobe")
-    slurm.submit("main_linprobe", submit_args, args)
+    run(slurm.main, "Submitit for MAE linear probing", "main_linprobe")

@@ -10,7 +10,6 @@ files at the default --src.
 import argparse
 import gzip
 import os
-import sys
 
 import numpy as np
 from PIL import Image
@@ -56,11 +55,12 @@ def main(argv=None):
         paths = [os.path.join(args.src, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            sys.exit(f"error: {missing[0]} not found (apt-get install dataset-fashion-mnist, or pass --src)")
+            parser.error(f"argument --src: {missing[0]} not found (apt-get install dataset-fashion-mnist, or pass "
+                         "another --src)")
         try:
             images, labels = read_idx(paths[0]), read_idx(paths[1])
         except (ValueError, OSError, EOFError) as e:
-            sys.exit(f"error: {e}")
+            parser.error(f"argument --src: {e}")
         n = write_split(images, labels, os.path.join(args.out, split), per_class)
         print(f"{split}: {n} images in {os.path.join(args.out, split)}")
 

@@ -46,15 +46,15 @@ def spy_getitem(self, key):
 
 builtins.open = spy_open
 util.datasets.ImageFolder.__getitem__ = spy_getitem
-real_save = util.run_state.save_model
+real_save = util.run_state.save
 
 
-def spy_save(args, epoch, model_without_ddp, *rest, **kwargs):
+def spy_save(flags, tag, model_without_ddp, *rest, **kwargs):
     models.append(model_without_ddp)
-    return real_save(args, epoch, model_without_ddp, *rest, **kwargs)
+    return real_save(flags, tag, model_without_ddp, *rest, **kwargs)
 
 
-util.run_state.save_model = spy_save
+util.run_state.save = spy_save
 runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 builtins.open = real_open
 state = {name: value.numpy() for name, value in models[-1].state_dict().items()}

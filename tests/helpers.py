@@ -4,9 +4,9 @@ import numpy as np
 from layer import LayerNorm
 from models_mae import MaskedAutoencoderViT
 from models_vit import VisionTransformer
-from util.checkpoint import load_checkpoint, load_model_weights
 
 from conftest import golden
+from util.weights import load_checkpoint, load_model_weights
 
 
 def tiny_mae(norm_pix_loss=True, load=True):

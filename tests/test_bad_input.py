@@ -16,7 +16,7 @@ from conftest import ROOT, golden
 from data import make_train_val
 from helpers import parse_flags, run_script
 from torch_format import Forged, save_pth
-from util.checkpoint import load_checkpoint, save_file
+from util.weights import load_checkpoint, save_file
 
 CAT = os.path.join(ROOT, "demo", "chelsea.png")
 VIT = golden("vit_tiny_gp.pth")
@@ -136,7 +136,7 @@ def test_class_folders_that_link_into_the_dataset_are_skipped(data, tmp_path):
         for name in ("z_link_to_class_0", "z_link_to_split", "z_link_around"):
             assert f"Warning: skipping class folder {os.path.join(root, split, name)}" in out.stdout
     ckpt = load_checkpoint(os.path.join(str(tmp_path / "o"), "checkpoint-last.pd"))
-    assert ckpt["args"]["classes"] == sorted(os.listdir(os.path.join(data, "train")))
+    assert ckpt["classes"] == sorted(os.listdir(os.path.join(data, "train")))
 
 
 def test_start_epoch_beyond_the_run_is_a_flag_error(data, tmp_path):

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, golden
 from helpers import tiny_mae, tiny_vit
 from torch_format import save_pth
-from util.checkpoint import CheckpointError, load_checkpoint, load_file, load_model_weights, save_file
+from util.errors import CheckpointError
+from util.weights import load_checkpoint, load_file, load_model_weights, save_file
 
 
 def _torch_zip(path, payload):

@@ -14,11 +14,11 @@ import models_vit
 from conftest import ROOT, golden
 from data import make_train_val
 from helpers import run_script
-from util.checkpoint import load_checkpoint, load_model_weights
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, load_image
 from util.features import encoder_features, extract, knn_top1, loaders_over
 from util.transforms import eval_transform
+from util.weights import load_checkpoint, load_model_weights
 
 VIT = golden("vit_tiny_gp.pth")  # an official-format global-pool classifier, vit_micro_patch4 at 32 px
 

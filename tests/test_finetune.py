@@ -11,6 +11,7 @@ import main_linprobe
 from conftest import ROOT, golden
 from data import make_train_val
 from helpers import run_script, state_of
+from util.weights import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,6 @@ def test_official_pth_as_finetune_and_global_pool_linprobe(dataset, tmp_path):
                      golden("mae_tiny.pth"), *_common(dataset, lp, "--epochs", "1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fc_norm starts from the encoder's final norm" in out.stdout
-    from util.checkpoint import load_checkpoint
     official = load_checkpoint(golden("mae_tiny.pth"))["model"]
     state = state_of(os.path.join(lp, "checkpoint-0.pd"))
     assert np.array_equal(state["fc_norm.weight"], official["norm.weight"])

@@ -10,9 +10,9 @@ import main_linprobe
 from conftest import golden
 from helpers import head_before_step, max_abs, set_grads, to_torch_layout
 from models_vit import BatchNorm1D, vit_micro_patch4
-from util.checkpoint import load_pretrained
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
+from util.weights import load_pretrained
 
 
 def _finetune_start(vit_io):

@@ -17,7 +17,8 @@ from conftest import ROOT, golden
 from data import make_train_val
 from helpers import run_script, tiny_mae
 from util import hub
-from util.checkpoint import load_checkpoint
+from util.errors import DownloadError
+from util.weights import load_checkpoint
 
 MAE = golden("mae_tiny.pth")  # the official format, with its decoder: served as mae_visualize_vit_base
 NAME = "mae_visualize_vit_base"
@@ -82,7 +83,7 @@ def test_download_convert_and_cache_hit(cache, capfd):
 
 def test_interrupted_download_continues_where_it_stopped(cache, server, monkeypatch):
     monkeypatch.setenv("MAE_MIRROR", server + "/cut")
-    with pytest.raises(hub.DownloadError, match="run again to continue the download"):
+    with pytest.raises(DownloadError, match="run again to continue the download"):
         hub.resolve(NAME)
     assert cache_files(cache) == [f"{NAME}.pth.part"]  # nothing in the cache proper
     half = os.path.getsize(cache / "partial" / f"{NAME}.pth.part")
@@ -97,14 +98,14 @@ def test_interrupted_download_continues_where_it_stopped(cache, server, monkeypa
 @pytest.mark.parametrize("mode,message", [("error", "HTTP 500"), ("bad", "not a readable checkpoint")])
 def test_failed_downloads_leave_nothing(cache, server, monkeypatch, mode, message):
     monkeypatch.setenv("MAE_MIRROR", server + "/" + mode)
-    with pytest.raises(hub.DownloadError, match=message) as e:
+    with pytest.raises(DownloadError, match=message) as e:
         hub.resolve(NAME)
     assert f"{server}/{mode}/visualize/{NAME}.pth" in str(e.value) and str(cache / f"{NAME}.pth") in str(e.value)
     assert cache_files(cache) == []
 
 
 def test_published_md5_is_checked(cache):
-    with pytest.raises(hub.DownloadError, match="is not the published 1b25e9"):
+    with pytest.raises(DownloadError, match="is not the published 1b25e9"):
         hub.resolve("mae_finetuned_vit_base")
     assert cache_files(cache) == []
 
@@ -191,7 +192,7 @@ def test_cache_dir_flag_overrides_mae_home(cache, tmp_path):
                                             ("http://127.0.0.1:1", "Connection refused")])
 def test_unreachable_or_malformed_mirror(cache, monkeypatch, mirror, message):
     monkeypatch.setenv("MAE_MIRROR", mirror)
-    with pytest.raises(hub.DownloadError, match=message):
+    with pytest.raises(DownloadError, match=message):
         hub.resolve(NAME)
     assert cache_files(cache) == []
 

@@ -13,8 +13,9 @@ import pytest
 
 from conftest import ROOT
 from data import make_image_folder
-from util.datasets import DataError, ImageFolder
+from util.datasets import ImageFolder
 from util.image_index import IMG_EXTENSIONS, SampleIndex
+from util.errors import DataError
 
 
 def walked(root):

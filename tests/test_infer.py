@@ -10,9 +10,10 @@ from PIL import Image
 from conftest import ROOT, golden
 from helpers import run_script
 from models_vit import vit_micro_patch4
-from util.checkpoint import load_checkpoint, load_model_weights, save_file
 from util.datasets import load_image
 from util.transforms import eval_transform
+from util.errors import CheckpointError
+from util.weights import load_checkpoint, load_model_weights, save_file
 
 CAT = os.path.join(ROOT, "demo", "chelsea.png")
 VIT = golden("vit_tiny_gp.pth")  # an official-format fine-tuned classifier, 10 classes
@@ -159,7 +160,6 @@ def test_visualisation_png(tmp_path):
 
 
 def test_visualisation_refuses_encoder_only(tmp_path):
-    from util.checkpoint import save_file
     state = {k: v for k, v in load_checkpoint(golden("mae_tiny.pth"))["model"].items() if not k.startswith("decoder")}
     enc = str(tmp_path / "encoder_only.pd")
     save_file({"model": state}, enc)
@@ -206,7 +206,6 @@ def test_onnx_export_matches(tmp_path):
 
 def test_exported_files_are_checked_against_each_other(tmp_path):
     """Files of two exports mixed, a cut-off program, bad --output prefixes: one line each."""
-    from util.checkpoint import save_file
     ckpt = load_checkpoint(VIT)
     five = str(tmp_path / "five.pd")
     model = {k: (v[..., :5] if k.startswith("head.") else v) for k, v in ckpt["model"].items()}
@@ -260,7 +259,6 @@ def test_bad_seeds_are_flag_errors(seed):
 def test_exported_model_runs_on_the_chosen_gpu(tmp_path, monkeypatch):
     """--device gpu:N reaches Paddle Inference's config (read on CPU through a recording Config)."""
     import main_infer
-    from util.checkpoint import CheckpointError
     prefix = str(tmp_path / "m")
     for ext in (".json", ".pdiparams"):
         open(prefix + ext, "w").close()

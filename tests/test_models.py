@@ -12,9 +12,9 @@ from conftest import golden
 from helpers import head_before_step, max_abs, tiny_mae, tiny_vit, to_torch_layout
 from layer import Attention, DropPath, drop_path_schedule, set_recompute
 from util.cpu_layer import attach_cpu_paths
-from util.checkpoint import load_pretrained
 from util.factory import create_model
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
+from util.weights import load_checkpoint, load_model_weights, load_pretrained
 
 TOL = 1e-5
 
@@ -72,7 +72,6 @@ def test_random_masking_draws_noise():
 @pytest.mark.parametrize("global_pool,ckpt,key", [(True, "vit_tiny_gp.pth", "logits_gp"),
                                                    (False, "vit_tiny_cls.pth", "logits_cls")])
 def test_vit_logits(vit_io, global_pool, ckpt, key):
-    from util.checkpoint import load_checkpoint, load_model_weights
     model = tiny_vit(global_pool)
     load_model_weights(model, load_checkpoint(golden(ckpt))["model"], ckpt)
     model.eval()

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from util import native
-from util.checkpoint import file_sha256
+from util.files import file_sha256
 
 PROBE = ("import sys; sys.path.insert(0, '.'); from util import fast_image, cpu_kernels; "
          "print(fast_image.available(), cpu_kernels.available())")

@@ -9,12 +9,14 @@ import paddle
 import pytest
 
 from data import demo_subset
-from helpers import parse_flags, run_script, state_of
-from util import checkpoint, nonfinite
+from helpers import parse_flags, run_script
+from util import nonfinite
 from util.amp import NativeScalerWithGradNormCount
+from util.args import freeze
 from util.epochs import epoch_meters, train_epochs
-from util.nonfinite import NonFiniteError
-from util.run_state import load_model
+from util.run_state import resume
+from util.errors import NonFiniteError
+from util.weights import load_checkpoint
 
 PRETRAIN = ["main_pretrain.py", "--model", "mae_vit_micro_patch4", "--norm_pix_loss", "--batch_size", "8",
             "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "2", "--log_dir", "", "--print_freq", "100"]
@@ -34,7 +36,7 @@ def log_lines(out):
 def assert_finite_checkpoints(out):
     for name in os.listdir(out):
         if name.endswith(".pd"):
-            ckpt = checkpoint.load_checkpoint(os.path.join(out, name))  # rejects non-finite weights
+            ckpt = load_checkpoint(os.path.join(out, name))  # rejects non-finite weights
             for accs in ckpt["optimizer"]["state"].values():
                 assert all(np.isfinite(v).all() for v in accs.values()), name
 
@@ -46,7 +48,7 @@ def test_stop_is_the_default_and_rewind_gets_past_an_injected_nan(data, tmp_path
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "error: Loss is nan at epoch 1, iteration 4, stopping training"
     assert [r["epoch"] for r in log_lines(stop)] == [0]
-    assert checkpoint.load_checkpoint(os.path.join(stop, "checkpoint-last.pd"))["epoch"] == 0
+    assert load_checkpoint(os.path.join(stop, "checkpoint-last.pd"))["epoch"] == 0
 
     res = run_script(*PRETRAIN, "--data_path", data, "--output_dir", rewind, "--on_nonfinite", "rewind", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -55,7 +57,7 @@ def test_stop_is_the_default_and_rewind_gets_past_an_injected_nan(data, tmp_path
     logs = log_lines(rewind)
     assert [r["epoch"] for r in logs] == [0, 1, 2] and logs[0] == log_lines(stop)[0]
     assert logs[1]["skipped_iterations"] == [[4, 4]] and "skipped_iterations" not in logs[2]
-    last = checkpoint.load_checkpoint(os.path.join(rewind, "checkpoint-last.pd"))
+    last = load_checkpoint(os.path.join(rewind, "checkpoint-last.pd"))
     assert last["epoch"] == 2 and last["skipped"] == [[1, 4, 4]]
     assert_finite_checkpoints(rewind)
 
@@ -81,7 +83,7 @@ def test_a_run_that_diverges_for_good_stops_after_the_rewinds(data, tmp_path):
     assert last.startswith("error: Loss is nan at epoch 0, iteration ") and \
         last.endswith(" after 2 rewind(s) (--max_rewinds 2), stopping training"), last
     assert res.stdout.count("rewinding to") == 2
-    start = checkpoint.load_checkpoint(os.path.join(out, "checkpoint-last.pd"))
+    start = load_checkpoint(os.path.join(out, "checkpoint-last.pd"))
     assert start["epoch"] == -1 and start["iteration"] == 0  # the state training started from
     assert_finite_checkpoints(out)
 
@@ -109,15 +111,15 @@ def counting_run(tmp_path, mode, poison):
     paddle.seed(0)
     model = paddle.nn.Linear(2, 2)
     optimizer = paddle.optimizer.AdamW(parameters=model.parameters())
-    args = argparse.Namespace(output_dir=str(tmp_path), resume="", auto_resume=True, start_epoch=0, epochs=3,
-                              on_nonfinite=mode, max_rewinds=3, accum_iter=1, save_freq=1, eval_freq=1, log_dir="",
-                              batch_size=8)
+    args = freeze(argparse.Namespace(output_dir=str(tmp_path), resume="", auto_resume=True, start_epoch=0, epochs=3,
+                                     on_nonfinite=mode, max_rewinds=3, accum_iter=1, save_freq=1, eval_freq=1,
+                                     log_dir="", batch_size=8))
     poisoned = []
 
-    def train_one_epoch(epoch, start_iter, log_writer, metric_logger):
+    def train_one_epoch(epoch, start_iter, left_out, log_writer, metric_logger):
         metric_logger, _ = epoch_meters(epoch, metric_logger)
         for step in range(start_iter, 4):
-            if nonfinite.skipped(args, epoch, step):
+            if step in left_out:
                 continue
             for p in model.parameters():
                 p.set_value(p + 1)
@@ -125,7 +127,7 @@ def counting_run(tmp_path, mode, poison):
                 poisoned.append(step)
                 model.weight.set_value(paddle.full_like(model.weight, float("nan")))
             metric_logger.update(loss=1.0, lr=0.1)
-        return metric_logger
+        return metric_logger, None
 
     start = model.weight.numpy().copy()
     train_epochs(args, model, optimizer, NativeScalerWithGradNormCount(False), Loader(), train_one_epoch)
@@ -135,17 +137,16 @@ def counting_run(tmp_path, mode, poison):
 def test_weights_made_non_finite_are_never_saved(tmp_path):
     with pytest.raises(NonFiniteError, match=r"Weights are not finite \(not saved\) at epoch 1, iteration 3"):
         counting_run(tmp_path / "stop", "stop", (1, 3))
-    assert checkpoint.load_checkpoint(str(tmp_path / "stop" / "checkpoint-last.pd"))["epoch"] == 0
+    assert load_checkpoint(str(tmp_path / "stop" / "checkpoint-last.pd"))["epoch"] == 0
 
     start, model, args = counting_run(tmp_path / "rewind", "rewind", (1, 3))
-    assert args.skipped == [[1, 3, 3]]
+    last = load_checkpoint(str(tmp_path / "rewind" / "checkpoint-last.pd"))
+    assert last["skipped"] == [[1, 3, 3]]
     np.testing.assert_array_equal(model.weight.numpy(), start + 11)  # 12 steps, the poisoned one left out
-    state = state_of(str(tmp_path / "rewind" / "checkpoint-last.pd"))
-    np.testing.assert_array_equal(state["weight"], start + 11)
-    resumed = argparse.Namespace(**{**vars(args), "resume": "", "start_epoch": 0, "epochs": 4, "skipped": None})
-    load_model(resumed, model, paddle.optimizer.AdamW(parameters=model.parameters()),
-               NativeScalerWithGradNormCount(False))
-    assert resumed.start_epoch == 3 and resumed.skipped == [[1, 3, 3]]  # a resumed run counts the rewind
+    np.testing.assert_array_equal(last["model"]["weight"], start + 11)
+    state = resume(args.replace(epochs=4), model, paddle.optimizer.AdamW(parameters=model.parameters()),
+                   NativeScalerWithGradNormCount(False))
+    assert state.epoch == 3 and state.skipped == [[1, 3, 3]]  # a resumed run counts the rewind
 
 
 def test_the_failed_step_is_the_one_that_made_the_weights_non_finite():

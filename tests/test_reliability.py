@@ -13,9 +13,9 @@ import paddle
 import pytest
 from PIL import Image
 
-import util.misc as misc
 from util.amp import NativeScalerWithGradNormCount
-from util.checkpoint import load_file, save_file
+from util.errors import CheckpointError, NonFiniteError
+from util.weights import load_checkpoint, load_file, save_file
 from conftest import ROOT
 from data import make_image_folder, make_train_val
 from helpers import run_script
@@ -114,8 +114,7 @@ def test_resume_inside_an_epoch_with_another_batch_size():
     line when no optimizer step of the new run ends there."""
     from types import SimpleNamespace
 
-    from util.checkpoint import CheckpointError
-    from util.run_state import position_in_epoch
+    from util.checkpoint import position_in_epoch
     ckpt = {"epoch": 0, "iteration": 73, "args": {"batch_size": 8}}
     assert position_in_epoch(ckpt, SimpleNamespace(batch_size=8, accum_iter=1), "c") == 73
     assert position_in_epoch({**ckpt, "iteration": 72}, SimpleNamespace(batch_size=64, accum_iter=1), "c") == 9
@@ -155,7 +154,7 @@ WRONG = [("epoch", "abc"), ("epoch", None), ("epoch", [1]), ("epoch", -2), ("epo
 
 
 def test_every_training_field_is_checked(tmp_path):
-    from util.checkpoint import CheckpointError, check_training_state, load_checkpoint
+    from util.checkpoint import check_training_state
     path = str(tmp_path / "m.pd")
     save_file(dict(SOUND, model=[np.zeros(2)]), path)
     with pytest.raises(CheckpointError, match=r"'model' is list, not a dict of weights"):
@@ -294,7 +293,6 @@ def test_bad_files_fail_fast_or_are_skipped(tmp_path, workers):
 def test_non_finite_loss_names_epoch_and_iteration():
     import argparse
     from engine_pretrain import train_one_epoch
-    from util.nonfinite import NonFiniteError
 
     class Exploding(paddle.nn.Layer):
         def __init__(self):

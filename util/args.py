@@ -2,12 +2,12 @@
 import argparse
 import math
 import os
-import sys
 
 import paddle
 
 from util.cpu import cpu_threads
 from util.nonfinite import injection
+from util.errors import FlagError
 
 
 def positive_int(value):
@@ -119,15 +119,12 @@ def add_cache_arg(parser):
 
 def checkpoint_file(parser, flag, value, cache=None):
     """The local file for a checkpoint flag: a path, or a released name (util.hub: fetched into the cache on
-    first use). parser.error (exit 2) for neither; a failed download ends with its one-line error (exit 1)."""
-    from util.hub import DownloadError, resolve
+    first use). parser.error (exit 2) for neither; a failed download raises DownloadError."""
+    from util.hub import resolve
 
     if not value:
         return value
-    try:
-        path = resolve(value, cache)
-    except DownloadError as e:
-        sys.exit(f"error: {e}")
+    path = resolve(value, cache)
     if not os.path.isfile(path):
         parser.error(f"argument {flag}: {path}: " + ("is a folder, not a file" if os.path.isdir(path) else
                                                      "not found (a path, or a released name such as "
@@ -263,16 +260,35 @@ def check_environment(parser):
         parser.error(str(e))
 
 
-def check_dist_eval(args):
-    """After distributed init: --dist_eval needs several processes (exit 2, as a flag error)."""
-    if args.dist_eval and args.world_size == 1:
-        sys.stderr.write("error: --dist_eval splits evaluation over processes; launch with "
-                         "python -m paddle.distributed.launch, or drop it in a single process\n")
-        sys.exit(2)
+class Flags(argparse.Namespace):
+    """A script's flags after parsing and validation. Read-only: what a run was asked to do stays what its
+    checkpoints record and what a requeued job is given again; what changes as it trains is
+    util.run_state.RunState."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the flags are read-only (--{name}); a run's changing state is util.run_state.RunState")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+    def replace(self, **changes):
+        """A copy with `changes`."""
+        flags = Flags.__new__(Flags)
+        flags.__dict__.update({**vars(self), **changes})
+        return flags
 
 
-def scale_lr(args):
-    """The official rule: lr = blr * effective batch / 256 unless --lr is given (after distributed init,
-    which sets args.world_size)."""
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * args.accum_iter * args.world_size / 256
+def freeze(args):
+    """The validated flags as Flags."""
+    return Flags.replace(args)
+
+
+def for_this_process(args, world_size, rank):
+    """The flags completed with what only the started process knows: rank and number of processes, and the
+    official learning rate rule, lr = blr * effective batch / 256 unless --lr is given. --dist_eval needs
+    several processes (FlagError, exit 2)."""
+    if getattr(args, "dist_eval", False) and world_size == 1:
+        raise FlagError("--dist_eval splits evaluation over processes; launch with python -m "
+                        "paddle.distributed.launch, or drop it in a single process")
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world_size / 256
+    return freeze(args).replace(distributed=world_size > 1, rank=rank, world_size=world_size, lr=lr)

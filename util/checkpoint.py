@@ -1,97 +1,63 @@
-"""Checkpoints: reading .pd and official .pth files (through util.safe_pickle: no pickled code ever runs), the
-official layout mapped to Paddle's, checks against a model, atomic writes, optimizer state by parameter name."""
-import collections
-import hashlib
+"""The training checkpoint, in one place: what a run writes every epoch (write), the checks of every field
+before anything is loaded (check_training_state), reading the state back (read_state, and the optimizer's
+accumulators by parameter name), finding the newest usable one and making every rank agree on it.
+
+Format 2 (FORMAT), a dict: 'format'; 'model' (Paddle-layout weights); 'optimizer' ({'state': {parameter
+name: {accumulator: array}}}); 'epoch' (the last complete epoch); 'iteration' (the batch of the next epoch a
+stop signal broke it off after, else 0); 'scaler'; 'best' ({'acc1', 'epoch'}); 'meters' (every rank's
+meters of that broken-off epoch, else None); 'skipped' ([epoch, first, last] iterations rewinds left out);
+'args' (the flags as given, util.args.Flags); 'classes' (classifiers: the training class names).
+Format 1 (no 'format' key: this project's earlier files, the official releases) has the same fields, with the
+classes inside 'args'; the official files lack iteration, best, meters and skipped."""
 import os
-import types
-import warnings
-import zipfile
 
 import numpy as np
 import paddle
 
 from util import compat
-from util.safe_pickle import SafeUnpickler, UnsafePickleError, read_torch
+from util.dist import all_gather, from_main_process, get_world_size, is_main_process
+from util.errors import CheckpointError, RunDirError
+from util.weights import load_checkpoint, save_file
+
+FORMAT = 2
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit the model."""
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _unwrap(obj):
-    """paddle.save stores each tensor as (name, ndarray); return plain arrays, dicts and lists."""
-    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
-        return obj[1]
-    if isinstance(obj, dict):
-        return type(obj)((k, _unwrap(v)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_unwrap(v) for v in obj]
-    return obj
-
-
-def load_file(path):
-    """Read a ``.pd`` or PyTorch ``.pth`` checkpoint. Returns (object, is_torch); tensors are numpy arrays."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
+def write(path, model, optimizer, loss_scaler, flags, state, classes=None):
+    """Write a training checkpoint of `state` (util.run_state.RunState) to path, atomically: a failed write
+    leaves the earlier checkpoints as they were (RunDirError)."""
+    ckpt = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer_state(optimizer, model),
+            "epoch": state.epoch - 1, "iteration": state.iteration, "scaler": loss_scaler.state_dict(),
+            "best": state.best, "meters": state.meters, "skipped": state.skipped, "args": vars(flags)}
+    if classes is not None:
+        ckpt["classes"] = list(classes)
     try:
-        if zipfile.is_zipfile(path):
-            return read_torch(path), True
-        with open(path, "rb") as f:
-            return _unwrap(SafeUnpickler(f, path).load()), False
-    except UnsafePickleError as e:
-        raise CheckpointError(str(e)) from None
-    except Exception as e:  # truncated, foreign or corrupt file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        save_file(ckpt, path)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the earlier checkpoints "
+                          "are intact") from None
 
 
-def torch_to_paddle(state_dict):
-    """Official PyTorch state_dict -> Paddle: transpose Linear weights, rename BatchNorm stats."""
-    out = collections.OrderedDict()
-    for k, v in state_dict.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        if k.endswith(".weight") and v.ndim == 2:
-            v = np.ascontiguousarray(v.T)
-        k = k.replace("running_mean", "_mean").replace("running_var", "_variance")
-        out[k] = v
-    return out
+def is_training_checkpoint(ckpt):
+    """Whether ckpt holds a training state to continue from (not only weights)."""
+    return "optimizer" in ckpt or "epoch" in ckpt
 
 
-def load_checkpoint(path):
-    """Read a checkpoint as a dict whose 'model' is a Paddle-layout state_dict of numpy arrays.
+def read_state(ckpt):
+    """The run state a checkpoint (checked by check_training_state) holds, as util.run_state.RunState's
+    fields: the next epoch, the batch to continue it from, the best top-1, the skipped iterations, meters."""
+    return {"epoch": int(ckpt["epoch"]) + 1, "iteration": int(ckpt.get("iteration", 0)),
+            "best": dict(ckpt.get("best") or {"acc1": 0.0, "epoch": None}), "meters": ckpt.get("meters"),
+            "skipped": [list(s) for s in ckpt.get("skipped", [])]}
 
-    A bare state_dict is wrapped as {'model': ...}. PyTorch files are converted and marked 'torch': True.
-    """
-    ckpt, is_torch = load_file(path)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
-    if "model" not in ckpt:
-        if ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
-            ckpt = {"model": ckpt}
-        else:
-            raise CheckpointError(f"{path}: no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:10]))})")
-    ckpt = dict(ckpt)
-    if not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{path}: 'model' is {type(ckpt['model']).__name__}, not a dict of weights")
-    if is_torch:
-        ckpt["model"] = torch_to_paddle(ckpt["model"])
-        ckpt["torch"] = True
-    for k, v in ckpt["model"].items():
-        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
-            raise CheckpointError(f"{path}: weights '{k}' hold NaN or infinite values")
-    if isinstance(ckpt.get("args"), types.SimpleNamespace):
-        ckpt["args"] = vars(ckpt["args"])  # saved args are a dict, as in this project's checkpoints
-    return ckpt
+
+def recorded_flags(ckpt):
+    """The flags the checkpoint's run was given (a dict; empty when it records none)."""
+    return ckpt.get("args") or {}
+
+
+def recorded_classes(ckpt):
+    """The training class names a classifier's checkpoint records, or None."""
+    return ckpt.get("classes") or recorded_flags(ckpt).get("classes")
 
 
 def _is_int(v):
@@ -127,12 +93,18 @@ def _meters_problem(meters):
 
 
 def check_training_state(ckpt, path):
-    """Raise CheckpointError naming the first field of a training checkpoint (epoch, iteration, optimizer,
-    scaler, best, meters, skipped, args) whose type or range no run of this project writes, before anything is
-    loaded from it."""
+    """Raise CheckpointError naming the first field of a training checkpoint (format, epoch, iteration,
+    optimizer, scaler, best, meters, skipped, args, classes) whose type or range no run of this project writes,
+    before anything is loaded from it."""
     def bad(key, why):
         raise CheckpointError(f"{path}: '{key}' {why}; not a checkpoint to continue training from")
 
+    version = ckpt.get("format", 1)
+    if not _is_int(version) or version < 1:
+        bad("format", f"is {version!r}, not a format version")
+    if version > FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this version of the code reads "
+                              f"(formats 1 to {FORMAT}); update the code to continue this run")
     epoch = ckpt.get("epoch")
     if not _is_int(epoch) or epoch < -1:
         bad("epoch", f"is {epoch!r}, not an epoch number")
@@ -163,110 +135,9 @@ def check_training_state(ckpt, path):
         bad("skipped", f"is {skipped!r}, not a list of [epoch, first, last] iterations")
     if not isinstance(ckpt.get("args", {}), dict):
         bad("args", f"is {type(ckpt['args']).__name__}, not a dict of flags")
-
-
-def check_state_dict(model, state_dict, path, allow_missing=(), ignore_unexpected=False):
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and k not in allow_missing]
-    unexpected = [] if ignore_unexpected else [k for k in state_dict if k not in own]
-    shaped = [f"{k} {list(np.shape(state_dict[k]))} vs model {list(own[k].shape)}"
-              for k in own if k in state_dict and list(np.shape(state_dict[k])) != list(own[k].shape)]
-    def listing(items, limit=8):
-        more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-        return ", ".join(items[:limit]) + more
-
-    problems = []
-    if missing:
-        problems.append("missing keys: " + listing(missing))
-    if unexpected:
-        problems.append("unexpected keys: " + listing(unexpected))
-    if shaped:
-        problems.append("shape mismatch: " + listing(shaped))
-    if problems:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
-
-
-def match_dtypes(model, state_dict, path):
-    """state_dict with floating weights cast to the model's dtype (float16 or bfloat16 releases, float64
-    exports; said once); integer or boolean values where the model holds floats raise, naming the keys."""
-    own = model.state_dict()
-    wrong = [f"{k} ({np.asarray(v).dtype})" for k, v in state_dict.items()
-             if k in own and own[k].dtype in (paddle.float32, paddle.float64) and np.asarray(v).dtype.kind in "iub"]
-    if wrong:
-        raise CheckpointError(f"{path}: integer or boolean values where the model has float weights: "
-                              + ", ".join(wrong[:8]))
-    out, cast = {}, set()
-    for k, v in state_dict.items():
-        v = np.asarray(v)
-        target = "float32" if k not in own or own[k].dtype == paddle.float32 else "float64"
-        if v.dtype.kind == "f" and v.dtype != target:
-            cast.add(str(v.dtype))
-            v = v.astype(target)
-        out[k] = v
-    if cast:
-        print(f"{path}: {', '.join(sorted(cast))} weights cast to the model's float32")
-    return out
-
-
-def load_model_weights(model, state_dict, path, allow_missing=(), ignore_unexpected=False):
-    """Strictly load state_dict into model (keys in allow_missing may be absent; extra keys are ignored
-    only with ignore_unexpected, as for --finetune). Floating weights of another precision are cast."""
-    check_state_dict(model, state_dict, path, allow_missing, ignore_unexpected)
-    state_dict = match_dtypes(model, state_dict, path)
-    own = model.state_dict()
-    with warnings.catch_warnings():  # keys absent on purpose were checked above
-        warnings.filterwarnings("ignore", message="Skip loading")
-        model.set_state_dict({k: v for k, v in state_dict.items() if k in own})
-
-
-def to_numpy(obj):
-    if isinstance(obj, paddle.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return type(obj)((k, to_numpy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_numpy(v) for v in obj)
-    return obj
-
-
-def save_file(obj, path):
-    """paddle.save through a temporary file in the same folder, then an atomic rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        paddle.save(to_numpy(obj), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_pretrained(model, path, fc_norm_from_norm=False):
-    """Start fine-tuning or linear probing from a pre-trained (or fine-tuned) checkpoint.
-
-    Drops a head of another shape and interpolates pos_embed to the model's grid; decoder and other
-    extra keys are ignored. The only keys the model may miss are the head and, with global pooling, fc_norm.
-    With fc_norm_from_norm a missing fc_norm starts from the encoder's final norm. Returns the list of keys
-    left at their initial values.
-    """
-    from util.pos_embed import interpolate_pos_embed
-
-    state_dict = dict(load_checkpoint(path)["model"])
-    own = model.state_dict()
-    if fc_norm_from_norm and "fc_norm.weight" in own and "fc_norm.weight" not in state_dict \
-            and "norm.weight" in state_dict:
-        print("fc_norm starts from the encoder's final norm")
-        state_dict["fc_norm.weight"], state_dict["fc_norm.bias"] = state_dict["norm.weight"], state_dict["norm.bias"]
-    for k in ("head.weight", "head.bias"):
-        if k in state_dict and k in own and list(np.shape(state_dict[k])) != list(own[k].shape):
-            print(f"Removing key {k} from pretrained checkpoint")
-            del state_dict[k]
-    interpolate_pos_embed(model, state_dict)
-    allowed = {k for k in own if k.startswith("head.") or (k.startswith("fc_norm.") and model.global_pool)}
-    load_model_weights(model, state_dict, path, allow_missing=allowed, ignore_unexpected=True)
-    return sorted(k for k in own if k not in state_dict)
+    classes = ckpt.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        bad("classes", f"is {type(classes).__name__}, not a list of class names")
 
 
 def optimizer_state(optimizer, model):
@@ -326,3 +197,79 @@ def load_optimizer_state(optimizer, model, ckpt, path):
             # a tensor on the accumulator's own place: set_value of a NumPy array would move it to the current
             # device, and Adam keeps its beta powers on the CPU (read there, one kernel fewer per step on GPU)
             target.set_value(paddle.to_tensor(np.asarray(value, dtype=np.float32), place=target.place))
+
+
+def newest_checkpoint(output_dir):
+    """The newest training checkpoint in output_dir that is readable and whose every field is sound (another
+    is reported and passed over, so that the previous one is used)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None, None
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.endswith(".pd")]
+    for name in sorted(names, key=lambda n: os.path.getmtime(os.path.join(output_dir, n)), reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            ckpt = load_checkpoint(path)
+            if not is_training_checkpoint(ckpt):
+                continue
+            check_training_state(ckpt, path)
+        except CheckpointError as e:
+            print(f"Warning: skipping unusable checkpoint: {e}")
+            continue
+        return path, ckpt
+    return None, None
+
+
+def auto_resume_path(output_dir):
+    """(path, checkpoint) of the newest usable checkpoint in output_dir as rank 0 sees it (every rank gets
+    rank 0's path, and only rank 0 the checkpoint it read)."""
+    path, ckpt = newest_checkpoint(output_dir) if is_main_process() else (None, None)
+    return from_main_process(path), ckpt
+
+
+def read_on_every_rank(path, ckpt=None, training=True):
+    """Read the checkpoint on every rank (with training, check its every field) and check that all ranks read
+    the same training position, so that no rank starts elsewhere (e.g. a node-local --output_dir that other
+    nodes do not see)."""
+    error = None
+    try:
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
+        if training and is_training_checkpoint(ckpt):
+            check_training_state(ckpt, path)
+    except CheckpointError as e:
+        error = str(e)
+    if get_world_size() == 1:
+        if error:
+            raise CheckpointError(error)
+        return ckpt
+    errors = all_gather(error)
+    failed = [str(r) for r, e in enumerate(errors) if e]
+    if len(failed) == len(errors) and len(set(errors)) == 1:  # the same file, unusable on every rank
+        raise CheckpointError(errors[0])
+    if failed:
+        raise CheckpointError(
+            f"rank(s) {', '.join(failed)} cannot read the checkpoint rank 0 resumes from ({errors[int(failed[0])]}); "
+            "--output_dir must be a folder every node sees (a shared filesystem)")
+    positions = all_gather((repr(ckpt.get("epoch")), repr(ckpt.get("iteration", 0))))
+    if len(set(positions)) > 1:
+        raise CheckpointError(
+            f"{path}: the ranks read different checkpoints under this name (epoch, iteration by rank: {positions}); "
+            "--output_dir must be one folder that every node shares")
+    return ckpt
+
+
+def position_in_epoch(ckpt, flags, path):
+    """The batch at which a run stopped inside an epoch continues: the same samples seen whatever this run's
+    --batch_size, or a one-line error when no batch boundary (and update step) of this run falls there."""
+    iteration = int(ckpt.get("iteration", 0))
+    saved = recorded_flags(ckpt).get("batch_size")
+    if not iteration or not isinstance(saved, int) or saved == flags.batch_size:
+        return iteration
+    samples = iteration * saved
+    if samples % flags.batch_size or (samples // flags.batch_size) % flags.accum_iter:
+        raise CheckpointError(
+            f"{path}: stopped inside epoch {int(ckpt['epoch']) + 1} after {samples} samples per process "
+            f"(--batch_size {saved}), which is not a whole number of optimizer steps at --batch_size "
+            f"{flags.batch_size} x --accum_iter {flags.accum_iter}; resume with --batch_size {saved}")
+    print(f"--batch_size {flags.batch_size} (the stopped run had {saved}): continuing after the same {samples} "
+          "samples per process")
+    return samples // flags.batch_size

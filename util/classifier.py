@@ -4,11 +4,13 @@ import os
 import numpy as np
 
 import models_vit
-from util.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from util.datasets import DataError, load_image
+from util.datasets import load_image
 from util.image_index import IMG_EXTENSIONS
 from util.factory import checkpoint_img_size
 from util.pos_embed import interpolate_pos_embed
+from util.errors import CheckpointError, DataError
+from util.weights import load_checkpoint, load_model_weights
+from util.checkpoint import recorded_classes, recorded_flags
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
 
@@ -30,9 +32,8 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
     interpolate_pos_embed(model, state)
     load_model_weights(model, state, path)
     model.eval()
-    recorded = ckpt.get("args") or {}
-    model.class_names = recorded.get("classes")  # recorded by fine-tuning and linear probing
-    model.crop_pct = recorded.get("crop_pct")  # the evaluation it was trained with (None: the official)
+    model.class_names = recorded_classes(ckpt)  # recorded by fine-tuning and linear probing
+    model.crop_pct = recorded_flags(ckpt).get("crop_pct")  # the evaluation it was trained with (None: the official)
     return model
 
 

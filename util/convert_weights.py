@@ -4,10 +4,10 @@
 """
 import argparse
 import os
-import sys
 
 from util.args import add_cache_arg, checkpoint_file
-from util.checkpoint import CheckpointError, load_checkpoint, save_file
+from util.errors import WriteError, run
+from util.weights import load_checkpoint, save_file
 
 
 def main(argv=None):
@@ -19,17 +19,14 @@ def main(argv=None):
     args.src = checkpoint_file(parser, "src", args.src, args.cache_dir)
     if os.path.exists(args.dst) and os.path.exists(args.src) and os.path.samefile(args.src, args.dst):
         parser.error(f"argument dst: {args.dst} is the source file; choose another output path")
-    try:
-        ckpt = load_checkpoint(args.src)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    ckpt = load_checkpoint(args.src)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
         save_file({"model": ckpt["model"]}, args.dst)
     except OSError as e:
-        sys.exit(f"error: cannot write {args.dst}: {e}")
+        raise WriteError(f"cannot write {args.dst}: {e}") from None
     print(f"wrote {args.dst}: {len(ckpt['model'])} tensors")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,10 +9,7 @@ import paddle
 import paddle.distributed as dist
 
 from util import compat
-
-
-class LaunchError(RuntimeError):
-    """The environment describes a launch this process is not part of."""
+from util.errors import LaunchError
 
 
 def check_launch_environment(env=None):
@@ -51,22 +48,20 @@ def process_device(device, env=None):
     return device
 
 
-def init_distributed_mode(args):
-    """Set this process's device; join the process group when started by paddle.distributed.launch."""
-    device = process_device(args.device)
-    if device != args.device and ":" in args.device:
-        print(f"--device {args.device}: each of the {launched_processes()} processes uses its own device "
+def init_distributed_mode(flag_device):
+    """Set this process's device (from --device); join the process group when started by
+    paddle.distributed.launch."""
+    device = process_device(flag_device)
+    if device != flag_device and ":" in flag_device:
+        print(f"--device {flag_device}: each of the {launched_processes()} processes uses its own device "
               f"({device} here)")
     paddle.set_device(device)
     if launched_processes() > 1:
         dist.init_parallel_env()
-        args.distributed = True
-        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        print(f"| distributed init (rank {args.rank} of {args.world_size}, device {paddle.get_device()})", flush=True)
+        print(f"| distributed init (rank {dist.get_rank()} of {dist.get_world_size()}, device {paddle.get_device()})",
+              flush=True)
         dist.barrier()
-    else:
-        args.distributed, args.rank, args.world_size = False, 0, 1
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(get_rank() == 0)
 
 
 def setup_for_distributed(is_master):

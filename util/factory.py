@@ -1,6 +1,7 @@
 """Model construction by name, for the scripts and for code written against the official repo."""
 import models_mae
 import models_vit
+from util.errors import CheckpointError
 
 MODELS = models_mae.MODELS + models_vit.MODELS
 
@@ -25,7 +26,6 @@ def checkpoint_img_size(name, state, path):
     import numpy as np
     import paddle
 
-    from util.checkpoint import CheckpointError
     if "pos_embed" not in state:
         raise CheckpointError(f"{path}: no pos_embed")
     with paddle.LazyGuard():

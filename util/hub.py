@@ -16,7 +16,8 @@ import time
 import urllib.error
 import urllib.request
 
-from util.checkpoint import CheckpointError, load_checkpoint, save_file
+from util.errors import CheckpointError, DownloadError
+from util.weights import load_checkpoint, save_file
 
 HOST = "https://dl.fbaipublicfiles.com/mae"
 
@@ -34,10 +35,6 @@ def _releases():
 
 
 RELEASED = _releases()
-
-
-class DownloadError(RuntimeError):
-    """A released checkpoint could not be fetched or checked; the message says where to put it by hand."""
 
 
 def cache_dir():

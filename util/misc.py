@@ -1,4 +1,4 @@
-"""Running a script: start-up (devices, seeds, output folders), one-line fatal errors, meters and logs."""
+"""Running a script: start-up (devices, seeds, output folders), meters and logs."""
 import datetime
 import json
 import os
@@ -13,22 +13,14 @@ from collections import defaultdict, deque
 import numpy as np
 import paddle
 
-from util import checkpoint, run_dir
+from util import nonfinite, run_dir
 from util.cpu import configure_cpu
-from util.datasets import DataError
-from util.dist import (LaunchError, all_reduce_sum, check_launch_environment, from_main_process, get_rank,
+from util.args import for_this_process
+from util.dist import (all_reduce_sum, check_launch_environment, from_main_process, get_rank, get_world_size,
                        init_distributed_mode, is_main_process)
-from util.nonfinite import NonFiniteError
 from util.preempt import STOP
+from util.errors import RunDirError
 
-
-def run(main, args):
-    """Run a script's main; data, checkpoint, launch, output-folder and numeric faults end with a one-line
-    error and exit 1."""
-    try:
-        main(args)
-    except (DataError, checkpoint.CheckpointError, LaunchError, NonFiniteError, run_dir.RunDirError) as e:
-        sys.exit(f"error: {e}")
 
 class SmoothedValue:
     """Track a series of values; smoothed over a window, or the global average."""
@@ -141,11 +133,15 @@ class MetricLogger:
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n - start, 1):.4f} s / it)")
 
 def start_run(args):
-    """Distributed init, the run's flags on the console, seeds; makes --output_dir (rank 0)."""
+    """Distributed init, the run's flags on the console, seeds; makes --output_dir (rank 0). Returns the flags
+    completed for this process (util.args.for_this_process)."""
     check_launch_environment()
     if args.device.startswith("cpu"):
         configure_cpu()
-    init_distributed_mode(args)
+    init_distributed_mode(args.device)
+    args = for_this_process(args, get_world_size(), get_rank())
+    if nonfinite.injection():  # the testing aid MAE_INJECT_NONFINITE, checked with the flags
+        nonfinite.install_injection(*nonfinite.injection())
     if threading.current_thread() is threading.main_thread():
         STOP.install()
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit fails, not the process
@@ -153,6 +149,7 @@ def start_run(args):
     print(f"{args}".replace(", ", ",\n"))
     seed_everything(args.seed + get_rank(), 0)
     prepare_outputs(args)
+    return args
 
 def prepare_outputs(args):
     """Rank 0 makes --output_dir and --log_dir and checks it can write there, and a training run takes the
@@ -167,11 +164,11 @@ def prepare_outputs(args):
                     run_dir.lock(args.output_dir)
             if args.log_dir:
                 run_dir.check_writable(args.log_dir, "--log_dir")
-        except run_dir.RunDirError as e:
+        except RunDirError as e:
             error = str(e)
     error = from_main_process(error)
     if error:
-        raise run_dir.RunDirError(error)
+        raise RunDirError(error)
 
 def print_model(model, args):
     """The model, its trainable size and the learning rate of the run (as the official scripts print them)."""
@@ -216,5 +213,5 @@ def log_stats(args, stats):
             with open(path, mode="a", encoding="utf-8") as f:
                 f.write(json.dumps(stats) + "\n")
         except OSError as e:
-            raise run_dir.RunDirError(f"{path}: cannot append the epoch's log line ({e.strerror or e}); the "
+            raise RunDirError(f"{path}: cannot append the epoch's log line ({e.strerror or e}); the "
                                       "checkpoints of the epochs before are intact, rerun to continue") from None

@@ -26,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from util.files import file_sha256
 
-from util.checkpoint import file_sha256
 
 WARNED = "MAE_NATIVE_WARNED"  # set once a process of this run has warned; children inherit it
 

@@ -11,17 +11,9 @@ import paddle
 
 from util import compat
 from util.dist import get_rank, get_world_size
+from util.errors import NonFiniteError
 
 INJECT_VAR = "MAE_INJECT_NONFINITE"
-
-
-class NonFiniteError(RuntimeError):
-    """The loss (or, at a checkpoint, the weights) became NaN or infinite in the optimizer step of `iteration`
-    of `epoch`; `loss` tells which."""
-
-    def __init__(self, what, epoch, iteration, loss=True, after=""):
-        super().__init__(f"{what} at epoch {epoch}, iteration {iteration}{after}, stopping training")
-        self.what, self.epoch, self.iteration, self.loss = what, epoch, iteration, loss
 
 
 def injection():
@@ -37,16 +29,27 @@ def injection():
     return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
 
 
-_INJECTED = []
+LOSS_HOOKS = []  # callables (loss, epoch, step) -> loss, installed from outside the step (install_injection)
 
 
-def injected(loss, epoch, step):
-    """The loss, made NaN at the step MAE_INJECT_NONFINITE names (once per process), before any rank reads it."""
-    target = injection()
-    if target and target[:2] == (epoch, step) and target[2] in (None, get_rank()) and not _INJECTED:
-        _INJECTED.append(target)
-        return loss * math.nan
+def through_hooks(loss, epoch, step):
+    """The step's loss after every installed hook (none in a normal run)."""
+    for hook in LOSS_HOOKS:
+        loss = hook(loss, epoch, step)
     return loss
+
+
+def install_injection(epoch, step, rank=None):
+    """A hook that makes the loss of iteration `step` of `epoch` NaN once in this process (on `rank`, or on
+    every rank), before any rank reads it: a fault to test the stop and the rewind with."""
+    fired = []
+
+    def inject(loss, e, s):
+        if (e, s) == (epoch, step) and rank in (None, get_rank()) and not fired:
+            fired.append((e, s))
+            return loss * math.nan
+        return loss
+    LOSS_HOOKS.append(inject)
 
 
 def check_loss(loss_value, epoch, step):
@@ -91,8 +94,3 @@ def failed_step(error, model, accum_iter):
     if error.loss and first >= accum_iter and not weights_finite(model, trained=True):
         first, last = first - accum_iter, first - 1
     return [error.epoch, first, last]
-
-
-def skipped(args, epoch, step):
-    """Whether iteration `step` of `epoch` belongs to an optimizer step a rewind left out."""
-    return any(e == epoch and first <= step <= last for e, first, last in getattr(args, "skipped", ()))

@@ -3,10 +3,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-
-
-class RunDirError(RuntimeError):
-    """The output folder cannot be used by this run; the message names it."""
+from util.errors import RunDirError
 
 
 _held = {}

@@ -8,10 +8,7 @@ import types
 import zipfile
 
 import numpy as np
-
-
-class UnsafePickleError(RuntimeError):
-    """The pickle asks for something other than arrays and plain containers; the message names it."""
+from util.errors import UnsafePickleError
 
 
 _TORCH_DTYPES = {

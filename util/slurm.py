@@ -6,11 +6,11 @@ import importlib
 import os
 import shutil
 import signal
-import sys
 
-from util import compat, misc
+from util import compat
+from util.errors import LaunchError, run
 from util.preempt import STOP
-from util.run_dir import RunDirError, check_writable
+from util.run_dir import check_writable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,21 +45,23 @@ def parse(description, script, argv=None):
     return submit_args, importlib.import_module(script).parse_args(rest)
 
 
+def main(description, script):
+    """Parse the submission and training flags, then submit `script`."""
+    submit(script, *parse(description, script))
+
+
 def submit(script, submit_args, args):
     """Submit `script`.main(args) as one task per GPU; prints the job id (exit 1 with one line on failure)."""
     try:
         import submitit
     except ImportError:
-        sys.exit("error: the submitit_*.py scripts need submitit (pip install -r requirements-slurm.txt); without "
-                 "SLURM, start each node with python -m paddle.distributed.launch instead")
+        raise LaunchError("the submitit_*.py scripts need submitit (pip install -r requirements-slurm.txt); "
+                          "without SLURM, start each node with python -m paddle.distributed.launch instead") from None
     if submit_args.cluster == "slurm" and shutil.which("sbatch") is None:
-        sys.exit("error: SLURM is not available here (no sbatch); submit from a SLURM login node, or start each "
-                 "node with python -m paddle.distributed.launch (see the README)")
+        raise LaunchError("SLURM is not available here (no sbatch); submit from a SLURM login node, or start each "
+                          "node with python -m paddle.distributed.launch (see the README)")
     folder = args.output_dir
-    try:
-        check_writable(folder.split("%j")[0] or ".", "--job_dir")
-    except RunDirError as e:
-        sys.exit(f"error: {e}")
+    check_writable(folder.split("%j")[0] or ".", "--job_dir")
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     executor = submitit.AutoExecutor(folder=folder, cluster=submit_args.cluster, slurm_max_num_timeout=30,
                                      local_max_num_timeout=30)
@@ -110,12 +112,12 @@ class Trainer:
 
         env = submitit.JobEnvironment()
         os.environ.update(task_environment(env, self.args.device))
-        self.args.output_dir = self.args.output_dir.replace("%j", str(env.job_id))
-        self.args.log_dir = self.args.log_dir.replace("%j", str(env.job_id))
+        args = self.args.replace(output_dir=self.args.output_dir.replace("%j", str(env.job_id)),
+                                 log_dir=self.args.log_dir.replace("%j", str(env.job_id)))
         preempted = compat.preemption_signal(env)
         requeue = signal.getsignal(preempted)  # submitit's checkpoint-and-requeue
         signal.signal(preempted, lambda signum, frame: STOP.receive(signum))
-        misc.run(importlib.import_module(self.script).main, self.args)
+        run(importlib.import_module(self.script).main, args)
         if STOP.signum == preempted and env.global_rank == 0:
             requeue(STOP.signum, None)
 

@@ -27,10 +27,10 @@ import paddle  # noqa: E402
 import cnn  # noqa: E402
 from grids import EXTEND, beyond_edge  # noqa: E402
 import models_vit  # noqa: E402
-from util.checkpoint import load_pretrained  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
 from util.features import encoder_features  # noqa: E402
 from util.transforms import eval_transform  # noqa: E402
+from util.weights import load_pretrained
 
 GRIDS = {"logreg": ("C", (0.01, 0.1, 1.0, 10.0)),  # inverse L2 strength
          "knn": ("k", (1, 3, 5, 10, 20, 50)),
