@@ -25,12 +25,12 @@ import paddle
 import models_mae
 import models_vit
 import util.misc as misc
-from layer import set_fused_attention, set_recompute
+from layer import set_fused_attention
 from util.amp import autocast, create_loss_scaler
 from util.args import check_environment, check_model_input, device, non_negative_int, positive_int, ratio
 from util.cpu import configure_cpu, cpu_threads
-from util.cpu_layer import attach_cpu_paths
 from util.errors import run
+from util.factory import prepare
 
 
 def get_args_parser():
@@ -201,6 +201,8 @@ def gemm_peak(n=2048, reps=5):
 def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.recompute and args.job in ("data", "infer"):
+        parser.error(f"argument --recompute: --job {args.job} runs no backward pass, so there is nothing to recompute")
     if args.job == "data":
         if not args.data_path:
             parser.error("argument --data_path: --job data needs an ImageFolder root (with train/)")
@@ -229,11 +231,10 @@ def main(argv=None):
         else:
             model = getattr(models_vit, args.model)(img_size=args.input_size, num_classes=1000, global_pool=True,
                                                     drop_path_rate=0.1 if args.job == "finetune" else 0.0)
-        set_recompute(model, args.recompute)
         if args.job == "infer" and args.backend == "inference":
             set_fused_attention(model, False)  # exported as main_export.py does
         else:
-            attach_cpu_paths(model)
+            model = prepare(model, args.recompute)[0]
         result["model"] = args.model
         x = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
         y = paddle.randint(0, 1000, [args.batch_size])

@@ -10,7 +10,7 @@ are refused. Every image appears once, in the order of ImageFolder (class folder
 --finetune takes our pre-training, fine-tuning or linear-probing checkpoints, an official .pth, or a released
 name. The file holds `features` (float32, [N, D]), `labels` (int64), `paths` and `class_names`; every rank
 writes its rows as they are computed, rank 0 the .npz. A stop signal (SIGTERM, SIGINT, SIGHUP) ends it with
-one line and no output. From Python: util.features.extract and util.features.encoder_features.
+one line and no output. From Python: util.features.extract and the models' forward_features.
 """
 import util  # noqa: F401  (first: keeps Paddle's import-time ccache warning off the console)
 import argparse
@@ -24,10 +24,9 @@ import models_vit
 from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
                        non_negative_int, positive_int)
 from util.cpu import configure_cpu
-from util.cpu_layer import attach_cpu_paths
 from util.datasets import STOP_SIGNALS, ImageFolder
 from util.dist import all_gather, check_launch_environment, get_rank, init_distributed_mode, is_main_process
-from util.factory import checkpoint_img_size
+from util.factory import checkpoint_img_size, prepare
 from util.image_index import IMG_EXTENSIONS, SampleIndex
 from util.features import POOLS, feature_batches, loaders_over, rank_share
 from util.run_dir import check_writable
@@ -107,7 +106,7 @@ def encoder(args):
     model = getattr(models_vit, args.model)(num_classes=0, global_pool=args.pool == "avg", img_size=size)
     load_pretrained(model, args.finetune, fc_norm_from_norm=True)
     model.eval()
-    return attach_cpu_paths(model)
+    return prepare(model)[0]
 
 
 class Stopped(Exception):

@@ -5,21 +5,20 @@ import argparse
 import models_vit
 import util.misc as misc
 from engine_finetune import fit
-from layer import set_recompute, trunc_normal_
+from layer import trunc_normal_
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
 from util.args import (add_classification_args, add_common_args, below_one, freeze, non_negative_float,
                        positive_float, positive_int, probability, resolve)
 from util.auto_augment import rand_augment_transform
-from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
-from util.dist import data_parallel
 from util.errors import run
 from util.losses import build_criterion
 from util.lr_decay import param_groups_lrd
 from util.mixup import Mixup
 from util.transforms import eval_transform, finetune_transform
 from util.weights import load_pretrained
+from util.factory import prepare
 
 
 def get_args_parser():
@@ -106,11 +105,8 @@ def main(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
         trunc_normal_(model.head.weight, std=2e-5)
-    set_recompute(model, args.recompute)
-    attach_cpu_paths(model)
-    model_without_ddp = model
+    model, model_without_ddp = prepare(model, args.recompute, args.distributed)
     misc.print_model(model_without_ddp, args)
-    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = create_optimizer(model_without_ddp, args)
     loss_scaler = create_loss_scaler(args)

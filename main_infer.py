@@ -18,10 +18,10 @@ from util.args import (add_cache_arg, check_environment, check_model_input, chec
                        positive_int)
 from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
 from util.cpu import configure_cpu, cpu_threads
-from util.cpu_layer import attach_cpu_paths
 from util.transforms import eval_transform
 from util.errors import CheckpointError, run
 from util.files import file_sha256
+from util.factory import prepare
 
 
 def get_args_parser():
@@ -121,7 +121,7 @@ def predict(args):
     else:
         if not args.resume:
             raise CheckpointError("--resume or --exported is required")
-        model = attach_cpu_paths(classifier_from_checkpoint(args.model, args.resume, args.input_size))
+        model = prepare(classifier_from_checkpoint(args.model, args.resume, args.input_size))[0]
         input_size, num_classes = model.patch_embed.img_size[0], model.num_classes
         recorded, crop_pct = model.class_names, model.crop_pct
 

@@ -9,14 +9,13 @@ from engine_finetune import fit
 from layer import trunc_normal_
 from util.amp import create_loss_scaler
 from util.args import add_classification_args, add_common_args, freeze, resolve
-from util.cpu_layer import attach_cpu_paths
 from util.datasets import classification_loaders
-from util.dist import data_parallel
 from util.errors import run
 from util.lars import LARS
 from util.losses import CrossEntropyLoss
 from util.transforms import eval_transform, linprobe_transform
 from util.weights import load_pretrained
+from util.factory import prepare
 
 
 def get_args_parser():
@@ -40,7 +39,8 @@ def parse_args(argv=None):
 
 
 def build_model(args):
-    """ViT whose head is BatchNorm1D(affine off, eps 1e-6) + Linear; only the Linear is trained."""
+    """ViT whose head is BatchNorm1D(affine off, eps 1e-6) + Linear (the only trained layer: prepare's
+    `trained`)."""
     model = getattr(models_vit, args.model)(num_classes=args.nb_classes, global_pool=args.global_pool,
                                             img_size=args.input_size)
     if args.finetune and not args.eval:
@@ -48,10 +48,6 @@ def build_model(args):
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune, fc_norm_from_norm=True)}")
         trunc_normal_(model.head.weight, std=0.01)  # MoCo v3
     models_vit.add_bn_head(model)
-    for p in model.parameters():
-        p.stop_gradient = True
-    for p in model.head.parameters():
-        p.stop_gradient = False
     return model
 
 
@@ -61,9 +57,9 @@ def main(args):
     loaders = classification_loaders(args, linprobe_transform(args.input_size, args.crop_scale),
                                      eval_transform(args.input_size, args.crop_pct))
 
-    model_without_ddp = attach_cpu_paths(build_model(args))
+    model = build_model(args)
+    model, model_without_ddp = prepare(model, distributed=args.distributed, trained=model.head)
     misc.print_model(model_without_ddp, args)
-    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = LARS(model_without_ddp.head.parameters(), learning_rate=args.lr, weight_decay=args.weight_decay)
     print(optimizer)

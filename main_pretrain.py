@@ -8,16 +8,13 @@ import paddle
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from layer import set_recompute
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
 from util.args import add_common_args, freeze, non_negative_int, positive_float, positive_int, ratio, resolve
-from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, train_loader
-from util.dist import data_parallel
 from util.errors import run
 from util.epochs import train_epochs
-from util.factory import create_model
+from util.factory import create_model, prepare
 from util.features import knn_monitor
 from util.lr_decay import param_groups_weight_decay
 from util.transforms import pretrain_transform
@@ -68,11 +65,10 @@ def main(args):
     print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
     data_loader_train = train_loader(dataset_train, args)
 
-    model_without_ddp = getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
-    set_recompute(model_without_ddp, args.recompute)
-    attach_cpu_paths(model_without_ddp)
+    model, model_without_ddp = prepare(
+        getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size),
+        args.recompute, args.distributed)
     misc.print_model(model_without_ddp, args)
-    model = data_parallel(model_without_ddp, args.distributed)
 
     optimizer = create_optimizer(model_without_ddp, args)
     loss_scaler = create_loss_scaler(args)

@@ -21,9 +21,8 @@ from util.args import (add_cache_arg, check_environment, check_model_input, chec
                        seed)
 from util.classifier import image_paths
 from util.datasets import load_image
-from util.factory import checkpoint_img_size
+from util.factory import checkpoint_img_size, prepare
 from util.cpu import configure_cpu
-from util.cpu_layer import attach_cpu_paths
 from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.errors import CheckpointError, WriteError, run
 from util.weights import check_state_dict, load_checkpoint, match_dtypes
@@ -63,7 +62,7 @@ def load_mae(args):
     check_state_dict(model, state, args.resume, allow_missing=("pos_embed", "decoder_pos_embed"))
     model.set_state_dict(match_dtypes(model, state, args.resume))  # sin-cos tables: rebuilt for another size
     model.eval()
-    return attach_cpu_paths(model), norm_pix
+    return prepare(model)[0], norm_pix
 
 
 def unnormalise_patches(pred, target, mask, grid):

@@ -101,6 +101,17 @@ class MaskedAutoencoderViT(nn.Layer):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs, pool="avg"):
+        """[N, D] encoder features with every patch visible (no masking), for the k-NN monitor and feature
+        extraction: 'avg', the mean of the patch tokens through the final norm (every patch token is trained
+        through the reconstruction); 'cls', the class token through it."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand([x.shape[0], -1, -1])
+        x = paddle.concat([cls_tokens, x], axis=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0] if pool == "cls" else self.norm(x[:, 1:, :].mean(axis=1))
+
     def forward_decoder(self, x, ids_restore):
         x = self.decoder_embed(x)
         N, L = ids_restore.shape

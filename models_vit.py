@@ -5,6 +5,7 @@ import paddle
 import paddle.nn as nn
 
 from layer import Block, LayerNorm, PatchEmbed, drop_path_schedule, ones_, trunc_normal_, zeros_
+from util import compat
 
 
 class VisionTransformer(nn.Layer):
@@ -52,16 +53,19 @@ class VisionTransformer(nn.Layer):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
-    def forward_features(self, x):
+    def forward_features(self, x, pool=None):
+        """[N, D] features. pool None: the official pooling (the mean of the patch tokens through fc_norm with
+        global_pool, else the class token through the final norm); 'avg' (the mean through fc_norm, or the
+        final norm of a class-token model) or 'cls' choose (util.features)."""
         x = self.patch_embed(x)
         cls_tokens = self.cls_token.expand([x.shape[0], -1, -1])
         x = paddle.concat([cls_tokens, x], axis=1) + self.pos_embed
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x)
-        if self.global_pool:
-            return self.fc_norm(x[:, 1:, :].mean(axis=1))
-        return self.norm(x)[:, 0]
+        if (pool or ("avg" if self.global_pool else "cls")) == "cls":
+            return self.norm(x)[:, 0]
+        return (self.fc_norm if self.global_pool else self.norm)(x[:, 1:, :].mean(axis=1))
 
     def forward(self, x):
         return self.head(self.forward_features(x))
@@ -77,14 +81,15 @@ class BatchNorm1D(nn.BatchNorm1D):
             return super().forward(x)
         if x.shape[0] < 2:
             raise ValueError(f"BatchNorm needs more than one sample per batch in training, got {x.shape[0]}")
-        running_var = self._variance.clone()
+        variance, momentum = compat.batch_norm_running_variance(self)
+        running_var = variance.clone()
         with warnings.catch_warnings():  # Paddle's note that training tracks the running statistics
             warnings.filterwarnings("ignore", message="When training, we now always track")
             y = super().forward(x)
         with paddle.no_grad():
             centred = x.astype("float32") - x.astype("float32").mean(axis=0)
             batch_var = (centred * centred).sum(axis=0) / (x.shape[0] - 1)
-            self._variance.set_value(running_var * self._momentum + batch_var * (1.0 - self._momentum))
+            variance.set_value(running_var * momentum + batch_var * (1.0 - momentum))
         return y
 
 

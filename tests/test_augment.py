@@ -116,7 +116,7 @@ def test_rand_augment_equals_timm_pixel_for_pixel(warps, monkeypatch):
     spec.loader.exec_module(make_timm)
     want = np.load(os.path.join(REFERENCE, "timm_rand_augment.npz"))["outputs"]
     if warps == "Pillow":
-        monkeypatch.setattr(fast_image, "_state", {"lib": None})
+        monkeypatch.setattr(fast_image, "lib", None)
     else:
         assert fast_image.available()
     augment = aa.rand_augment_transform(make_timm.POLICY, make_timm.HPARAMS)

@@ -59,3 +59,10 @@ def test_benchmark_data_on_generated_jpegs(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["transform"] == "finetune" and out["num_workers"] == 2
     assert out["img_per_s_per_worker"] == round(out["img_per_s"] / 2, 1)
+
+
+@pytest.mark.parametrize("job", ["infer", "data"])
+def test_recompute_is_refused_where_it_would_do_nothing(job):
+    res = run_script("benchmark.py", "--job", job, "--recompute", "--data_path", os.path.join(ROOT, "demo"))
+    assert res.returncode == 2
+    assert f"argument --recompute: --job {job} runs no backward pass" in res.stderr

@@ -79,3 +79,36 @@ def test_public_optimizer_state_dict_keys_still_depend_on_creation_order():
 
     (public_a, ours_a), (public_b, ours_b) = keys(0), keys(1)
     assert public_a != public_b and ours_a == ours_b
+
+
+def test_adam_betas():
+    p = paddle.create_parameter([2], "float32")
+    assert compat.adam_betas(AdamW(parameters=[p], beta1=0.8, beta2=0.95)) == (0.8, 0.95), \
+        "paddle.optimizer.AdamW._beta1 / _beta2 changed"
+
+
+def test_found_inf_is_the_flag_unscale_sets():
+    """GradScaler only runs on GPU/XPU (on the CPU it disables itself), so its source must still set the flag
+    util.amp counts skipped steps by."""
+    import inspect
+    source = inspect.getsource(paddle.amp.grad_scaler.AmpScaler._unscale)
+    assert "self._found_inf = " in source, "paddle.amp.grad_scaler.AmpScaler._unscale no longer sets _found_inf"
+    assert compat.found_inf(type("Scaler", (), {"_found_inf": True})()) is True
+
+
+def test_layer_norm_config():
+    assert compat.layer_norm_config(paddle.nn.LayerNorm(8, epsilon=1e-6)) == ([8], 1e-6), \
+        "paddle.nn.LayerNorm._normalized_shape / _epsilon changed"
+
+
+def test_batch_norm_running_variance():
+    bn = paddle.nn.BatchNorm1D(4, momentum=0.9)
+    variance, momentum = compat.batch_norm_running_variance(bn)
+    assert momentum == 0.9 and variance.shape == [4], "paddle.nn.BatchNorm1D._variance / _momentum changed"
+    variance.set_value(paddle.full([4], 2.0))
+    bn.eval()
+    assert np.allclose(bn(paddle.full([2, 4], 2.0)).numpy(), 2.0 / np.sqrt(2.0), atol=1e-4)  # the one it uses
+
+
+def test_set_cpu_threads():
+    compat.set_cpu_threads(1)  # paddle.base.core.set_num_threads: an AttributeError names it when removed

@@ -16,7 +16,7 @@ from data import make_train_val
 from helpers import run_script
 from util.cpu_layer import attach_cpu_paths
 from util.datasets import ImageFolder, load_image
-from util.features import encoder_features, extract, knn_top1, loaders_over
+from util.features import extract, knn_top1, loaders_over
 from util.transforms import eval_transform
 from util.weights import load_checkpoint, load_model_weights
 
@@ -102,7 +102,7 @@ def _features_by_hand(model, folder, pool):
         [(os.path.join(folder, f), -1) for f in sorted(os.listdir(folder))]
     x = tf.batch(np.stack([tf(load_image(p)) for p, _ in samples]))
     with paddle.no_grad():
-        return encoder_features(model, x, pool).numpy(), samples
+        return model.forward_features(x, pool).numpy(), samples
 
 
 @pytest.mark.slow

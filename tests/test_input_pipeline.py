@@ -67,7 +67,7 @@ def test_mirror_equals_the_reversed_view(monkeypatch):
     for view in (a, a[5:205, 7:150], a[:1, :1], a[:, ::2]):  # whole, a crop, one pixel, a strided view
         got = fast_image.mirror(view)
         assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, view[:, ::-1])
-    monkeypatch.setattr(fast_image, "_state", {"lib": None})  # not built: NumPy flips
+    monkeypatch.setattr(fast_image, "lib", None)  # not built: NumPy flips
     assert np.array_equal(fast_image.mirror(a[5:205, 7:150]), a[5:205, 7:150, :][:, ::-1])
 
 
@@ -94,7 +94,7 @@ def test_affine_warp_equals_pillow(monkeypatch):
             assert np.array_equal(fast_image.affine(img, matrix, resample, fill), ref), (i, resample, matrix)
     with pytest.raises(TypeError):  # signed bytes are not pixels: Pillow refuses them, the C never reads them
         fast_image.affine(img.astype(np.int8), matrix, Image.BICUBIC, fill)
-    monkeypatch.setattr(fast_image, "_state", {"lib": None})  # not built: Pillow warps
+    monkeypatch.setattr(fast_image, "lib", None)  # not built: Pillow warps
     assert np.array_equal(fast_image.affine(img, matrix, Image.BICUBIC, fill), np.asarray(Image.fromarray(
         np.ascontiguousarray(img)).transform((w, h), Image.Transform.AFFINE, matrix, Image.BICUBIC, fillcolor=fill)))
 
@@ -106,7 +106,7 @@ def test_other_pillow_releases_resize_themselves(monkeypatch):
     monkeypatch.setattr(PIL, "__version__", "12.3.0")
     assert not fast_image.follows_installed_pillow()
     calls = []
-    monkeypatch.setattr(fast_image, "_state", {"lib": type("Lib", (), {"resize_bicubic_rgb": calls.append})()})
+    monkeypatch.setattr(fast_image, "lib", type("Lib", (), {"resize_bicubic_rgb": calls.append})())
     ref = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((90, 64), Image.BICUBIC))
     assert np.array_equal(fast_image.resize_bicubic(a, (64, 90)), ref) and calls == []
     monkeypatch.setattr(PIL, "__version__", f"{fast_image.PILLOW_FOLLOWED}.1.0")
@@ -145,13 +145,12 @@ def _reference(img, size, scale, aa, reprob):
     if random.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if aa:  # Pillow warps (RandAugment's rotation matrix is checked against Image.rotate in test_augment)
-        lib = fast_image._state["lib"]
-        fast_image._state["lib"] = None
+        lib, fast_image.lib = fast_image.lib, None
         try:
             img = rand_augment_transform(aa, dict(translate_const=int(size * 0.45), img_mean=(124, 116, 104),
                                                   interpolation=Image.BICUBIC))(img)
         finally:
-            fast_image._state["lib"] = lib
+            fast_image.lib = lib
     x = _normalized(img)
     boxes = []
     if reprob and random.random() <= reprob:

@@ -78,6 +78,39 @@ def test_vit_logits(vit_io, global_pool, ckpt, key):
     assert max_abs(model(paddle.to_tensor(vit_io["imgs"])).numpy(), vit_io[key]) < TOL
 
 
+@pytest.mark.parametrize("global_pool,ckpt,key,pool", [(True, "vit_tiny_gp.pth", "logits_gp", "avg"),
+                                                        (False, "vit_tiny_cls.pth", "logits_cls", "cls")])
+def test_vit_forward_features_by_pool(vit_io, global_pool, ckpt, key, pool):
+    """The pool a model was trained with, named, gives the official features (the head turns them into the
+    golden logits); the other pool of a class-token model is the mean of the patch tokens through its norm."""
+    model = tiny_vit(global_pool)
+    load_model_weights(model, load_checkpoint(golden(ckpt))["model"], ckpt)
+    model.eval()
+    imgs = paddle.to_tensor(vit_io["imgs"])
+    assert max_abs(model.head(model.forward_features(imgs, pool)).numpy(), vit_io[key]) < TOL
+    assert np.array_equal(model.forward_features(imgs, pool).numpy(), model.forward_features(imgs).numpy())
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_mae_forward_features_is_the_encoder_with_every_patch_visible(vit_io, mae_io, pool):
+    """MAE's un-masked encoder features equal those of the golden-checked ViT encoder given the same weights
+    (mae_tiny.pth in a class-token ViT, which keeps the final norm), and the class token equals that of the
+    official masked encoder run with mask ratio 0 (every patch kept, in the noise's order)."""
+    mae = tiny_mae()
+    vit = tiny_vit(global_pool=False)
+    load_model_weights(vit, load_checkpoint(golden("mae_tiny.pth"))["model"], "mae_tiny.pth", allow_missing=(
+        "head.weight", "head.bias"), ignore_unexpected=True)
+    mae.eval()
+    vit.eval()
+    imgs = paddle.to_tensor(vit_io["imgs"])
+    features = mae.forward_features(imgs, pool).numpy()
+    assert features.shape == (2, 64)
+    assert max_abs(features, vit.forward_features(imgs, pool).numpy()) < 1e-6
+    if pool == "cls":
+        latent, _, _ = mae.forward_encoder(imgs, 0.0, paddle.to_tensor(mae_io["noise"]))
+        assert max_abs(features, latent.numpy()[:, 0]) < TOL
+
+
 @pytest.mark.parametrize("key,dim,grid,cls", [("d64_g8_cls", 64, 8, True), ("d768_g14_cls", 768, 14, True),
                                               ("d512_g16", 512, 16, False)])
 def test_sincos_tables(key, dim, grid, cls):

@@ -2,6 +2,8 @@
 import numpy as np
 import paddle
 
+from util import compat
+
 
 def amp_enabled(args):
     return args.device.startswith("gpu") and not args.no_amp
@@ -35,7 +37,7 @@ class NativeScalerWithGradNormCount:
             norm = paddle.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
         self._scaler.step(optimizer)
         if self.enabled:  # non-finite gradients: the step was skipped (and the scale backs off in update)
-            found_inf = self._scaler._found_inf  # set by unscale_
+            found_inf = compat.found_inf(self._scaler)  # set by unscale_
             self._skipped = self._skipped + (found_inf.astype("int64") if isinstance(found_inf, paddle.Tensor)
                                              else int(found_inf))
         self._scaler.update()

@@ -156,7 +156,7 @@ def _torch_adam_state(opt_sd, optimizer, names, path):
     theirs = [i for g in opt_sd.get("param_groups", []) for i in g["params"]]
     if len(ours) != len(theirs):
         raise CheckpointError(f"{path}: optimizer holds {len(theirs)} parameters, this run's optimizer {len(ours)}")
-    state = {}
+    state, (beta1, beta2) = {}, compat.adam_betas(optimizer)
     for p, i in zip(ours, theirs):
         s = opt_sd.get("state", {}).get(i)
         if not s:
@@ -169,8 +169,8 @@ def _torch_adam_state(opt_sd, optimizer, names, path):
             m, v = m.T, v.T
         state[names[p.name]] = {
             "moment1": m, "moment2": v,
-            "beta1_pow_acc": np.array([optimizer._beta1 ** (step + 1)], np.float32),  # Paddle: beta^(t+1) after t steps
-            "beta2_pow_acc": np.array([optimizer._beta2 ** (step + 1)], np.float32)}
+            "beta1_pow_acc": np.array([beta1 ** (step + 1)], np.float32),  # Paddle: beta^(t+1) after t steps
+            "beta2_pow_acc": np.array([beta2 ** (step + 1)], np.float32)}
     return state
 
 

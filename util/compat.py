@@ -50,3 +50,30 @@ def preemption_signal(job_environment):
     """The signal submitit sends before a preemption or time-out (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL
     says otherwise): training intercepts it to stop at a step boundary before submitit requeues."""
     return job_environment._usr_sig()
+
+
+def adam_betas(optimizer):
+    """(beta1, beta2) of an Adam/AdamW optimizer, which keeps them under private names."""
+    return optimizer._beta1, optimizer._beta2
+
+
+def found_inf(scaler):
+    """Whether GradScaler.unscale_ found non-finite gradients in this step (a bool tensor, or a bool); Paddle
+    keeps the flag it skips the step by under a private name."""
+    return scaler._found_inf
+
+
+def layer_norm_config(layer):
+    """(normalized_shape, epsilon) of a LayerNorm, which keeps them under private names."""
+    return layer._normalized_shape, layer._epsilon
+
+
+def batch_norm_running_variance(layer):
+    """(the running variance tensor, momentum) of a BatchNorm layer: PyTorch's unbiased update of the variance
+    (models_vit.BatchNorm1D) writes it, and Paddle names neither publicly."""
+    return layer._variance, layer._momentum
+
+
+def set_cpu_threads(count):
+    """The number of threads Paddle's CPU kernels use (no public setter)."""
+    paddle.base.core.set_num_threads(count)

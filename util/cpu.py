@@ -1,10 +1,12 @@
 """CPU settings for this process: threads, MKL's code path on AMD, dense layouts, malloc (imports nothing of
-the project, so that the model layers can use it)."""
+the project but util.compat, so that the model layers can use it)."""
 import ctypes
 import functools
 import os
 
 import paddle
+
+from util import compat
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
@@ -21,7 +23,7 @@ def configure_cpu():
                 os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     except OSError:
         pass
-    paddle.base.core.set_num_threads(cpu_threads())
+    compat.set_cpu_threads(cpu_threads())
     paddle.set_flags({"FLAGS_use_stride_kernel": False})
     keep_freed_memory()
 

@@ -12,7 +12,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from layer import Attention, Block, DropPath, LayerNorm, Mlp, set_fused_attention
-from util import cpu_kernels
+from util import compat, cpu_kernels
 
 
 def attach_cpu_paths(model):
@@ -75,9 +75,10 @@ def _linear(layer, own, x):
 
 
 def _layer_norm(layer, own, x):
-    if layer.weight is None or layer.bias is None or len(layer._normalized_shape) != 1 or not _cpu_float32(x):
+    shape, epsilon = compat.layer_norm_config(layer)
+    if layer.weight is None or layer.bias is None or len(shape) != 1 or not _cpu_float32(x):
         return own(x)
-    return cpu_kernels.layer_norm(x, layer.weight, layer.bias, layer._epsilon)
+    return cpu_kernels.layer_norm(x, layer.weight, layer.bias, epsilon)
 
 
 def _attention(layer, own, x):

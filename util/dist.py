@@ -156,8 +156,3 @@ def broadcast_buffers(model):
         return
     for tensor in list(model.buffers()) + compat.batch_norm_statistics(model):
         dist.broadcast(tensor, src=0)
-
-
-def data_parallel(model, distributed):
-    """The model wrapped for data parallelism when several processes train it."""
-    return paddle.DataParallel(model) if distributed else model

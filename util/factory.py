@@ -1,6 +1,9 @@
-"""Model construction by name, for the scripts and for code written against the official repo."""
+"""Model construction by name, for the scripts and for code written against the official repo, and the one
+preparation every entry point gives a built model."""
 import models_mae
 import models_vit
+from layer import set_recompute
+from util.cpu_layer import attach_cpu_paths
 from util.errors import CheckpointError
 
 MODELS = models_mae.MODELS + models_vit.MODELS
@@ -31,3 +34,21 @@ def checkpoint_img_size(name, state, path):
     with paddle.LazyGuard():
         patch = create_model(name).patch_embed.patch_size[0]
     return int(round((np.shape(state["pos_embed"])[1] - 1) ** 0.5)) * patch
+
+
+def prepare(model, recompute=False, distributed=False, trained=None):
+    """Ready a built model for a script: with `trained` (a sublayer: the linear probe's head), every other
+    parameter frozen; activation recomputation in every block with `recompute`; the CPU forwards
+    (util.cpu_layer, a no-op on other devices); data parallelism over the processes with `distributed`.
+    Returns (the model to call, the model itself: what checkpoints hold)."""
+    if trained is not None:
+        for p in model.parameters():
+            p.stop_gradient = True
+        for p in trained.parameters():
+            p.stop_gradient = False
+    set_recompute(model, recompute)
+    attach_cpu_paths(model)
+    if distributed:
+        import paddle
+        return paddle.DataParallel(model), model
+    return model, model

@@ -18,7 +18,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_image.c"
 PILLOW_FOLLOWED = 13  # the major release whose bicubic resampling fast_image.c reproduces
 CFLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: the weights round as Pillow's
 SYMBOLS = ("resize_bicubic_rgb", "mirror_rgb", "affine_rgb", "normalize_nhwc", "erase_boxes")
-_state = {}
+NOT_LOADED = "not loaded"
+lib = NOT_LOADED  # the loaded library, or None where it cannot be built or loaded (Pillow and NumPy then)
 
 
 def _load():
@@ -54,9 +55,10 @@ def _load():
 
 def available():
     """Build/load the kernel (call before loader workers start, so that they inherit it)."""
-    if "lib" not in _state:
-        _state["lib"] = _load()
-    return _state["lib"] is not None
+    global lib
+    if lib is NOT_LOADED:
+        lib = _load()
+    return lib is not None
 
 
 def follows_installed_pillow():
@@ -77,7 +79,7 @@ def resize_bicubic(img, size):
     if not available() or not follows_installed_pillow() or not _packed_rgb(img):
         return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), Image.BICUBIC))
     out = np.empty((height, width, 3), np.uint8)
-    if _state["lib"].resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data, height, width):
+    if lib.resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data, height, width):
         raise MemoryError(f"resizing a {img.shape[1]}x{img.shape[0]} image to {width}x{height}")
     return out
 
@@ -88,7 +90,7 @@ def mirror(img):
     if not available() or not _packed_rgb(img):
         return np.ascontiguousarray(img[:, ::-1])
     out = np.empty(img.shape, np.uint8)
-    _state["lib"].mirror_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data)
+    lib.mirror_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data)
     return out
 
 
@@ -105,7 +107,7 @@ def affine(img, coefficients, resample, fill):
     out = np.empty(img.shape, np.uint8)
     a = np.asarray(coefficients, np.float64)
     colour = np.asarray(fill, np.uint8)
-    _state["lib"].affine_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data,
+    lib.affine_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data,
                              a.ctypes.data, int(resample == Image.BICUBIC), colour.ctypes.data)
     return out
 
@@ -117,7 +119,7 @@ def normalize_nhwc(images, table):
     n, h, w, _ = images.shape
     out = paddle.empty([n, 3, h, w], "float32")
     table = np.ascontiguousarray(table, np.float32)
-    _state["lib"].normalize_nhwc(images.data_ptr(), n, h * w, table.ctypes.data, out.data_ptr())
+    lib.normalize_nhwc(images.data_ptr(), n, h * w, table.ctypes.data, out.data_ptr())
     return out
 
 
@@ -130,5 +132,5 @@ def erase_boxes(x, boxes, mode, seed):
     available(). Returns x."""
     x, boxes = x.contiguous(), boxes.contiguous()
     n, c, h, w = x.shape
-    _state["lib"].erase_boxes(x.data_ptr(), boxes.data_ptr(), n, boxes.shape[1], c, h, w, ERASE_MODES[mode], seed)
+    lib.erase_boxes(x.data_ptr(), boxes.data_ptr(), n, boxes.shape[1], c, h, w, ERASE_MODES[mode], seed)
     return x

@@ -16,21 +16,6 @@ from util.dist import all_reduce_sum, get_rank, get_world_size
 POOLS = ("avg", "cls")
 
 
-def encoder_features(model, images, pool="avg"):
-    """[N, D] features of an MAE (models_mae) or ViT (models_vit) encoder on a normalised batch, with every
-    patch visible. 'avg': the mean of the patch tokens through fc_norm (a global-pool ViT) or else the final
-    norm; 'cls': the class token through the final norm."""
-    x = model.patch_embed(images) + model.pos_embed[:, 1:, :]
-    cls = (model.cls_token + model.pos_embed[:, :1, :]).expand([x.shape[0], -1, -1])
-    x = paddle.concat([cls, x], axis=1)
-    for blk in model.blocks:
-        x = blk(x)
-    if pool == "cls":
-        return model.norm(x)[:, 0]
-    norm = model.fc_norm if getattr(model, "global_pool", False) else model.norm
-    return norm(x[:, 1:, :].mean(axis=1))
-
-
 def has_pool(model, pool):
     """Whether the model holds the norm that `pool` needs (a global-pool ViT has no final norm)."""
     return pool == "avg" or isinstance(getattr(model, "norm", None), paddle.nn.Layer)
@@ -51,7 +36,7 @@ def feature_batches(model, loader, pool="avg", label="", print_every=50, amp_dty
     try:
         with paddle.no_grad(), paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or "float16"):
             for i, (images, *_) in enumerate(loader):
-                yield encoder_features(model, images, pool).astype("float32").numpy()
+                yield model.forward_features(images, pool).astype("float32").numpy()
                 if print_every and (i + 1) % print_every == 0:
                     print(f"{label} features: {i + 1}/{len(loader)} batches ({time.time() - start:.0f} s)")
     finally:

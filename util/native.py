@@ -29,7 +29,7 @@ import time
 from util.files import file_sha256
 
 
-WARNED = "MAE_NATIVE_WARNED"  # set once a process of this run has warned; children inherit it
+_warned = []  # a warning was printed in this process (forked loader workers start with their parent's)
 
 
 def enabled():
@@ -58,10 +58,11 @@ def build_directory():
 
 
 def warn(message):
-    """One warning per run: rank 0 prints it, the first time in the run's process tree."""
-    if os.environ.get(WARNED):
+    """One warning per run: rank 0 prints it, the first time in the process (or the process it was forked
+    from)."""
+    if _warned:
         return
-    os.environ[WARNED] = "1"
+    _warned.append(message)
     if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
 

@@ -14,7 +14,6 @@ class StopSignal:
 
     def __init__(self):
         self.signum = None
-        self.iteration = None
 
     def install(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

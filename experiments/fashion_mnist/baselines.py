@@ -28,7 +28,6 @@ import cnn  # noqa: E402
 from grids import EXTEND, beyond_edge  # noqa: E402
 import models_vit  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
-from util.features import encoder_features  # noqa: E402
 from util.transforms import eval_transform  # noqa: E402
 from util.weights import load_pretrained
 
@@ -59,7 +58,7 @@ def mae_features(folder, model, input_size, batch_size=500):
         for i in range(0, len(samples), batch_size):
             batch = transform.batch(np.stack([transform(load_image(p)) for p, _ in samples[i:i + batch_size]]))
             for name in feats:
-                feats[name].append(encoder_features(model, batch, name[4:]).numpy())
+                feats[name].append(model.forward_features(batch, name[4:]).numpy())
     return {name: np.concatenate(f) for name, f in feats.items()}
 
 
