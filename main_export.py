@@ -20,7 +20,7 @@ from layer import set_fused_attention
 from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
 from util.classifier import classifier_from_checkpoint
 from util.errors import LaunchError, WriteError, run
-from util.files import file_sha256
+from util.files import file_digest
 
 
 def get_args_parser():
@@ -45,7 +45,7 @@ def export(args):
     with open(args.output + ".info", "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
                    "class_names": model.class_names, "crop_pct": model.crop_pct, "source": os.path.abspath(args.resume),
-                   "sha256": {ext: file_sha256(args.output + ext) for ext in (".json", ".pdiparams")}}, f, indent=1)
+                   "sha256": {ext: file_digest(args.output + ext) for ext in (".json", ".pdiparams")}}, f, indent=1)
     print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:
         try:

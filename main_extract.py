@@ -33,6 +33,7 @@ from util.run_dir import check_writable
 from util.transforms import eval_transform
 from util.errors import DataError, WriteError, run
 from util.weights import load_checkpoint, load_pretrained
+from util.files import atomic_write
 
 
 def get_args_parser():
@@ -124,7 +125,7 @@ def write_features(args, model, data):
     Nothing partial is left under either name."""
     count, dim = len(data), model.cls_token.shape[-1]
     stem = args.output[:-len(".npz")]
-    rows_path, tmp = stem + ".rows.tmp.npy", stem + ".tmp.npz"
+    rows_path = stem + ".rows.tmp.npy"
     rank = get_rank()
 
     def create():
@@ -152,18 +153,15 @@ def write_features(args, model, data):
         agree(create, rows_path)
         agree(write_rows, rows_path)
         if rank == 0:
-            np.savez(tmp, features=np.load(rows_path, mmap_mode="r"),
-                     labels=data.samples.labels,
-                     paths=np.array([p for p, _ in data.samples]), class_names=np.array(data.classes))
-            os.replace(tmp, args.output)
+            with atomic_write(args.output, suffix=".npz") as tmp:
+                np.savez(tmp, features=np.load(rows_path, mmap_mode="r"), labels=data.samples.labels,
+                         paths=np.array([p for p, _ in data.samples]), class_names=np.array(data.classes))
             print(f"wrote {args.output}: features {[count, dim]}")
     except OSError as e:
-        raise DataError(f"cannot write {args.output}: {e.strerror or e}") from None
+        raise WriteError(f"cannot write {args.output}: {e.strerror or e}") from None
     finally:
-        if rank == 0:
-            for path in (tmp, rows_path):
-                if os.path.exists(path):
-                    os.remove(path)
+        if rank == 0 and os.path.exists(rows_path):
+            os.remove(rows_path)
 
 
 def agree(step, path):

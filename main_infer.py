@@ -20,7 +20,7 @@ from util.classifier import class_names, classifier_from_checkpoint, image_paths
 from util.cpu import configure_cpu, cpu_threads
 from util.transforms import eval_transform
 from util.errors import CheckpointError, run
-from util.files import file_sha256
+from util.files import file_digest
 from util.factory import prepare
 
 
@@ -75,7 +75,7 @@ class ExportedModel:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{info_path}: not an export description ({type(e).__name__}: {e})") from None
         for ext, digest in (self.info.get("sha256") or {}).items():
-            if file_sha256(prefix + ext) != digest:
+            if file_digest(prefix + ext) != digest:
                 raise CheckpointError(f"{prefix + ext}: not the file {info_path} was exported with (its SHA-256 "
                                       "differs); export again or keep the files of one export together")
         config = paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")

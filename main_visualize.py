@@ -27,6 +27,7 @@ from util.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.errors import CheckpointError, WriteError, run
 from util.weights import check_state_dict, load_checkpoint, match_dtypes
 from util.checkpoint import recorded_flags
+from util.files import atomic_write
 
 
 def get_args_parser():
@@ -141,17 +142,12 @@ def with_headings(grid, panel):
 
 
 def write_png(pixels, path):
-    """Through a temporary file in the same folder, removed if the write fails."""
+    """Atomically (util.files.atomic_write)."""
     if os.path.isdir(path):
         raise IsADirectoryError(21, "is a folder", path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    try:
+    with atomic_write(path, suffix=".png") as tmp:
         Image.fromarray(pixels).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_picture(parser, args, rows, patch_embed):

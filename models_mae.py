@@ -95,21 +95,21 @@ class MaskedAutoencoderViT(nn.Layer):
     def forward_encoder(self, x, mask_ratio, noise=None):
         x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        return self.norm(self.forward_blocks(x)), mask, ids_restore
+
+    def forward_blocks(self, x):
+        """The class token (with its position) before the patch tokens x, through the encoder's blocks."""
         cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand([x.shape[0], -1, -1])
         x = paddle.concat([cls_tokens, x], axis=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return x
 
     def forward_features(self, imgs, pool="avg"):
         """[N, D] encoder features with every patch visible (no masking), for the k-NN monitor and feature
         extraction: 'avg', the mean of the patch tokens through the final norm (every patch token is trained
         through the reconstruction); 'cls', the class token through it."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand([x.shape[0], -1, -1])
-        x = paddle.concat([cls_tokens, x], axis=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.forward_blocks(self.patch_embed(imgs) + self.pos_embed[:, 1:, :])
         return self.norm(x)[:, 0] if pool == "cls" else self.norm(x[:, 1:, :].mean(axis=1))
 
     def forward_decoder(self, x, ids_restore):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from util import native
-from util.files import file_sha256
+from util.files import file_digest
 
 PROBE = ("import sys; sys.path.insert(0, '.'); from util import fast_image, cpu_kernels; "
          "print(fast_image.available(), cpu_kernels.available())")
@@ -123,7 +123,7 @@ def test_a_damaged_or_foreign_library_in_the_cache(tmp_path):
         f.seek(18)
         f.write(b"\xb7\x00" if os.uname().machine != "aarch64" else b"\x3e\x00")
     with open(library + ".sha256", "w") as f:
-        f.write(file_sha256(library))
+        f.write(file_digest(library))
     assert_fell_back(probe(tmp_path, code), "not a library for this machine")
 
 

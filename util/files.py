@@ -30,9 +30,10 @@ def write_text(path, text):
             f.write(text)
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of a file (read in 16 MiB blocks), by default its SHA-256."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -8,7 +8,6 @@ continues where it stopped (HTTP range requests) when asked again. $MAE_MIRROR r
 """
 import contextlib
 import fcntl
-import hashlib
 import http.client
 import os
 import sys
@@ -18,6 +17,7 @@ import urllib.request
 
 from util.errors import CheckpointError, DownloadError
 from util.weights import load_checkpoint, save_file
+from util.files import file_digest
 
 HOST = "https://dl.fbaipublicfiles.com/mae"
 
@@ -140,13 +140,9 @@ def check_and_convert(name, part, final, hand, remove=True):
     expected = RELEASED[name][1]
     try:
         if expected:
-            md5 = hashlib.md5()
-            with open(part, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    md5.update(block)
-            if not md5.hexdigest().startswith(expected):
-                raise DownloadError(f"{url_of(name)}: md5 {md5.hexdigest()[:6]}... is not the published {expected}...; "
-                                    f"{hand}")
+            md5 = file_digest(part, "md5")
+            if not md5.startswith(expected):
+                raise DownloadError(f"{url_of(name)}: md5 {md5[:6]}... is not the published {expected}...; {hand}")
         try:
             ckpt = load_checkpoint(part)
         except CheckpointError as e:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from util.files import file_sha256
+from util.files import file_digest, write_text
 
 
 _warned = []  # a warning was printed in this process (forked loader workers start with their parent's)
@@ -99,7 +99,7 @@ def _elf_header(path):
 def check_library(path):
     """Reason why the cached file at path cannot be this machine's library, or None when it can."""
     with open(path + ".sha256") as f:
-        if f.read().strip() != file_sha256(path):
+        if f.read().strip() != file_digest(path):
             return f"{path} does not match its recorded checksum"
     own = _elf_header(os.path.realpath(sys.executable))
     if own is not None and _elf_header(path) != own:
@@ -188,7 +188,7 @@ def reject(path, reason):
         with contextlib.suppress(OSError):
             os.remove(stale)
     with contextlib.suppress(OSError):
-        _write(path + ".failed", reason)
+        write_text(path + ".failed", reason + "\n")
     warn(f"native CPU code {os.path.basename(path)} not used: {reason}; running on Paddle's ops and Pillow")
 
 
@@ -217,19 +217,9 @@ def _build(path, folder, build_command, find_output):
         if not ok:
             if lasting:
                 with contextlib.suppress(OSError):  # unremembered on a full disk: the next run tries again
-                    _write(path + ".failed", reason)
+                    write_text(path + ".failed", reason + "\n")
             raise OSError(reason)
         os.replace(output, path)
-        _write(path + ".sha256", file_sha256(path))
+        write_text(path + ".sha256", file_digest(path) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _write(path, text):
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
