@@ -60,14 +60,13 @@ def parse_args(argv=None):
 def main(args):
     args = misc.start_run(args)
 
-    transform = pretrain_transform(args.input_size, args.crop_scale)
-    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
-    print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
-    data_loader_train = train_loader(dataset_train, args)
-
     model, model_without_ddp = prepare(
         getattr(models_mae, args.model)(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size),
         args.recompute, args.distributed)
+    transform = pretrain_transform(args.input_size, args.crop_scale, model_without_ddp.patch_embed.num_patches)
+    dataset_train = ImageFolder(os.path.join(args.data_path, "train"), transform=transform)
+    print(f"Dataset: {len(dataset_train)} images in {dataset_train.root}")
+    data_loader_train = train_loader(dataset_train, args)
     misc.print_model(model_without_ddp, args)
 
     optimizer = create_optimizer(model_without_ddp, args)

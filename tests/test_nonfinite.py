@@ -96,6 +96,7 @@ class Loader:
             pass
 
     batch_sampler = Sampler()
+    dataset = range(32)
 
     def skip_batches(self, n):
         pass
@@ -113,7 +114,7 @@ def counting_run(tmp_path, mode, poison):
     optimizer = paddle.optimizer.AdamW(parameters=model.parameters())
     args = freeze(argparse.Namespace(output_dir=str(tmp_path), resume="", auto_resume=True, start_epoch=0, epochs=3,
                                      on_nonfinite=mode, max_rewinds=3, accum_iter=1, save_freq=1, eval_freq=1,
-                                     log_dir="", batch_size=8))
+                                     log_dir="", batch_size=8, world_size=1))
     poisoned = []
 
     def train_one_epoch(epoch, start_iter, left_out, log_writer, metric_logger):

@@ -17,6 +17,10 @@ def positive_int(value):
     return v
 
 
+def accum_iter(value):
+    return value if value == "auto" else positive_int(value)
+
+
 def non_negative_int(value):
     v = int(value)
     if v < 0:
@@ -137,8 +141,9 @@ def add_common_args(parser):
     parser.add_argument("--batch_size", default=64, type=positive_int,
                         help="batch size per process (effective batch = batch_size * accum_iter * processes)")
     parser.add_argument("--epochs", default=400, type=positive_int)
-    parser.add_argument("--accum_iter", default=1, type=positive_int,
-                        help="accumulate gradients over this many iterations before a step")
+    parser.add_argument("--accum_iter", default=1, type=accum_iter,
+                        help="accumulate gradients over this many iterations before a step; 'auto': as many as "
+                             "keep the effective batch of the checkpoint a run resumes (1 for a new run)")
     parser.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL")
     parser.add_argument("--input_size", default=None, type=positive_int,
                         help="image size; default: the model's own (224 for the official models)")
@@ -283,12 +288,14 @@ def freeze(args):
     return Flags.replace(args)
 
 
-def for_this_process(args, world_size, rank):
-    """The flags completed with what only the started process knows: rank and number of processes, and the
-    official learning rate rule, lr = blr * effective batch / 256 unless --lr is given. --dist_eval needs
-    several processes (FlagError, exit 2)."""
+def for_this_process(args, world_size, rank, accum_iter=None):
+    """The flags completed with what only the started process knows: rank and number of processes, the
+    accumulation --accum_iter auto stands for (`accum_iter`), and the official learning rate rule, lr = blr *
+    effective batch / 256 unless --lr is given. --dist_eval needs several processes (FlagError, exit 2)."""
     if getattr(args, "dist_eval", False) and world_size == 1:
         raise FlagError("--dist_eval splits evaluation over processes; launch with python -m "
                         "paddle.distributed.launch, or drop it in a single process")
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world_size / 256
-    return freeze(args).replace(distributed=world_size > 1, rank=rank, world_size=world_size, lr=lr)
+    accum_iter = accum_iter or args.accum_iter
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * accum_iter * world_size / 256
+    return freeze(args).replace(distributed=world_size > 1, rank=rank, world_size=world_size, lr=lr,
+                                accum_iter=accum_iter)

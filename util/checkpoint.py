@@ -6,7 +6,8 @@ Format 2 (FORMAT), a dict: 'format'; 'model' (Paddle-layout weights); 'optimizer
 name: {accumulator: array}}}); 'epoch' (the last complete epoch); 'iteration' (the batch of the next epoch a
 stop signal broke it off after, else 0); 'scaler'; 'best' ({'acc1', 'epoch'}); 'meters' (every rank's
 meters of that broken-off epoch, else None); 'skipped' ([epoch, first, last] iterations rewinds left out);
-'args' (the flags as given, util.args.Flags); 'classes' (classifiers: the training class names).
+'args' (the flags as given, util.args.Flags); 'samples' (the training set's size); 'classes' (classifiers:
+the training class names).
 Format 1 (no 'format' key: this project's earlier files, the official releases) has the same fields, with the
 classes inside 'args'; the official files lack iteration, best, meters and skipped."""
 import os
@@ -22,14 +23,13 @@ from util.weights import load_checkpoint, save_file
 FORMAT = 2
 
 
-def write(path, model, optimizer, loss_scaler, flags, state, classes=None):
-    """Write a training checkpoint of `state` (util.run_state.RunState) to path, atomically: a failed write
-    leaves the earlier checkpoints as they were (RunDirError)."""
+def write(path, model, optimizer, loss_scaler, flags, state, record=None):
+    """Write a training checkpoint of `state` (util.run_state.RunState) and `record` ({'samples', 'classes'})
+    to path, atomically: a failed write leaves the earlier checkpoints as they were (RunDirError)."""
     ckpt = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer_state(optimizer, model),
             "epoch": state.epoch - 1, "iteration": state.iteration, "scaler": loss_scaler.state_dict(),
             "best": state.best, "meters": state.meters, "skipped": state.skipped, "args": vars(flags)}
-    if classes is not None:
-        ckpt["classes"] = list(classes)
+    ckpt.update(record or {})
     try:
         save_file(ckpt, path)
     except OSError as e:
@@ -94,7 +94,7 @@ def _meters_problem(meters):
 
 def check_training_state(ckpt, path):
     """Raise CheckpointError naming the first field of a training checkpoint (format, epoch, iteration,
-    optimizer, scaler, best, meters, skipped, args, classes) whose type or range no run of this project writes,
+    optimizer, scaler, best, meters, skipped, args, samples, classes) whose type or range no run of this project writes,
     before anything is loaded from it."""
     def bad(key, why):
         raise CheckpointError(f"{path}: '{key}' {why}; not a checkpoint to continue training from")
@@ -135,6 +135,9 @@ def check_training_state(ckpt, path):
         bad("skipped", f"is {skipped!r}, not a list of [epoch, first, last] iterations")
     if not isinstance(ckpt.get("args", {}), dict):
         bad("args", f"is {type(ckpt['args']).__name__}, not a dict of flags")
+    samples = ckpt.get("samples", 1)
+    if not _is_int(samples) or samples < 1:
+        bad("samples", f"is {samples!r}, not a number of images")
     classes = ckpt.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         bad("classes", f"is {type(classes).__name__}, not a list of class names")
@@ -257,19 +260,75 @@ def read_on_every_rank(path, ckpt=None, training=True):
     return ckpt
 
 
+def split_of(flags):
+    """(batch_size, accum_iter, processes) of a run's flags (a dict or Flags), or None where one is missing
+    (an official checkpoint without world_size, say)."""
+    get = flags.get if isinstance(flags, dict) else lambda k: getattr(flags, k, None)
+    split = (get("batch_size"), get("accum_iter") or 1, get("world_size"))
+    return split if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in split) else None
+
+
+def check_effective_batch(ckpt, flags, path):
+    """A resumed run keeps the effective batch (batch_size x accum_iter x processes) it was trained with,
+    whatever its number of processes: else CheckpointError naming the --batch_size x --accum_iter that keep it
+    here. A checkpoint that does not record its split continues unchecked (as every resume did before)."""
+    saved = split_of(recorded_flags(ckpt))
+    if saved is None:
+        return
+    before, now = saved[0] * saved[1] * saved[2], flags.batch_size * flags.accum_iter * flags.world_size
+    if before == now:
+        return
+    per_process = before // flags.world_size if before % flags.world_size == 0 else 0
+    options = sorted((b for b in range(1, per_process + 1) if per_process % b == 0),
+                     key=lambda b: (abs(np.log(b / flags.batch_size)), -b))[:3]
+    keep = (", ".join(f"--batch_size {b} --accum_iter {per_process // b}" for b in options) if options
+            else "no --batch_size x --accum_iter does")
+    raise CheckpointError(
+        f"{path}: trained with an effective batch of {before} (--batch_size {saved[0]} x --accum_iter {saved[1]} x "
+        f"{saved[2]} process(es)), this run's is {now} (--batch_size {flags.batch_size} x --accum_iter "
+        f"{flags.accum_iter} x {flags.world_size}); with {flags.world_size} process(es) to keep it: {keep}")
+
+
+def accum_iter_to_keep(flags, world_size):
+    """--accum_iter auto: the accumulation that keeps the effective batch of the checkpoint this run resumes
+    (--resume, else with --auto_resume the newest in --output_dir) at this --batch_size and process count; 1
+    for a new run. CheckpointError when the checkpoint records no split or no accumulation keeps its batch."""
+    path, ckpt = flags.resume, None
+    if not path and flags.auto_resume:
+        path, ckpt = auto_resume_path(flags.output_dir)
+    if not path:
+        print("--accum_iter auto: a new run, 1")
+        return 1
+    ckpt = read_on_every_rank(path, ckpt)
+    saved = split_of(recorded_flags(ckpt))
+    if saved is None or not is_training_checkpoint(ckpt):
+        raise CheckpointError(f"{path}: records no effective batch to keep (--batch_size, --accum_iter, world_size); "
+                              "give --accum_iter")
+    before, micro = saved[0] * saved[1] * saved[2], flags.batch_size * world_size
+    if before % micro:
+        raise CheckpointError(f"{path}: its effective batch of {before} is not a multiple of --batch_size "
+                              f"{flags.batch_size} x {world_size} process(es); choose a --batch_size that "
+                              f"divides {before // world_size if before % world_size == 0 else before}")
+    print(f"--accum_iter auto: {before // micro} (keeps the effective batch of {before} of {path})")
+    return before // micro
+
+
 def position_in_epoch(ckpt, flags, path):
-    """The batch at which a run stopped inside an epoch continues: the same samples seen whatever this run's
-    --batch_size, or a one-line error when no batch boundary (and update step) of this run falls there."""
+    """The batch at which a run stopped inside an epoch continues: after the same samples of the epoch (its
+    processes together) whatever this run's --batch_size and number of processes, or a one-line error when no
+    optimizer step of this run ends there."""
     iteration = int(ckpt.get("iteration", 0))
-    saved = recorded_flags(ckpt).get("batch_size")
-    if not iteration or not isinstance(saved, int) or saved == flags.batch_size:
+    saved = split_of(recorded_flags(ckpt)) or (recorded_flags(ckpt).get("batch_size"), 1, flags.world_size)
+    batch, processes = saved[0], saved[2]
+    if not iteration or not isinstance(batch, int) or (batch, processes) == (flags.batch_size, flags.world_size):
         return iteration
-    samples = iteration * saved
-    if samples % flags.batch_size or (samples // flags.batch_size) % flags.accum_iter:
+    samples, micro = iteration * batch * processes, flags.batch_size * flags.world_size
+    if samples % micro or (samples // micro) % flags.accum_iter:
         raise CheckpointError(
-            f"{path}: stopped inside epoch {int(ckpt['epoch']) + 1} after {samples} samples per process "
-            f"(--batch_size {saved}), which is not a whole number of optimizer steps at --batch_size "
-            f"{flags.batch_size} x --accum_iter {flags.accum_iter}; resume with --batch_size {saved}")
-    print(f"--batch_size {flags.batch_size} (the stopped run had {saved}): continuing after the same {samples} "
-          "samples per process")
-    return samples // flags.batch_size
+            f"{path}: stopped inside epoch {int(ckpt['epoch']) + 1} after {samples} samples ({iteration} x "
+            f"--batch_size {batch} x {processes} process(es)), which is not a whole number of optimizer steps at "
+            f"--batch_size {flags.batch_size} x --accum_iter {flags.accum_iter} x {flags.world_size} process(es); "
+            f"resume with --batch_size {batch}")
+    print(f"--batch_size {flags.batch_size} x {flags.world_size} process(es) (the stopped run had {batch} x "
+          f"{processes}): continuing after the same {samples} samples of the epoch")
+    return samples // micro

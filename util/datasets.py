@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from util.dist import made_on_main_process
 from util.errors import DataError
 from util.image_index import SampleIndex, scan_image_folder
+from util.sampler import EffectiveBatchSampler
 
 PR_SET_PDEATHSIG = 1  # Linux prctl option
 
@@ -237,19 +238,20 @@ class Loader:
 
 
 def train_loader(dataset, args):
-    """Shuffled, drop_last batches of batch_size per rank; call .batch_sampler.set_epoch(epoch) every epoch."""
-    sampler = paddle.io.DistributedBatchSampler(dataset, args.batch_size, num_replicas=args.world_size,
-                                                rank=args.rank, shuffle=True, drop_last=True)
+    """Shuffled, drop_last batches of batch_size per rank, the same samples per optimizer step however the
+    effective batch is split (util.sampler); call .batch_sampler.set_epoch(epoch) every epoch."""
+    sampler = EffectiveBatchSampler(len(dataset), args.batch_size, args.accum_iter, args.world_size, args.rank)
     dataset.seed = args.seed
     if getattr(args, "eval", False):  # evaluation only: the training images are not loaded
         return Loader(dataset, sampler, args.num_workers, args.pin_mem, args.skip_bad_images)
-    if len(sampler) == 0:
+    if len(dataset) < args.batch_size * args.world_size:
         raise DataError(f"{dataset.root}: {len(dataset)} images are fewer than one batch "
                         f"(batch_size {args.batch_size} x {args.world_size} processes)")
-    if args.accum_iter > len(sampler):
-        raise DataError(f"--accum_iter {args.accum_iter} is more than the {len(sampler)} iteration(s) per epoch of "
-                        f"{dataset.root} (batch_size {args.batch_size} x {args.world_size} processes): "
-                        "the optimizer would never step")
+    if len(sampler) == 0:
+        raise DataError(f"--accum_iter {args.accum_iter} is more than the "
+                        f"{len(dataset) // (args.batch_size * args.world_size)} iteration(s) per epoch of "
+                        f"{dataset.root} (batch_size {args.batch_size} x {args.world_size} processes): the "
+                        "optimizer would never step")
     return Loader(dataset, sampler, args.num_workers, args.pin_mem, args.skip_bad_images)
 
 

@@ -18,25 +18,26 @@ def train_epochs(flags, model_without_ddp, optimizer, loss_scaler, data_loader, 
     left_out, log_writer, metric_logger) -> (its meters, the iteration a stop signal broke it off after or
     None); evaluate() -> test stats (keeping checkpoint-best.pd at the best top-1 of the whole run);
     monitor(epoch) -> more numbers for the log line (e.g. knn_acc1); save checkpoint-last.pd (and
-    checkpoint-N.pd every --save_freq; a classifier's also record its `classes`); append a log.txt line. A run
+    checkpoint-N.pd every --save_freq; they record the training set's size and a classifier's `classes`); append a log.txt line. A run
     stopped inside an epoch continues from the batch, the meters and the random draws where it stopped, so
     that it ends as the uninterrupted run would have. A non-finite loss or weights stop the run, or with
     --on_nonfinite rewind send it back to checkpoint-last.pd without the failed step (util.nonfinite). The
     run's state (util.run_state.RunState) lives here, from the checkpoint it resumes to the last it saves."""
     parts = (model_without_ddp, optimizer, loss_scaler)
-    state = run_state.resume(flags, *parts, iterations=len(data_loader))
+    record = {"samples": len(data_loader.dataset), **({"classes": list(classes)} if classes is not None else {})}
+    state = run_state.resume(flags, *parts, iterations=len(data_loader), samples=record["samples"])
     if state.epoch >= flags.epochs:
         print(f"nothing to do: {flags.epochs} of {flags.epochs} epochs done in {flags.output_dir}")
         return
     if flags.on_nonfinite == "rewind":
-        run_state.save_rewind_point(flags, *parts, state, classes)
+        run_state.save_rewind_point(flags, *parts, state, record)
     log_writer = misc.create_log_writer(flags)
     n_parameters = sum(p.numel().item() for p in model_without_ddp.parameters() if not p.stop_gradient)
     print(f"Start training for {flags.epochs} epochs")
     start_time = time.time()
     while True:
         try:
-            done = run_epochs(flags, parts, state, classes, data_loader, train_one_epoch, evaluate, monitor,
+            done = run_epochs(flags, parts, state, record, data_loader, train_one_epoch, evaluate, monitor,
                               log_writer, n_parameters)
             break
         except NonFiniteError as e:
@@ -45,7 +46,7 @@ def train_epochs(flags, model_without_ddp, optimizer, loss_scaler, data_loader, 
         print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
-def run_epochs(flags, parts, state, classes, data_loader, train_one_epoch, evaluate, monitor, log_writer,
+def run_epochs(flags, parts, state, record, data_loader, train_one_epoch, evaluate, monitor, log_writer,
                n_parameters):
     """The epochs from state.epoch (see train_epochs), advancing `state`; False when a stop signal ended the
     run early."""
@@ -65,7 +66,7 @@ def run_epochs(flags, parts, state, classes, data_loader, train_one_epoch, evalu
         nonfinite.check_weights(model_without_ddp, epoch, steps // flags.accum_iter * flags.accum_iter - 1)
         if stopped_at is not None:
             state.iteration, state.meters = stopped_at, all_gather(metric_logger.state())
-            run_state.save(flags, "last", *parts, state, classes)
+            run_state.save(flags, "last", *parts, state, record)
             where = run_state.checkpoint_path(flags, "last") if flags.output_dir else "nowhere (no --output_dir)"
             print(f"Stopped in epoch {epoch} after iteration {stopped_at}; saved {where}. "
                   "Run the same command again to continue from there.")
@@ -97,8 +98,8 @@ def run_epochs(flags, parts, state, classes, data_loader, train_one_epoch, evalu
             stats["skipped_iterations"] = left_out
         misc.log_stats(flags, stats)  # before the checkpoints: a kill in between reruns the epoch and its log line
         if improved:
-            run_state.save(flags, "best", *parts, state, classes)
-        run_state.save_epoch(flags, epoch, *parts, state, classes)
+            run_state.save(flags, "best", *parts, state, record)
+        run_state.save_epoch(flags, epoch, *parts, state, record)
         if log_writer is not None:
             log_writer.flush()
         if STOP.requested():

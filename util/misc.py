@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 import numpy as np
 import paddle
 
-from util import nonfinite, run_dir
+from util import checkpoint, nonfinite, run_dir
 from util.cpu import configure_cpu
 from util.args import for_this_process
 from util.dist import (all_reduce_sum, check_launch_environment, from_main_process, get_rank, get_world_size,
@@ -139,7 +139,8 @@ def start_run(args):
     if args.device.startswith("cpu"):
         configure_cpu()
     init_distributed_mode(args.device)
-    args = for_this_process(args, get_world_size(), get_rank())
+    accum = checkpoint.accum_iter_to_keep(args, get_world_size()) if args.accum_iter == "auto" else None
+    args = for_this_process(args, get_world_size(), get_rank(), accum)
     if nonfinite.injection():  # the testing aid MAE_INJECT_NONFINITE, checked with the flags
         nonfinite.install_injection(*nonfinite.injection())
     if threading.current_thread() is threading.main_thread():

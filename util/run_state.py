@@ -33,15 +33,15 @@ def checkpoint_path(flags, tag):
     return os.path.join(flags.output_dir, f"checkpoint-{tag}.pd")
 
 
-def save(flags, tag, model, optimizer, loss_scaler, state, classes=None):
-    """Rank 0 writes {output_dir}/checkpoint-{tag}.pd of `state` (util.checkpoint.write)."""
+def save(flags, tag, model, optimizer, loss_scaler, state, record=None):
+    """Rank 0 writes {output_dir}/checkpoint-{tag}.pd of `state` and `record` (util.checkpoint.write)."""
     if flags.output_dir and is_main_process():
-        checkpoint.write(checkpoint_path(flags, tag), model, optimizer, loss_scaler, flags, state, classes)
+        checkpoint.write(checkpoint_path(flags, tag), model, optimizer, loss_scaler, flags, state, record)
 
 
 def save_epoch(flags, epoch, *parts):
     """After `epoch`: checkpoint-{epoch}.pd every --save_freq epochs and at the end; checkpoint-last.pd every
-    epoch. `parts`: model, optimizer, loss scaler, state, classes (as save)."""
+    epoch. `parts`: model, optimizer, loss scaler, state, record (as save)."""
     if epoch % flags.save_freq == 0 or epoch + 1 == flags.epochs:
         save(flags, epoch, *parts)
     save(flags, "last", *parts)
@@ -62,11 +62,12 @@ def load_weights(flags, model):
     print(f"Resume checkpoint {flags.resume}")
 
 
-def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None):
+def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None, samples=None):
     """The state a run starts from: that of `path` (a rewind's checkpoint-last.pd), --resume, or with
     --auto_resume the newest usable checkpoint in --output_dir as rank 0 sees it; else a new run at
     --start_epoch. The weights load strictly; a training checkpoint also restores the optimizer and scaler.
-    `iterations` (the epoch's length here) bounds a position inside an epoch."""
+    `iterations` (the epoch's length here) bounds a position inside an epoch, which also needs the training
+    set of the `samples` it stopped in."""
     ckpt = None
     path = path or flags.resume
     if not path and flags.auto_resume:
@@ -77,6 +78,8 @@ def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None):
         truncate_log(flags.output_dir, flags.start_epoch)  # lines a run killed before its first checkpoint left
         return RunState(epoch=flags.start_epoch)
     ckpt = checkpoint.read_on_every_rank(path, ckpt)
+    if checkpoint.is_training_checkpoint(ckpt):
+        checkpoint.check_effective_batch(ckpt, flags, path)
     load_model_weights(model, ckpt["model"], path)
     print(f"Resume checkpoint {path}")
     if not checkpoint.is_training_checkpoint(ckpt):
@@ -84,6 +87,15 @@ def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None):
     checkpoint.load_optimizer_state(optimizer, model, ckpt, path)
     state = RunState(**{**checkpoint.read_state(ckpt), "resumed_from": path})
     state.iteration = checkpoint.position_in_epoch(ckpt, flags, path)
+    if samples is not None and ckpt.get("samples", samples) != samples:
+        if state.iteration:
+            raise CheckpointError(f"{path}: stopped inside epoch {state.epoch} of a training set of {ckpt['samples']} "
+                                  f"images, which now holds {samples}: that epoch's order is gone; restore the "
+                                  f"images, or resume from the end of epoch {state.epoch - 1}")
+        print(f"{path}: the training set held {ckpt['samples']} images, it now holds {samples}")
+    saved = checkpoint.split_of(checkpoint.recorded_flags(ckpt))
+    if saved is not None and saved[:3:2] != (flags.batch_size, flags.world_size):
+        state = resplit(state, saved[0] * saved[2], flags.batch_size * flags.world_size)
     if iterations is not None and state.iteration >= iterations:
         raise CheckpointError(f"{path}: iteration {state.iteration} lies beyond epoch {state.epoch}'s {iterations} "
                               "iterations with this dataset, --batch_size and process count")
@@ -91,10 +103,28 @@ def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None):
         loss_scaler.load_state_dict(ckpt["scaler"])
     print("With optim & sched!" + (f" Continuing epoch {state.epoch} at iteration {state.iteration}."
                                    if state.iteration else ""))
-    truncate_log(flags.output_dir, state.epoch)
     if state.iteration and state.meters is not None and len(state.meters) != get_world_size():
-        raise CheckpointError(f"{path}: stopped inside epoch {state.epoch} with {len(state.meters)} process(es); "
-                              f"resume it with as many (this run has {get_world_size()})")
+        raise CheckpointError(f"{path}: stopped inside epoch {state.epoch} with {len(state.meters)} process(es) "
+                              f"and no record of its batch split; resume it with as many (this run has "
+                              f"{get_world_size()})")
+    truncate_log(flags.output_dir, state.epoch)
+    return state
+
+
+def resplit(state, before, now):
+    """The state of a run that continues with `now` samples per iteration (batch_size x processes) where it
+    stopped with `before` (the effective batch kept): the iterations rewinds left out renumbered, and the
+    meters of a stopped epoch regrouped for this run's processes (rank r takes the old ranks r, r + world
+    size, ...; the epoch's averages over all ranks stay those of the stopped run)."""
+    state.skipped = [[e, first * before // now, (last + 1) * before // now - 1] for e, first, last in state.skipped]
+    if state.meters is not None and len(state.meters) != get_world_size():
+        merged = [{} for _ in range(get_world_size())]
+        for old, meters in enumerate(state.meters):
+            for name, m in meters.items():
+                s = merged[old % get_world_size()].setdefault(name, {"count": 0, "total": 0.0, "values": []})
+                s["count"], s["total"], s["values"] = s["count"] + m["count"], s["total"] + m["total"], [
+                    *s["values"], *m["values"]]
+        state.meters = merged
     return state
 
 

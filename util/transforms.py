@@ -182,10 +182,24 @@ class ColorJitter:
         return img
 
 
-def pretrain_transform(input_size, scale=(0.2, 1.0)):
-    """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
+class MaskNoise:
+    """A sample's masking noise for pre-training (models_mae.random_masking keeps the patches of lowest
+    noise): num_patches uniform numbers in [0, 1) on the float32 grid of 2^-24 (as torch.rand draws them),
+    drawn with the sample's augmentation from (seed, epoch, sample), so that a sample is masked the same
+    however the effective batch is split over processes and accumulation steps."""
+
+    def __init__(self, num_patches):
+        self.num_patches = num_patches
+
+    def __call__(self, img):
+        return img, (np.random.randint(0, 1 << 24, self.num_patches) / float(1 << 24)).astype(np.float32)
+
+
+def pretrain_transform(input_size, scale=(0.2, 1.0), num_patches=None):
+    """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip; with
+    num_patches, each sample also carries its masking noise (MaskNoise)."""
     return Compose([RandomResizedCrop(input_size, scale=tuple(scale), interpolation="bicubic"),
-                    RandomHorizontalFlip(), ToUint8Array()])
+                    RandomHorizontalFlip(), ToUint8Array()] + ([MaskNoise(num_patches)] if num_patches else []))
 
 
 def default_crop_pct(input_size):
