@@ -1,4 +1,6 @@
 """Tiny models in the golden configuration (img 32, patch 4, dim 64, depth 2, 4 heads; decoder 32-d, 2 blocks)."""
+import os
+
 import numpy as np
 
 from layer import LayerNorm
@@ -97,3 +99,21 @@ def parse_flags(script, *argv):
         except SystemExit as e:
             code = e.code
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def descendants(pid):
+    """The processes below pid (a launch's ranks, their data-loader workers), from /proc."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found

@@ -3,6 +3,7 @@ the job), two launchers as two nodes on this machine, and the submission's bad i
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import ROOT
 from data import make_image_folder
 from helpers import run_script, state_of
 from util import cpu_kernels
+from util.weights import load_checkpoint
 
 pytestmark = pytest.mark.slow
 submitit = pytest.importorskip("submitit")
@@ -31,12 +33,13 @@ def training(data, epochs):
             "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu", "--print_freq", "1"]
 
 
-def submit_local(data, job_dir, epochs, monkeypatch, timeout_min=None):
+def submit_local(data, job_dir, epochs, monkeypatch, timeout_min=None, tasks=2, extra=()):
     from util import slurm
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() adds the repo; undone after
     cpu_kernels.available()
-    submit_args, args = slurm.parse("test", "main_pretrain", ["--cluster", "local", "--nodes", "1", "--ngpus", "2",
-                                                              "--job_dir", job_dir, *training(data, epochs)])
+    submit_args, args = slurm.parse("test", "main_pretrain", ["--cluster", "local", "--nodes", "1", "--ngpus",
+                                                              str(tasks), "--job_dir", job_dir, *training(data, epochs),
+                                                              *extra])
     submit_args.timeout = timeout_min or submit_args.timeout
     return slurm.submit("main_pretrain", submit_args, args)
 
@@ -197,3 +200,19 @@ def test_without_submitit_installed(data, tmp_path):
                      env={"PYTHONPATH": str(tmp_path / "shim")})
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 1 and "need submitit (pip install -r requirements-slurm.txt)" in last
+
+
+def test_a_job_resubmitted_on_fewer_gpus_continues_with_the_same_effective_batch(data, uninterrupted, tmp_path,
+                                                                                  monkeypatch):
+    """The 2-task job's folder (3 epochs done), submitted again with 1 task, --accum_iter auto and 4 epochs:
+    the job continues at epoch 3 with --accum_iter 2 (2 x 1 x 1 = 1 x 1 x 2)."""
+    folder = str(tmp_path / "job")
+    shutil.copytree(str(uninterrupted.paths.folder), folder)
+    job = submit_local(data, folder, 4, monkeypatch, tasks=1, extra=("--accum_iter", "auto"))
+    job.results()
+    out = open(job.paths.stdout).read()
+    assert "--accum_iter auto: 2 (keeps the effective batch of 2" in out
+    assert "With optim & sched!" in out and epochs_logged(folder) == [0, 1, 2, 3]
+    args = load_checkpoint(os.path.join(folder, "checkpoint-last.pd"))["args"]
+    assert (args["world_size"], args["accum_iter"]) == (1, 2)
+

@@ -1,16 +1,21 @@
 """Elastic resume: pre-training whose result does not depend on how the effective batch is split (1 process
 x 8, 1 x 4 with --accum_iter 2, 2 processes x 4 under paddle.distributed.launch), and a 2-process run stopped
-inside an epoch that continues on 1 process with --accum_iter 2."""
+inside an epoch (SIGTERM, kill -9) that continues on 1 process with --accum_iter 2."""
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from data import make_train_val
-from helpers import run_script, state_of
+from helpers import descendants, run_script, state_of
 from util import cpu_kernels
 
 pytestmark = pytest.mark.slow
@@ -156,3 +161,33 @@ def test_classifiers_continue_on_another_process_count(data, tmp_path, script):
     np.testing.assert_allclose([r["train_loss"] for r in logs[stopped]], [r["train_loss"] for r in logs[whole]],
                                rtol=0.05)
     assert abs(logs[stopped][-1]["test_acc1"] - logs[whole][-1]["test_acc1"]) <= 12.5  # one of 8 images
+
+
+def test_a_two_process_run_killed_inside_an_epoch_continues_on_one(data, tmp_path):
+    """kill -9 of the launch and its ranks during epoch 3: the run continues from checkpoint-last.pd (the end
+    of epoch 2) on 1 process with --accum_iter 2, ends as the uninterrupted 2-process run did (to rounding),
+    and the same resume done twice ends bit for bit alike."""
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    launched(data, whole, tmp_path)
+    logs = tmp_path / "launch_killed"
+    proc = subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                             str(logs), *PRETRAIN, *flags(data, killed, 4)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = (logs / "workerlog.0").read_text() if (logs / "workerlog.0").exists() else ""
+        if "Epoch: [3]  [2/6]" in log:
+            break
+        time.sleep(0.05)
+    for pid in [*descendants(proc.pid), proc.pid]:  # the ranks (and any workers), the launcher
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert len(losses(killed)) == 3  # epochs 0-2 done, epoch 3 under way
+    again = str(tmp_path / "again")
+    shutil.copytree(killed, again)
+    single(data, killed, 4, 2)
+    single(data, again, 4, "auto")
+    assert_same_training(killed, whole)
+    a, b = state_of(os.path.join(killed, "checkpoint-last.pd")), state_of(os.path.join(again, "checkpoint-last.pd"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

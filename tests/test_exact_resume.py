@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 from data import demo_subset
-from helpers import run_script, state_of
+from helpers import descendants, run_script, state_of
 from util import cpu_kernels
 
 pytestmark = pytest.mark.slow
@@ -96,24 +96,6 @@ def test_sigterm_then_rerun_is_the_same_run(data, reference, tmp_path, script, e
     res = run_script(*cmd[1:])
     assert res.returncode == 0, res.stderr[-2000:]
     assert_same_run(out, reference(script))
-
-
-def descendants(pid):
-    """The processes below pid (its data-loader workers), from /proc."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
 
 
 def test_sigterm_to_every_process_then_rerun_is_the_same_run(data, reference, tmp_path):
