@@ -54,6 +54,14 @@ def launched(data, out, tmp_path, stop=None):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+def contents(out):
+    return {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n != ".lock"}
+
+
+def assert_refused(res, line):
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == "error: " + line, res.stderr[-2000:]
+
+
 def losses(out):
     with open(os.path.join(out, "log.txt")) as f:
         return [json.loads(line)["train_loss"] for line in f]
@@ -102,19 +110,15 @@ def test_a_two_process_run_stopped_inside_an_epoch_continues_on_one(data, tmp_pa
 def test_another_effective_batch_is_refused_and_nothing_is_written(data, tmp_path):
     out = str(tmp_path / "o")
     single(data, out, 8)
-    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n != ".lock"}
-    res = run_script(*PRETRAIN, *flags(data, out, 8, 2), "--epochs", "7")
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == (
-        f"error: {out}/checkpoint-last.pd: trained with an effective batch of 8 (--batch_size 8 x --accum_iter 1 "
+    before = contents(out)
+    assert_refused(run_script(*PRETRAIN, *flags(data, out, 8, 2), "--epochs", "7"), (
+        f"{out}/checkpoint-last.pd: trained with an effective batch of 8 (--batch_size 8 x --accum_iter 1 "
         "x 1 process(es)), this run's is 16 (--batch_size 8 x --accum_iter 2 x 1); with 1 process(es) to keep "
-        "it: --batch_size 8 --accum_iter 1, --batch_size 4 --accum_iter 2, --batch_size 2 --accum_iter 4")
-    res = run_script(*PRETRAIN, *flags(data, out, 3, "auto"), "--epochs", "7")
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == (
-        f"error: {out}/checkpoint-last.pd: its effective batch of 8 is not a multiple of --batch_size 3 x 1 "
-        "process(es); choose a --batch_size that divides 8")
-    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n != ".lock"} == before
+        "it: --batch_size 8 --accum_iter 1, --batch_size 4 --accum_iter 2, --batch_size 2 --accum_iter 4"))
+    assert_refused(run_script(*PRETRAIN, *flags(data, out, 3, "auto"), "--epochs", "7"), (
+        f"{out}/checkpoint-last.pd: its effective batch of 8 is not a multiple of --batch_size 3 x 1 "
+        "process(es); choose a --batch_size that divides 8"))
+    assert contents(out) == before
     new = single(data, str(tmp_path / "new"), 8, "auto")
     assert "--accum_iter auto: a new run, 1" in new.stdout
 
@@ -123,14 +127,12 @@ def test_a_changed_training_set_is_refused_inside_an_epoch(data, tmp_path):
     out, images = str(tmp_path / "o"), str(tmp_path / "images")
     shutil.copytree(data, images)
     single(images, out, 8, stop=(1, 2))
-    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n != ".lock"}
+    before = contents(out)
     os.remove(os.path.join(images, "train", "class_1", "img_3.png"))
-    res = run_script(*PRETRAIN, *flags(images, out, 8))
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == (
-        f"error: {out}/checkpoint-last.pd: stopped inside epoch 1 of a training set of 48 images, which now holds "
-        "47: that epoch's order is gone; restore the images, or resume from the end of epoch 0")
-    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out) if n != ".lock"} == before
+    assert_refused(run_script(*PRETRAIN, *flags(images, out, 8)), (
+        f"{out}/checkpoint-last.pd: stopped inside epoch 1 of a training set of 48 images, which now holds "
+        "47: that epoch's order is gone; restore the images, or resume from the end of epoch 0"))
+    assert contents(out) == before
 
 
 @pytest.mark.parametrize("script", ["finetune", "linprobe"])

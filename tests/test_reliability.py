@@ -302,7 +302,7 @@ def test_non_finite_loss_names_epoch_and_iteration():
             super().__init__()
             self.w = self.create_parameter([1])
 
-        def forward(self, x, mask_ratio):
+        def forward(self, x, mask_ratio, noise=None):  # models_mae.MaskedAutoencoderViT.forward
             return self.w.sum() * float("nan"), None, None
 
     model = Exploding()

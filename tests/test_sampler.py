@@ -55,3 +55,21 @@ def test_a_stopped_epoch_continues_with_the_samples_not_yet_seen():
 
 def test_epochs_draw_other_orders():
     assert batches(40, 4, 1, 1, epoch=0) != batches(40, 4, 1, 1, epoch=1)
+
+
+def test_the_effective_batch_check_names_what_keeps_it():
+    from types import SimpleNamespace
+
+    from util.checkpoint import check_effective_batch
+    from util.errors import CheckpointError
+
+    ckpt = {"args": {"batch_size": 64, "accum_iter": 1, "world_size": 8}}  # 512
+    check_effective_batch(ckpt, SimpleNamespace(batch_size=32, accum_iter=4, world_size=4), "c")
+    with pytest.raises(CheckpointError, match=r"with 4 process\(es\) to keep it: --batch_size 64 --accum_iter 2, "
+                                              r"--batch_size 128 --accum_iter 1, --batch_size 32 --accum_iter 4$"):
+        check_effective_batch(ckpt, SimpleNamespace(batch_size=64, accum_iter=1, world_size=4), "c")
+    with pytest.raises(CheckpointError, match=r"with 3 process\(es\) to keep it: no --batch_size x --accum_iter does"):
+        check_effective_batch(ckpt, SimpleNamespace(batch_size=64, accum_iter=1, world_size=3), "c")
+    # an official checkpoint records no world_size: it continues unchecked, as every resume did before
+    check_effective_batch({"args": {"batch_size": 64, "accum_iter": 1}},
+                          SimpleNamespace(batch_size=8, accum_iter=1, world_size=1), "c")

@@ -94,7 +94,7 @@ def _meters_problem(meters):
 
 def check_training_state(ckpt, path):
     """Raise CheckpointError naming the first field of a training checkpoint (format, epoch, iteration,
-    optimizer, scaler, best, meters, skipped, args, samples, classes) whose type or range no run of this project writes,
+    samples, optimizer, scaler, best, meters, skipped, args, classes) whose type or range no run of this project writes,
     before anything is loaded from it."""
     def bad(key, why):
         raise CheckpointError(f"{path}: '{key}' {why}; not a checkpoint to continue training from")
@@ -105,12 +105,11 @@ def check_training_state(ckpt, path):
     if version > FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this version of the code reads "
                               f"(formats 1 to {FORMAT}); update the code to continue this run")
-    epoch = ckpt.get("epoch")
-    if not _is_int(epoch) or epoch < -1:
-        bad("epoch", f"is {epoch!r}, not an epoch number")
-    iteration = ckpt.get("iteration", 0)
-    if not _is_int(iteration) or iteration < 0:
-        bad("iteration", f"is {iteration!r}, not a batch number")
+    for key, default, least, what in (("epoch", None, -1, "an epoch number"), ("iteration", 0, 0, "a batch number"),
+                                      ("samples", 1, 1, "a number of images")):
+        value = ckpt.get(key, default)
+        if not _is_int(value) or value < least:
+            bad(key, f"is {value!r}, not {what}")
     opt = ckpt.get("optimizer")
     if not isinstance(opt, dict):
         bad("optimizer", f"is {type(opt).__name__}, not a dict")
@@ -135,9 +134,6 @@ def check_training_state(ckpt, path):
         bad("skipped", f"is {skipped!r}, not a list of [epoch, first, last] iterations")
     if not isinstance(ckpt.get("args", {}), dict):
         bad("args", f"is {type(ckpt['args']).__name__}, not a dict of flags")
-    samples = ckpt.get("samples", 1)
-    if not _is_int(samples) or samples < 1:
-        bad("samples", f"is {samples!r}, not a number of images")
     classes = ckpt.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         bad("classes", f"is {type(classes).__name__}, not a list of class names")
