@@ -20,7 +20,7 @@ from layer import set_fused_attention
 from util.args import add_cache_arg, check_model_input, checkpoint_file, positive_int
 from util.classifier import classifier_from_checkpoint
 from util.errors import LaunchError, WriteError, run
-from util.files import file_digest
+from util.files import file_digest, write_text
 
 
 def get_args_parser():
@@ -42,10 +42,10 @@ def export(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     paddle.jit.save(model, args.output, input_spec=spec)
-    with open(args.output + ".info", "w", encoding="utf-8") as f:
-        json.dump({"model": args.model, "input_size": size, "num_classes": model.num_classes,
-                   "class_names": model.class_names, "crop_pct": model.crop_pct, "source": os.path.abspath(args.resume),
-                   "sha256": {ext: file_digest(args.output + ext) for ext in (".json", ".pdiparams")}}, f, indent=1)
+    write_text(args.output + ".info", json.dumps(
+        {"model": args.model, "input_size": size, "num_classes": model.num_classes, "class_names": model.class_names,
+         "crop_pct": model.crop_pct, "source": os.path.abspath(args.resume),
+         "sha256": {ext: file_digest(args.output + ext) for ext in (".json", ".pdiparams")}}, indent=1))
     print(f"wrote {args.output}.json, {args.output}.pdiparams, {args.output}.info")
     if args.onnx:
         try:
