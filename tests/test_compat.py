@@ -112,3 +112,14 @@ def test_batch_norm_running_variance():
 
 def test_set_cpu_threads():
     compat.set_cpu_threads(1)  # paddle.base.core.set_num_threads: an AttributeError names it when removed
+
+
+def test_pinned_non_blocking_upload_api():
+    """util.dist.to_device's GPU path (not run here): Tensor.pin_memory() and Tensor.cuda(blocking=False)."""
+    import inspect
+
+    from util.dist import to_device
+    assert callable(paddle.Tensor.pin_memory), "paddle.Tensor.pin_memory is gone"
+    assert "blocking" in inspect.signature(paddle.Tensor.cuda).parameters, "paddle.Tensor.cuda lost `blocking`"
+    tensor = to_device(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert tensor.place.is_cpu_place() and tensor.numpy().tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -156,3 +156,12 @@ def broadcast_buffers(model):
         return
     for tensor in list(model.buffers()) + compat.batch_norm_statistics(model):
         dist.broadcast(tensor, src=0)
+
+
+def to_device(array):
+    """A host array as a tensor on this process's device: on a GPU copied from pinned memory without blocking
+    (a copy from pageable memory would wait for it), elsewhere a plain CPU tensor."""
+    tensor = paddle.to_tensor(array, place=paddle.CPUPlace())
+    if paddle.is_compiled_with_cuda() and paddle.get_device().startswith("gpu"):
+        return tensor.pin_memory().cuda(blocking=False)
+    return tensor

@@ -4,6 +4,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from util.dist import to_device
+
 
 def one_hot(x, num_classes, on_value=1.0, off_value=0.0):
     return F.one_hot(x.reshape([-1]).astype("int64"), num_classes) * (on_value - off_value) + off_value
@@ -104,7 +106,8 @@ class Mixup:
 
     def _mix_per_sample(self, x):
         """'elem' / 'pair': sample i mixes with sample B-1-i, each with its own lam (and CutMix box). The
-        per-sample numbers reach the device in one upload; the boxes are drawn there from their corners."""
+        per-sample numbers reach the device in one upload (pinned, not blocking); the boxes are drawn there from
+        their corners."""
         n, (h, w) = x.shape[0], x.shape[2:]
         lam, use_cutmix = self._params_per_elem(n if self.mode == "elem" else n // 2)
         corners = np.zeros((len(lam), 4), np.float32)  # top, bottom, left, right; empty unless CutMix
@@ -115,7 +118,7 @@ class Mixup:
             lam, use_cutmix = np.concatenate([lam, lam[::-1]]), np.concatenate([use_cutmix, use_cutmix[::-1]])
             corners = np.concatenate([corners, corners[::-1]])
         blend = np.where(use_cutmix, 1.0, lam)
-        params = paddle.to_tensor(np.concatenate([blend[:, None], lam[:, None], corners], 1).astype(np.float32))
+        params = to_device(np.concatenate([blend[:, None], lam[:, None], corners], 1).astype(np.float32))
         rows, cols = paddle.arange(h, dtype="float32"), paddle.arange(w, dtype="float32")
         in_rows = (rows >= params[:, 2:3]) & (rows < params[:, 3:4])
         in_cols = (cols >= params[:, 4:5]) & (cols < params[:, 5:6])
