@@ -4,12 +4,16 @@ the index, the loader workers' memory, beside the reference implementations.
     python experiments/scale/bench.py --root /tmp/imagenet_shape --make      # 1000 classes, 1,281,167 / 50,000
     python experiments/scale/bench.py --root /tmp/imagenet_shape --job index --torch_python /tmp/tv/bin/python
     python experiments/scale/bench.py --root /tmp/imagenet_shape --job loader
+    python experiments/scale/bench.py --root /tmp/imagenet_shape --job knn --reference
+    python experiments/scale/bench.py --root /tmp/imagenet_shape --job extract
 
 index: seconds of ImageFolder(train/) here and torchvision's ImageFolder, alternating (--rounds), and the
 stat-family system calls of a scan of val/ per image file (strace -c, minus the same interpreter's start-up).
 loader: the private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) of each loader worker
 after its first batch and after --batches batches of --batch_size, with this project's compact sample index
 and with the samples as a Python list of tuples (as the official code and torchvision keep them).
+knn: util.features.knn_top1 against the same run's float32 matrix product (and a float64 search).
+extract: main_extract.py's peak memory for several numbers of images.
 """
 import argparse
 import io
@@ -196,6 +200,35 @@ def job_knn(args):
         print(f"  float64 search: top-1 {ref:.2f}% ({'equal' if ref == acc else 'DIFFERENT'})")
 
 
+def job_extract(args):
+    """main_extract.py's peak resident memory (/usr/bin/time) on the first N images of val/ for each --sizes N
+    (flat folders of hard links), with a vit_micro_patch4 of random weights: it must not grow with N x D."""
+    sys.path.insert(0, ROOT)
+    import models_vit
+    from util.weights import save_file
+    work = os.path.join(os.path.dirname(os.path.abspath(args.bank)), "extract_bench")
+    os.makedirs(work, exist_ok=True)
+    weights = os.path.join(work, "vit_micro.pd")
+    save_file({"model": models_vit.vit_micro_patch4(img_size=32).state_dict()}, weights)
+    val = os.path.join(args.root, "val")
+    files = [os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))]
+    for n in args.sizes:
+        folder = os.path.join(work, f"flat_{n}")
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            for i, path in enumerate(files[:n]):
+                os.link(path, os.path.join(folder, f"{i:07d}.jpg"))
+        out = os.path.join(work, f"features_{n}.npz")
+        res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "main_extract.py", "--model",
+                              "vit_micro_patch4", "--finetune", weights, "--device", "cpu", "--num_workers",
+                              str(args.num_workers), "--data_path", folder, "--output", out], cwd=ROOT,
+                             capture_output=True, text=True)
+        peak = re.findall(r"MAXRSS (\d+)", res.stderr)
+        shape = np.load(out)["features"].shape if res.returncode == 0 else None
+        print(f"main_extract.py, {n} images, features {shape}: peak memory of the main process "
+              f"{int(peak[-1]) / 1024:.0f} MB" if peak and shape else f"main_extract.py failed: {res.stderr[-500:]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
@@ -203,7 +236,8 @@ def main():
     parser.add_argument("--train", type=int, default=1281167)
     parser.add_argument("--val", type=int, default=50000)
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--job", choices=["index", "loader", "knn"])
+    parser.add_argument("--job", choices=["index", "loader", "knn", "extract"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000], help="--job extract: images")
     parser.add_argument("--bank", default="/tmp/knn_bank.npy", help="--job knn: the bank file (made if missing)")
     parser.add_argument("--bank_rows", type=int, default=1281167)
     parser.add_argument("--dim", type=int, default=768)
@@ -223,6 +257,8 @@ def main():
         job_loader(args)
     elif args.job == "knn":
         job_knn(args)
+    elif args.job == "extract":
+        job_extract(args)
 
 
 if __name__ == "__main__":
