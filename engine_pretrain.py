@@ -32,10 +32,13 @@ def train_one_epoch(model, data_loader, optimizer, epoch, loss_scaler, log_write
         with grad_sync(model, update):
             with autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio, noise=noise[0] if noise else None)
-            loss_value, stop = read_step(nonfinite.through_hooks(loss, epoch, data_iter_step), update,
-                                         every_step=args.on_nonfinite == "rewind")
+            found_inf = loss_scaler.backward(loss / accum_iter, optimizer, parameters=model.parameters(),
+                                             update_grad=update)
+            loss_value, stop, skip = read_step(nonfinite.through_hooks(loss, epoch, data_iter_step), update,
+                                               every_step=args.on_nonfinite == "rewind", found_inf=found_inf)
             nonfinite.check_loss(loss_value, epoch, data_iter_step)
-            loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
+            if update:
+                loss_scaler.step(optimizer, skip)
         if update:
             optimizer.clear_grad()
 

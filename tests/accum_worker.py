@@ -51,13 +51,12 @@ class RecordingScaler(NativeScalerWithGradNormCount):
         super().__init__(enabled=False)
         self.model, self.records, self.update_grads = model, records, []
 
-    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
-        self._scaler.scale(loss).backward()
+    def backward(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
+        found_inf = super().backward(loss, optimizer, clip_grad, parameters, update_grad)
         self.records.append({"update": update_grad, "synced": synced(self.model)})
         if update_grad:
             self.update_grads.append([p.grad.numpy().copy() for p in self.model.parameters()])
-            self._scaler.step(optimizer)
-            self._scaler.update()
+        return found_inf
 
 
 def run(accum_iter, batch_size):

@@ -123,3 +123,17 @@ def test_pinned_non_blocking_upload_api():
     assert "blocking" in inspect.signature(paddle.Tensor.cuda).parameters, "paddle.Tensor.cuda lost `blocking`"
     tensor = to_device(np.arange(6, dtype=np.float32).reshape(2, 3))
     assert tensor.place.is_cpu_place() and tensor.numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_update_scale_follows_gradscaler_update():
+    """compat.update_scale does what AmpScaler._update and GradScaler.update do, on the same private fields."""
+    import inspect
+
+    from paddle.amp import grad_scaler
+    source = inspect.getsource(grad_scaler.AmpScaler._update)
+    for piece in ("self._incr_count", "self._decr_count", "self._decr_every_n_nan_or_inf",
+                  "self._incr_every_n_steps", "self._scale = self._scale * self._decr_ratio",
+                  "self._scale = self._scale * self._incr_ratio", "if self._cache_found_inf:"):
+        assert piece in source, f"paddle.amp.grad_scaler.AmpScaler._update no longer has {piece!r}"
+    assert "_refresh_optimizer_state" in inspect.getsource(grad_scaler.GradScaler.update)
+    assert callable(grad_scaler._refresh_optimizer_state)

@@ -47,7 +47,7 @@ def test_per_sample_mixing_adds_one_upload_per_step(mode, tmp_path):
     counts = json.loads(res.stdout.strip().splitlines()[-1])
     assert counts["steps"] == [2] * (2000 // 16), counts  # the loss read and one upload
     assert {site.split(":")[0] for site in counts["where"]} == {"util/epochs.py", "util/transforms.py",
-                                                                "util/mixup.py"}, counts
+                                                                "util/dist.py"}, counts  # mixup's to_device
 
 
 def test_evaluation_reads_the_device_once_per_batch(monkeypatch):
@@ -82,3 +82,59 @@ def test_evaluation_reads_the_device_once_per_batch(monkeypatch):
         logits = [model(x) for x, _ in batches]
     top1 = [float((lg.argmax(1) == y).astype("float32").mean()) * 100 for lg, (_, y) in zip(logits, batches)]
     assert stats["acc1"] == pytest.approx(np.mean(top1), abs=1e-9)
+
+
+def test_float16_loss_scaler_reads_once_per_step_and_skips_non_finite_steps(monkeypatch):
+    """The float16 scaler's path (GradScaler enables itself only where the tracer's place is a GPU, so the
+    test shows it one while it is built): the non-finite flag travels in the step's one read, and a step with
+    infinite gradients is left out, counted, and backs the scale off. Paddle's CPU kernel of
+    check_finite_and_unscale_ does not set its flag in place (the GPU's does), so for the infinite step the
+    test hands the flag in."""
+    from util import compat
+    from paddle.amp import grad_scaler
+
+    from util.amp import NativeScalerWithGradNormCount
+    from util.epochs import read_step
+
+    class Gpu:
+        def is_gpu_place(self):
+            return True
+    monkeypatch.setattr(grad_scaler, "_dygraph_tracer", lambda: type("Tracer", (), {"_expected_place": Gpu()})())
+    scaler = NativeScalerWithGradNormCount(enabled=True)
+    monkeypatch.undo()
+    paddle.seed(0)
+    model = paddle.nn.Linear(4, 2)
+    optimizer = paddle.optimizer.AdamW(parameters=model.parameters(), learning_rate=0.1)
+    reads, depth = [], []
+
+    def counted(read):
+        def wrapper(self, *args, **kwargs):
+            if not depth:  # a read inside another (tolist through numpy) is one read
+                reads.append(read.__name__)
+            depth.append(1)
+            try:
+                return read(self, *args, **kwargs)
+            finally:
+                depth.pop()
+        return wrapper
+    for name in ("item", "numpy", "tolist", "__float__", "__bool__"):
+        monkeypatch.setattr(paddle.Tensor, name, counted(getattr(paddle.Tensor, name)))
+    weights, per_step = [], []
+    for factor in (1.0, float("inf"), 1.0):
+        start = len(reads)
+        with paddle.amp.auto_cast(enable=False, dtype="float16"):  # as util.amp.autocast (its dtype: the scaler's)
+            loss = (model(paddle.ones([3, 4])) * factor).sum()
+        found_inf = scaler.backward(loss, optimizer, parameters=model.parameters())
+        assert found_inf is compat.found_inf(scaler._scaler) and found_inf.shape == [1]
+        found_inf = paddle.full([1], factor == float("inf"))
+        _, _, skip = read_step(loss, True, found_inf=found_inf)
+        scaler.step(optimizer, skip)
+        optimizer.clear_grad()
+        per_step.append(len(reads) - start)
+        weights.append(paddle.assign(model.weight))
+    monkeypatch.undo()
+    assert per_step == [1, 1, 1], reads
+    assert scaler.skipped_steps == 1
+    assert np.array_equal(weights[0].numpy(), weights[1].numpy())
+    assert not np.array_equal(weights[1].numpy(), weights[2].numpy())
+    assert float(np.asarray(scaler.state_dict()["scale"]).ravel()[0]) == 65536.0 / 2

@@ -83,7 +83,7 @@ def test_accum_iter_equals_one_big_batch():
     before = a.blocks[0].attn.qkv.weight.numpy().copy()
     for i in range(2):
         loss, _, _ = a(imgs[i:i + 1], 0.75, noise[i:i + 1])
-        scaler(loss / 2, opt_a, parameters=a.parameters(), update_grad=False)
+        assert scaler.backward(loss / 2, opt_a, parameters=a.parameters(), update_grad=False) is None
     assert np.array_equal(a.blocks[0].attn.qkv.weight.numpy(), before)
     loss, _, _ = b(imgs, 0.75, noise)  # equal masked counts per image: the mean of the two losses
     loss.backward()
@@ -92,7 +92,8 @@ def test_accum_iter_equals_one_big_batch():
             ref = pb.grad.numpy()
             assert max_abs(pa.grad.numpy(), ref) <= 1e-5 * np.abs(ref).max(), k
     loss, _, _ = a(imgs[:1], 0.75, noise[:1])
-    scaler(loss, opt_a, parameters=a.parameters(), update_grad=True)
+    scaler.backward(loss, opt_a, parameters=a.parameters(), update_grad=True)
+    scaler.step(opt_a)
     assert not np.array_equal(a.blocks[0].attn.qkv.weight.numpy(), before)
 
 

@@ -15,7 +15,7 @@ def create_loss_scaler(args):
     return NativeScalerWithGradNormCount(enabled=amp_enabled(args) and args.amp_dtype == "float16")
 
 class NativeScalerWithGradNormCount:
-    """scale -> backward -> (on update steps) unscale -> optional clip -> step -> update.
+    """backward: scale -> backward -> (on update steps) unscale -> optional clip; step: step -> update.
 
     Settings of the official GradScaler: initial scale 65536, growth 2 every 2000 finite steps, backoff 0.5.
     Disabled (plain backward and step) unless AMP float16 runs on a GPU.
@@ -27,26 +27,33 @@ class NativeScalerWithGradNormCount:
                                              decr_ratio=0.5, incr_every_n_steps=2000, decr_every_n_nan_or_inf=1)
         self._skipped = 0
 
-    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
+    def backward(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
+        """scale -> backward; on update steps unscale -> optional clip. Returns the scaler's flag of
+        non-finite gradients as a device tensor (float16 on update steps; else None), for the step's one
+        read (util.epochs.read_step)."""
         self._scaler.scale(loss).backward()
         if not update_grad:
             return None
         self._scaler.unscale_(optimizer)
-        norm = None
         if clip_grad is not None:
-            norm = paddle.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
-        self._scaler.step(optimizer)
-        if self.enabled:  # non-finite gradients: the step was skipped (and the scale backs off in update)
-            found_inf = compat.found_inf(self._scaler)  # set by unscale_
-            self._skipped = self._skipped + (found_inf.astype("int64") if isinstance(found_inf, paddle.Tensor)
-                                             else int(found_inf))
-        self._scaler.update()
-        return norm
+            paddle.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
+        return compat.found_inf(self._scaler) if self.enabled else None
+
+    def step(self, optimizer, skip=False):
+        """The optimizer step, left out when the gradients were not finite (`skip`, read with the step's
+        loss), then the scale's update (backed off after a skip). GradScaler.step is not used: its optimizer
+        tests the flag on the host, a second blocking read per step."""
+        if skip:
+            self._skipped += 1
+        else:
+            optimizer.step()
+        if self.enabled:
+            compat.update_scale(self._scaler, skip)
 
     @property
     def skipped_steps(self):
-        """Steps skipped for non-finite gradients so far (read from the device only when asked)."""
-        return int(self._skipped.item() if isinstance(self._skipped, paddle.Tensor) else self._skipped)
+        """Steps skipped for non-finite gradients so far."""
+        return self._skipped
 
     def state_dict(self):
         return self._scaler.state_dict()

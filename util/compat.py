@@ -1,5 +1,7 @@
 """The one place that reaches into Paddle's and submitit's internals, where they have no public API for what
 is needed; tests/test_compat.py fails naming the internal when an upgrade removes or changes one."""
+import collections
+
 import paddle
 
 
@@ -58,9 +60,26 @@ def adam_betas(optimizer):
 
 
 def found_inf(scaler):
-    """Whether GradScaler.unscale_ found non-finite gradients in this step (a bool tensor, or a bool); Paddle
-    keeps the flag it skips the step by under a private name."""
+    """Whether GradScaler.unscale_ found non-finite gradients in this step (a bool tensor); Paddle keeps the
+    flag it skips the step by under a private name."""
     return scaler._found_inf
+
+
+def update_scale(scaler, skipped):
+    """GradScaler.update's dynamic loss scaling after a step taken (or left out: `skipped`) without
+    GradScaler.step, whose optimizer tests the flag on the host. Done on GradScaler's own private fields,
+    without update's message on a backed-off scale, which reads the scale from the device (and, with NumPy 2,
+    fails: float() of its shape-[1] array)."""
+    from paddle.amp import grad_scaler
+    if skipped:
+        scaler._incr_count, scaler._decr_count = 0, scaler._decr_count + 1
+        if scaler._decr_count == scaler._decr_every_n_nan_or_inf:
+            scaler._scale, scaler._decr_count = scaler._scale * scaler._decr_ratio, 0
+    else:
+        scaler._decr_count, scaler._incr_count = 0, scaler._incr_count + 1
+        if scaler._incr_count == scaler._incr_every_n_steps:
+            scaler._scale, scaler._incr_count = scaler._scale * scaler._incr_ratio, 0
+    scaler._optimizer_states = collections.defaultdict(grad_scaler._refresh_optimizer_state)
 
 
 def layer_norm_config(layer):

@@ -138,20 +138,26 @@ def epoch_meters(epoch, metric_logger=None):
     return metric_logger, f"Epoch: [{epoch}]"
 
 
-def read_step(loss, update, every_step=False):
-    """(the step's loss as a number, whether any rank asked to stop): the one value a step reads from the
-    device, which the official non-finite check needs every step. With several processes, update steps
-    first sum [loss, stop flag] over the ranks on the device (one collective, one read): the loss is then
-    the mean over ranks, so that every rank sees a non-finite loss of any rank; other micro-steps
-    communicate nothing unless every_step (--on_nonfinite rewind, where all ranks must fail at the same
-    iteration)."""
-    if get_world_size() == 1 or not (update or every_step):
-        return loss.item(), update and STOP.local_flag() > 0
-    both = paddle.stack([loss.detach().astype("float32").reshape([]),
-                         paddle.full([], STOP.local_flag() if update else 0, "float32")])
-    dist.all_reduce(both)
-    loss_sum, stop = both.tolist()
-    return loss_sum / get_world_size(), stop > 0
+def read_step(loss, update, every_step=False, found_inf=None):
+    """(the step's loss as a number, whether any rank asked to stop, whether the float16 loss scaler found
+    non-finite gradients): the one read a step makes from the device, which the official non-finite check
+    needs every step; the scaler's flag (`found_inf`, a device tensor after the backward pass) travels in it.
+    With several processes, update steps first sum [loss, stop flag, found_inf] over the ranks on the device
+    (one collective, one read): the loss is then the mean over ranks, so that every rank sees a non-finite
+    loss of any rank; other micro-steps communicate nothing unless every_step (--on_nonfinite rewind, where
+    all ranks must fail at the same iteration)."""
+    collective = get_world_size() > 1 and (update or every_step)
+    if not collective and found_inf is None:
+        return loss.item(), update and STOP.local_flag() > 0, False
+    parts = [loss.detach().astype("float32").reshape([]),
+             paddle.full([], STOP.local_flag() if update else 0, "float32")]
+    if found_inf is not None:
+        parts.append(found_inf.astype("float32").reshape([]))
+    values = paddle.stack(parts)
+    if collective:
+        dist.all_reduce(values)
+    values = values.tolist()
+    return values[0] / (get_world_size() if collective else 1), values[1] > 0, len(values) > 2 and values[2] > 0
 
 
 def log_step(metric_logger, log_writer, loss_value, lr, step, steps, epoch, update, stop, loss_tag="loss"):
