@@ -399,3 +399,26 @@ def test_per_sample_modes_match_the_sample_loop(mode):
     assert len(set(lam.tolist())) > 2  # per-sample lam, not one per batch
     if mode == "pair":
         assert np.array_equal(lam, lam[::-1])
+
+
+def test_mask_noise_is_uniform_on_float32s_grid_and_drawn_per_sample():
+    """Pre-training's mask noise (official: torch.rand(N, L) per batch): per sample, uniform in [0, 1) on the
+    2^-24 grid, drawn with the sample's augmentation from (seed, epoch, index), so the same sample draws the
+    same noise in any batch."""
+    from util.datasets import sample_random_state
+    from util.transforms import MaskNoise, pretrain_transform
+
+    tf = pretrain_transform(32, num_patches=64)
+    assert isinstance(tf.transforms[-1], MaskNoise)
+    img = np.random.RandomState(0).randint(0, 256, (40, 40, 3), dtype=np.uint8)
+    draws = {}
+    for key in ((0, 0, 5), (0, 0, 6), (0, 1, 5), (0, 0, 5)):
+        with sample_random_state(*key):
+            pixels, noise = tf(img)
+        assert pixels.shape == (32, 32, 3) and noise.shape == (64,) and noise.dtype == np.float32
+        assert draws.setdefault(key, noise) is noise or np.array_equal(draws[key], noise)
+    assert not np.array_equal(draws[(0, 0, 5)], draws[(0, 0, 6)]) and not np.array_equal(draws[(0, 0, 5)],
+                                                                                            draws[(0, 1, 5)])
+    many = np.concatenate([MaskNoise(64)(None)[1] for _ in range(2000)])
+    assert many.min() >= 0.0 and many.max() < 1.0 and np.all(many * 2.0 ** 24 == np.round(many * 2.0 ** 24))
+    assert abs(many.mean() - 0.5) < 0.005 and abs(many.var() - 1 / 12) < 0.002

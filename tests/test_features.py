@@ -62,12 +62,16 @@ def test_weighted_knn_at_small_temperatures():
         assert got > 40
 
 
-def test_nearest_equals_a_float64_search(tmp_path, monkeypatch):
+@pytest.mark.parametrize("product_queries,block_queries", [(2048, 256), (7, 3)])
+def test_nearest_equals_a_float64_search(tmp_path, monkeypatch, product_queries, block_queries):
     """Blocks of the bank (memory-mapped) in float32, candidates re-scored in float64: the neighbours and
     similarities of a float64 search, also where float32 cannot order rows (near duplicates: the float64
-    fallback) and for ties (the lower row first)."""
+    fallback) and for ties (the lower row first); the queries in one product or in several (7 at a time,
+    selected 3 at a time)."""
     from util import features
     monkeypatch.setattr(features, "BLOCK_ROWS", 37)
+    monkeypatch.setattr(features, "PRODUCT_QUERIES", product_queries)
+    monkeypatch.setattr(features, "BLOCK_QUERIES", block_queries)
     rng = np.random.default_rng(2)
     bank = rng.normal(size=(500, 24))
     bank[100:200] = bank[7] + rng.normal(size=(100, 24)) * 3e-7  # cosines 1e-13 apart: below float32's error

@@ -73,3 +73,11 @@ def test_the_effective_batch_check_names_what_keeps_it():
     # an official checkpoint records no world_size: it continues unchecked, as every resume did before
     check_effective_batch({"args": {"batch_size": 64, "accum_iter": 1}},
                           SimpleNamespace(batch_size=8, accum_iter=1, world_size=1), "c")
+
+
+def test_accum_iter_takes_auto_or_a_positive_number():
+    from helpers import parse_flags
+    for bad, why in (("x", "must be a whole number >= 1 or 'auto', got 'x'"), ("0", "must be >= 1, got 0")):
+        res = parse_flags("main_pretrain.py", "--accum_iter", bad, "--data_path", "d")
+        assert res.returncode == 2 and f"argument --accum_iter: {why}" in res.stderr
+    assert parse_flags("main_pretrain.py", "--accum_iter", "auto", "--data_path", "d").returncode == 0

@@ -18,7 +18,12 @@ def positive_int(value):
 
 
 def accum_iter(value):
-    return value if value == "auto" else positive_int(value)
+    if value == "auto":
+        return value
+    try:
+        return positive_int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'auto', got {value!r}") from None
 
 
 def non_negative_int(value):

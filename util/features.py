@@ -73,6 +73,7 @@ def extract(model, loader_for, count, pool="avg", label="", print_every=50, amp_
 
 MARGIN = 8  # candidates beyond k that the float32 pass keeps for the exact re-scoring
 BLOCK_ROWS, BLOCK_QUERIES = 4096, 256  # a block of similarities selected at a time: it stays in the cache
+PRODUCT_QUERIES = 2048  # queries multiplied with a bank block at once: 32 MB of similarities, whatever Q
 RESCORE_QUERIES = 256  # queries whose candidates are re-scored at a time (float64: 256 x keep x D)
 
 
@@ -125,9 +126,11 @@ def nearest(bank, queries, k):
     for start in range(0, n, rows):
         block = np.array(bank[start:start + rows], np.float32)
         block /= np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)[:, None]
-        sims = q32 @ block.T  # one product for all queries: the matrix product's own speed
-        for a in range(0, len(q32), BLOCK_QUERIES):
-            _keep_best(best_v[a:a + BLOCK_QUERIES], best_i[a:a + BLOCK_QUERIES], sims[a:a + BLOCK_QUERIES], start, keep)
+        for p in range(0, len(q32), PRODUCT_QUERIES):  # large products: the matrix product's own speed
+            sims = q32[p:p + PRODUCT_QUERIES] @ block.T
+            for a in range(0, len(sims), BLOCK_QUERIES):
+                b = min(a + BLOCK_QUERIES, len(sims))
+                _keep_best(best_v[p + a:p + b], best_i[p + a:p + b], sims[a:b], start, keep)
     sims = np.empty(best_i.shape)
     for a in range(0, len(q64), RESCORE_QUERIES):
         b = a + RESCORE_QUERIES

@@ -139,7 +139,9 @@ def start_run(args):
     if args.device.startswith("cpu"):
         configure_cpu()
     init_distributed_mode(args.device)
-    accum = checkpoint.accum_iter_to_keep(args, get_world_size()) if args.accum_iter == "auto" else None
+    accum = None
+    if args.accum_iter == "auto":  # --eval trains nothing: 1
+        accum = 1 if getattr(args, "eval", False) else checkpoint.accum_iter_to_keep(args, get_world_size())
     args = for_this_process(args, get_world_size(), get_rank(), accum)
     if nonfinite.injection():  # the testing aid MAE_INJECT_NONFINITE, checked with the flags
         nonfinite.install_injection(*nonfinite.injection())
