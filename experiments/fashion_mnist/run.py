@@ -40,13 +40,13 @@ FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "grids": {"finetune_mae": ("2.5e-3", "5e-3", "1e-2"), "finetune_scratch": ("2.5e-3", "5e-3", "1e-2"),
                   "linprobe_mae": ("0.1", "0.8", "6.4", "25.6")},
         "recipe_steps": ({"crop_pct": ("0.875", "1"), "crop_min": ("0.08", "0.25", "0.5")},
-                         {"drop_path": ("0", "0.1", "0.2"), "weight_decay": ("0.05", "0.2")}),
+                         {"drop_path": ("0", "0.1", "0.2"), "weight_decay": ("0.05", "0.2")}, {"longer": ("1", "2")}),
         "pretrain_seeds": (0, 1)}
 SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=1, pretrain_epochs=(1, 2),
              pixel_epochs=1, batch=16, lbfgs_iterations=50, extend=1,
              epochs={p: 1 for p in PERCENTS}, eval_freq={p: 1 for p in PERCENTS}, scratch_longer={p: 2 for p in PERCENTS},
              grids={m: g[:2] if m == "finetune_mae" else g[:1] for m, g in FULL["grids"].items()},
-             recipe_steps=({"crop_pct": ("0.875", "1")}, {"drop_path": ("0", "0.1")}))
+             recipe_steps=({"crop_pct": ("0.875", "1")}, {"drop_path": ("0", "0.1")}, {"longer": ("1", "2")}))
 COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
 PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
 SCRIPTED = {"finetune_mae": ["main_finetune.py", "--model", VIT, "--aa", "none", "--reprob", "0", "--drop_path", "0",
@@ -165,25 +165,28 @@ class Study:
 
     def recipe_run(self, method, percent, recipe):
         """A validation run (draw 0) of `method` with the small-image recipe `recipe` (crop_pct, crop_min,
-        drop_path, weight_decay, blr); its name spells the recipe."""
+        drop_path, weight_decay, longer: a multiple of the method's epochs, blr); its name spells the recipe
+        (the multiple only when it is not 1)."""
+        longer = int(recipe["longer"])
         name = (f"recipe_{method}_{percent}pct_draw0_crop{recipe['crop_min']}_eval{recipe['crop_pct']}"
-                f"_dp{recipe['drop_path']}_wd{recipe['weight_decay']}_blr{recipe['blr']}")
-        longer = self.epochs(method, percent) // self.c["epochs"][percent]
+                f"_dp{recipe['drop_path']}_wd{recipe['weight_decay']}" + ("" if longer == 1 else f"_x{longer}")
+                + f"_blr{recipe['blr']}")
+        epochs = self.epochs(method, percent) * longer
         flags = [*SCRIPTED[method], "--blr", recipe["blr"], "--data_path", self.subsets[(percent, 0)], "--seed", "0",
                  "--warmup_epochs", str(min(5, self.c["epochs"][percent])),
-                 "--eval_freq", str(self.c["eval_freq"][percent] * longer), "--crop_scale", recipe["crop_min"], "1",
-                 "--crop_pct", recipe["crop_pct"], "--drop_path", recipe["drop_path"], "--weight_decay",
-                 recipe["weight_decay"]]
+                 "--eval_freq", str(self.c["eval_freq"][percent] * epochs // self.c["epochs"][percent]),
+                 "--crop_scale", recipe["crop_min"], "1", "--crop_pct", recipe["crop_pct"], "--drop_path",
+                 recipe["drop_path"], "--weight_decay", recipe["weight_decay"]]
         if method != "finetune_scratch":
             flags += ["--finetune", self.weights(f"pretrain_e{self.main_pretrain}")]
-        return self.train(name, flags, self.epochs(method, percent), percent)
+        return self.train(name, flags, epochs, percent)
 
     def recipe(self, method, percent=10):
         """The small-image recipe of `method`, chosen on validation one step at a time (each step's grid over
         its keys, the others at the best so far), then blr around the earlier sweep's choice, continued past
         an end that holds the best as the sweeps are. Returns (chosen recipe, {run name: val top-1})."""
         best = {"crop_pct": "0.875", "crop_min": "0.08", "drop_path": "0", "weight_decay": "0.05",
-                "blr": self.chosen(method, percent)}
+                "longer": "1", "blr": self.chosen(method, percent)}
         scores = {}
 
         def evaluate(candidate):
