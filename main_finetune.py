@@ -9,10 +9,10 @@ from layer import trunc_normal_
 from util.adamw import AdamW
 from util.amp import create_loss_scaler
 from util.args import (add_classification_args, add_common_args, below_one, freeze, non_negative_float,
-                       positive_float, positive_int, probability, resolve)
+                       non_negative_int, positive_float, positive_int, probability, resolve)
 from util.auto_augment import rand_augment_transform
 from util.datasets import classification_loaders
-from util.errors import run
+from util.errors import FlagError, run
 from util.losses import build_criterion
 from util.lr_decay import param_groups_lrd
 from util.mixup import Mixup
@@ -31,6 +31,9 @@ def get_args_parser():
                         help="clip gradient norm (default: no clipping)")
     parser.add_argument("--layer_decay", type=non_negative_float, default=0.75,
                         help="layer-wise lr decay from ELECTRA/BEiT")
+    parser.add_argument("--partial_blocks", type=non_negative_int, default=None, metavar="N",
+                        help="partial fine-tuning (the paper's Fig. 9): train the last N blocks, the final norm "
+                        "and the head, the rest frozen (default: every block)")
     parser.add_argument("--color_jitter", type=non_negative_float, default=None, metavar="PCT",
                         help="color jitter factor (enabled only when not using auto augment)")
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
@@ -78,6 +81,18 @@ def parse_args(argv=None):
     return freeze(args)
 
 
+def tuned_layers(model, args):
+    """The sublayers partial fine-tuning trains (None: all): the last --partial_blocks blocks, the norm the
+    head reads and the head."""
+    n = args.partial_blocks
+    if n is None:
+        return None
+    if n > len(model.blocks):
+        raise FlagError(f"--partial_blocks {n}: {args.model} has {len(model.blocks)} blocks")
+    norm = model.fc_norm if model.global_pool else model.norm
+    return [*model.blocks[len(model.blocks) - n:], norm, model.head]
+
+
 def create_optimizer(model, args):
     """AdamW (default betas 0.9/0.999) on layer-wise lr decay groups; lr_scale rides in each group."""
     param_groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
@@ -105,7 +120,7 @@ def main(args):
         print(f"Load pre-trained checkpoint from: {args.finetune}")
         print(f"Initialised (not in the checkpoint): {load_pretrained(model, args.finetune)}")
         trunc_normal_(model.head.weight, std=2e-5)
-    model, model_without_ddp = prepare(model, args.recompute, args.distributed)
+    model, model_without_ddp = prepare(model, args.recompute, args.distributed, trained=tuned_layers(model, args))
     misc.print_model(model_without_ddp, args)
 
     optimizer = create_optimizer(model_without_ddp, args)

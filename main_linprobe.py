@@ -58,7 +58,7 @@ def main(args):
                                      eval_transform(args.input_size, args.crop_pct))
 
     model = build_model(args)
-    model, model_without_ddp = prepare(model, distributed=args.distributed, trained=model.head)
+    model, model_without_ddp = prepare(model, distributed=args.distributed, trained=[model.head])
     misc.print_model(model_without_ddp, args)
 
     optimizer = LARS(model_without_ddp.head.parameters(), learning_rate=args.lr, weight_decay=args.weight_decay)

@@ -86,6 +86,35 @@ def test_finetune_eval_linprobe_eval(dataset, pretrained, tmp_path):
     assert _accuracy(out.stdout)[0] == pytest.approx(logs[-1]["test_acc1"], abs=1e-3)
 
 
+def test_partial_finetuning_trains_the_last_blocks_only(dataset, pretrained, tmp_path):
+    """--partial_blocks 1: the last block, fc_norm and the head change; the patch embedding, the tokens and the
+    earlier blocks stay as pre-trained, also with --recompute (whose frozen blocks have no input to
+    differentiate) and after a resume; more blocks than the model has is a flag error."""
+    start = state_of(pretrained)
+    for flags in ([], ["--recompute"]):
+        out = str(tmp_path / f"partial{len(flags)}")
+        res = run_script("main_finetune.py", "--model", "vit_tiny_patch4", "--finetune", pretrained,
+                         "--partial_blocks", "1", *flags, *_common(dataset, out))
+        assert res.returncode == 0, res.stderr[-3000:]
+        first, last = state_of(os.path.join(out, "checkpoint-0.pd")), state_of(os.path.join(out, "checkpoint-1.pd"))
+        depth = 1 + max(int(k.split(".")[1]) for k in last if k.startswith("blocks."))
+        for key, value in last.items():
+            tuned = key.startswith((f"blocks.{depth - 1}.", "fc_norm.", "head."))
+            assert np.array_equal(value, first[key]) != tuned, key  # the tuned ones move every epoch
+            if not tuned:
+                assert np.array_equal(value, start[key]), key
+    res = run_script("main_finetune.py", "--model", "vit_tiny_patch4", "--finetune", pretrained, "--partial_blocks",
+                     "1", *_common(dataset, out), "--epochs", "3")  # continues checkpoint-last: a third epoch
+    assert res.returncode == 0 and "Resume checkpoint" in res.stdout, res.stderr[-3000:]
+    third = state_of(os.path.join(out, "checkpoint-2.pd"))
+    frozen = [k for k in third if k in start and not k.startswith((f"blocks.{depth - 1}.", "fc_norm.", "head."))]
+    assert frozen and all(np.array_equal(third[k], start[k]) for k in frozen)
+    assert not np.array_equal(third["head.weight"], last["head.weight"])
+    res = run_script("main_finetune.py", "--model", "vit_tiny_patch4", "--partial_blocks", "13",
+                     *_common(dataset, str(tmp_path / "bad")))
+    assert res.returncode == 2 and res.stderr == "error: --partial_blocks 13: vit_tiny_patch4 has 12 blocks\n"
+
+
 @pytest.mark.slow
 def test_official_pth_as_finetune_and_global_pool_linprobe(dataset, tmp_path):
     out = run_script("main_finetune.py", "--model", "vit_micro_patch4", "--finetune", golden("mae_tiny.pth"),

@@ -37,15 +37,16 @@ def checkpoint_img_size(name, state, path):
 
 
 def prepare(model, recompute=False, distributed=False, trained=None):
-    """Ready a built model for a script: with `trained` (a sublayer: the linear probe's head), every other
-    parameter frozen; activation recomputation in every block with `recompute`; the CPU forwards
-    (util.cpu_layer, a no-op on other devices); data parallelism over the processes with `distributed`.
-    Returns (the model to call, the model itself: what checkpoints hold)."""
+    """Ready a built model for a script: with `trained` (sublayers: the linear probe's head, or partial
+    fine-tuning's last blocks and head), every other parameter frozen; activation recomputation in every
+    block with `recompute`; the CPU forwards (util.cpu_layer, a no-op on other devices); data parallelism
+    over the processes with `distributed`. Returns (the model to call, the model itself: what checkpoints hold)."""
     if trained is not None:
         for p in model.parameters():
             p.stop_gradient = True
-        for p in trained.parameters():
-            p.stop_gradient = False
+        for layer in trained:
+            for p in layer.parameters():
+                p.stop_gradient = False
     set_recompute(model, recompute)
     attach_cpu_paths(model)
     if distributed:
