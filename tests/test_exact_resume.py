@@ -68,8 +68,12 @@ def progress_line(epoch, step):
 
 
 def interrupt(cmd, watch, pattern, send, timeout=120, **popen):
-    """Start cmd, call send(process) once `pattern` shows in its output (or in the file `watch`), wait for it."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    """Start cmd, call send(process) once `pattern` shows in its output (or in the file `watch`), wait for it.
+    A process that does not exit within `timeout` is sent SIGABRT, so that the failure shows where each of its
+    threads waited (faulthandler)."""
+    env = {**popen.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            **popen)
     if watch is None:
         for line in proc.stdout:
             if pattern.search(line):
@@ -81,7 +85,12 @@ def interrupt(cmd, watch, pattern, send, timeout=120, **popen):
             time.sleep(0.02)
     started = time.time()
     send(proc)
-    output = proc.communicate(timeout=timeout)[0]
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        raise AssertionError(f"no exit {timeout} s after the interruption; its threads then:\n"
+                             + proc.communicate(timeout=60)[0][-8000:]) from None
     return proc.returncode, output, time.time() - started
 
 

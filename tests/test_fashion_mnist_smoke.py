@@ -21,6 +21,13 @@ def _files(folder):
     return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
 
 
+def _name(method, percent, draw, recipe):
+    """The run of `method` at `percent`, draw `draw` with `recipe`, as run.py names it."""
+    return (f"recipe_{method}_{percent}pct_draw{draw}_crop{recipe['crop_min']}_eval{recipe['crop_pct']}"
+            + (f"_dp{recipe['drop_path']}_wd{recipe['weight_decay']}" if "drop_path" in recipe else "")
+            + ("" if recipe["longer"] == "1" else f"_x{recipe['longer']}") + f"_blr{recipe['blr']}")
+
+
 @pytest.mark.slow
 def test_study_driver_smoke(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
@@ -43,42 +50,56 @@ def test_study_driver_smoke(tmp_path):
     assert draws[(1, 0)] < draws[(10, 0)] and draws[(1, 1)] < draws[(10, 1)] and draws[(10, 0)] != draws[(10, 1)]
     assert all(f in train for files in draws.values() for f in files)
 
-    runs = report["runs"]
-    chosen = report["protocol"]["chosen_blr"]
-    for p in ("1", "10"):  # a real choice; two values put the best at an end, so the grid goes on past it
-        swept = list(report["sweeps_val_top1"]["finetune_mae"][p])
-        assert swept in (["2.5e-3", "5e-3", "1.25e-3"], ["2.5e-3", "5e-3", "1e-2"])
-    for method, sweep in report["sweeps_val_top1"].items():
-        for p in ("1", "10"):
-            assert chosen[method][p] == max(sweep[p], key=sweep[p].get)  # the best validation top-1
-            for blr, acc in sweep[p].items():
-                name = f"{method}_{p}pct_draw0_blr{blr}"
-                assert runs[name]["val_acc1"] == acc == json.loads(open(os.path.join(
-                    out, name, "log.txt")).read().splitlines()[-1])["test_acc1"]
-                assert ("test_acc1" in runs[name]) == (blr == chosen[method][p])  # the test set once, when chosen
-    summary = report["summary"]
-    assert set(summary) == {"finetune_mae", "finetune_scratch", "linprobe_mae", "logreg_mae", "logreg_pixels",
-                            "knn_mae", "knn_pixels", "cnn"}
+    runs, protocol, summary = report["runs"], report["protocol"], report["summary"]
+    recipes = protocol["recipes"]
+
+    def val(name):
+        return json.loads(open(os.path.join(out, name, "log.txt")).read().splitlines()[-1])["test_acc1"]
+
+    for method, by_percent in recipes.items():  # each blr: the best validation top-1 of its sweep's runs
+        for p, recipe in by_percent.items():
+            chosen = _name(method, p, 0, recipe)
+            swept = [n for n in runs if n.startswith(chosen.rsplit("_blr", 1)[0] + "_blr") and "_pretrain" not in n]
+            assert len(swept) >= 3 and val(chosen) == max(map(val, swept)), (method, p)
+            assert all(runs[n]["val_acc1"] == report["recipe_val_top1"][n] == val(n) for n in swept)
+    assert recipes["linprobe_mae"]["10"]["crop_min"] == recipes["finetune_mae"]["10"]["crop_min"]
+    assert {k: v for k, v in recipes["partial_mae"]["10"].items() if k != "blr"} == {
+        k: v for k, v in recipes["finetune_mae"]["10"].items() if k != "blr"}
+    assert set(summary) == {"finetune_mae", "partial_mae", "linprobe_mae", "finetune_scratch", "logreg_mae",
+                            "logreg_pixels", "knn_mae", "knn_pixels", "cnn", "cnn_vit_aug"}
+    reported = set()
     for method, cells in summary.items():
         assert set(cells) == {"1", "10", "100"}, method
         for p, cell in cells.items():
-            assert cell["runs"] == len(cell["values"]) == (1 if p == "100" else 2)
+            assert cell["runs"] == len(cell["values"]) == 2  # two draws (two seeds at 100%)
             assert cell["mean"] == pytest.approx(np.mean(cell["values"]))
-            assert cell["std"] == (None if p == "100" else pytest.approx(np.std(cell["values"], ddof=1)))
-            if method in chosen:
-                blr = chosen[method]["10" if p == "100" else p]
-                names = [f"{method}_{p}pct_draw{d}_blr{blr}" for d in ((0,) if p == "100" else (0, 1))]
-                assert cell["values"] == [runs[n]["test_acc1"] for n in names]
+            assert cell["std"] == pytest.approx(np.std(cell["values"], ddof=1))
+            if method in recipes:
+                names = [_name(method, p, d, recipes[method]["10" if p == "100" else p]) for d in (0, 1)]
+                assert cell["values"] == [runs[n]["test_acc1"] for n in names], (method, p)
+                reported |= set(names)
                 for n in names:
                     assert runs[n]["logs"] == [f"{n}/log.txt", f"{n}/test.txt"]
                     shipped = open(os.path.join(out, n, "test.txt")).read()
                     assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
-    for name, entry in runs.items():  # from scratch (the ViT and the CNN) trains longer: here 2 epochs, not 1
-        if name.startswith("finetune_"):
-            assert entry["epochs"] == (2 if name.startswith("finetune_scratch") else 1), name
-    assert report["protocol"]["scratch_and_cnn_epochs"] == {"1": 2, "10": 2, "100": 2}
-    baselines = [json.loads(line) for line in open(os.path.join(out, "baselines", "log.txt"))]
-    assert len(baselines) == 5 * 5
+                    assert ("--partial_blocks 1" in runs[n]["command"]) == (method == "partial_mae")
+                    epochs = 2 if method == "finetune_scratch" else 1
+                    assert runs[n]["epochs"] == epochs * int(recipes[method]["10"]["longer"]), n
+    # the test set once per reported run: the comparison's, the pre-training curve's and the second seed's
+    curve = report["pretrain_epochs"]
+    assert set(curve) == {"0", "1", "2"} and curve["1"] == summary["finetune_mae"]["10"]
+    assert all(cell["runs"] == 2 for cell in curve.values())
+    seeds = report["pretrain_seeds"]
+    for method in ("finetune_mae", "partial_mae", "linprobe_mae"):
+        assert seeds["0"][method] == summary[method]["10"] and seeds["1"][method]["runs"] == 2
+    others = {n for n in runs if "test_acc1" in runs[n]} - reported
+    assert others and all(n.endswith(("_pretrain0", "_pretrain2", "_pretrain1_seed1")) for n in others), others
+    for name in others:
+        weights = os.path.join(out, "pretrain_e" + name.rsplit("_pretrain", 1)[1], "model.pd")
+        assert (f"--finetune {weights}" in runs[name]["command"]) != name.endswith("_pretrain0")
+        assert name.endswith("_pretrain0") or set(paddle.load(weights)) == {"model"}
+    baselines = [json.loads(line) for line in open(os.path.join(out, "baselines_crop0.08_eval0.875", "log.txt"))]
+    assert len(baselines) == 6 * 6
     for row in baselines:
         if row["draw"] == 0 and row["percent"] in ("1", "10"):  # chosen on validation from its grid
             assert row["val_acc1"] == max(s["val_acc1"] for s in row["sweep"])
@@ -87,17 +108,9 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
-        assert row["method"] != "cnn" or row["epochs"] == 2
-    for epochs in (1, 2):  # later stages start from the pre-trainings' weights, kept without optimizer state
-        weights = os.path.join(out, f"pretrain_e{epochs}", "model.pd")
-        assert set(paddle.load(weights)) == {"model"}
-        assert f"--finetune {weights}" in runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"
-                                               + ("" if epochs == 1 else "_pretrain2")]["command"]
-    # the curve may go past the pre-training that every classifier and baseline starts from
-    assert set(report["pretrain_epochs"]) == {"1", "2"} and report["protocol"]["main_pretrain_epochs"] == 1
-    assert report["pretrain_epochs"]["1"] == runs[f"finetune_mae_10pct_draw0_blr{chosen['finetune_mae']['10']}"][
-        "test_acc1"]
-    assert os.path.join(out, "pretrain_e1", "model.pd") in runs["baselines"]["command"]
+        assert not row["method"].startswith("cnn") or row["epochs"] == 2 * int(recipes["finetune_scratch"]["10"]["longer"])
+    command = runs["baselines_crop0.08_eval0.875"]["command"]
+    assert "--crop_pct 0.875 --crop_min 0.08" in command and os.path.join(out, "pretrain_e1", "model.pd") in command
     table = open(os.path.join(out, "results.md")).read()
     assert open(os.path.join(out, "README.md")).read() == (
         f"intro\n<!-- results: written by run.py -->\n{table}<!-- end of results -->\nconclusions\n")
@@ -106,7 +119,7 @@ def test_study_driver_smoke(tmp_path):
     written = {f: open(os.path.join(out, f), "rb").read() for f in reports}
     assert all(written.values())
     again = run_script(DRIVER, "--smoke", "--data", data, "--out", out)
-    assert again.returncode == 0 and "[linprobe_mae_10pct_draw1_blr0.1] done already" in again.stdout
+    assert again.returncode == 0 and "done already" in again.stdout and "--output_dir" not in again.stdout  # no run
     assert {f: open(os.path.join(out, f), "rb").read() for f in reports} == written  # the report step rewrites
     bad = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--stages", "nothing")
     assert bad.returncode == 2 and "invalid choice: 'nothing'" in bad.stderr
@@ -154,6 +167,12 @@ def test_study_baselines_solvers():
     images += rng.normal(scale=0.1, size=images.shape).astype(np.float32)
     model, loss = cnn.train(images, labels, 2, 1e-3, 3, seed=0, batch_size=32)
     assert loss < 0.2 and (cnn.predict(model, images) == labels).mean() == 1.0
+    # the ViTs' training transform for the CNN: grey rows in [0, 1], a seeded draw, crops that move the content
+    raw = np.repeat((images[:8].reshape(-1, 28, 28, 1).clip(0, 1) * 255).astype(np.uint8), 3, axis=3)
+    rows = [baselines.vit_augmentation(raw, 0.2, seed)(np.arange(8)) for seed in (0, 0, 1)]
+    assert rows[0].shape == (8, 784) and rows[0].min() >= 0 and rows[0].max() <= 1
+    assert np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[0], rows[2])
+    assert not np.allclose(rows[0], baselines.pixels(raw), atol=0.1)
 
 
 def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
@@ -173,7 +192,7 @@ def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     assert elapsed > 6.5 and 2.9 <= counted < elapsed - 3.0  # 3 s of sleeps, 4 s stopped
 
 
-def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch):
+def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
     import baselines
     import grids
@@ -188,12 +207,21 @@ def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch):
     assert [run.blr_string(v) for v in (0.01 * 0.01 / 0.005, 2.5e-3 ** 2 / 5e-3, 25.6 ** 2 / 6.4, 1e-2)] == [
         "2e-2", "1.25e-3", "102.4", "1e-2"]
 
+    # a run whose training loss rose above twice chance level's diverged: it is never the choice
+    study = run.Study.__new__(run.Study)
+    study.out = str(tmp_path)
+    for name, losses in (("calm", (2.3, 1.0, 0.9)), ("wild", (2.3, 4.7, 1.2))):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.txt").write_text("".join(json.dumps({"train_loss": v, "test_acc1": 70.0}) + "\n"
+                                                         for v in losses))
+    assert study.score("calm") == 70.0 and study.score("wild") == -1.0
+
     # a baseline's sweep: here the validation top-1 grows with k up to k = 200, so the grid goes on past 50
-    def fit(kind, setting, x, y, classes, epochs, seed, max_iter):
+    def fit(kind, setting, x, y, classes, epochs, seed, max_iter, crop_min):
         return (lambda v: (np.arange(len(v)) >= min(setting["k"], 200)).astype(np.int64)), {}
 
     monkeypatch.setattr(baselines, "fit", fit)
     data = ({"pixels": np.zeros((300, 2))}, np.zeros(300, np.int64))
-    row = baselines.run("knn_pixels", "1", 0, data, data, data, 2, 1, None, 10)
+    row = baselines.run("knn_pixels", "1", 0, data, data, data, 2, 1, None, 10, 0.5)
     assert [s["setting"]["k"] for s in row["sweep"]] == [1, 3, 5, 10, 20, 50, 125, 312, 779]
     assert row["setting"] == {"k": 312, "features": "pixels"} and row["val_acc1"] == pytest.approx(200 / 3)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from helpers import descendants
 from util import fast_image, transforms
 from util.auto_augment import rand_augment_transform
 from util.datasets import ImageFolder, Loader, read_rgb
@@ -233,6 +234,25 @@ def test_loader_yields_normalised_float_batches(tmp_path):
         assert all(boxes.shape == (3, 1, 4) and (boxes[:, 0, 2] > 0).all() for _, boxes, _ in batches[workers])
     for a, b in zip(batches[0], batches[2]):  # workers or not, the same seeded samples and erasing boxes
         assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_a_pass_broken_off_ends_its_workers_at_once(tmp_path):
+    """A stop breaks a pass off while the engine still holds it: end_pass ends the workers then (through
+    util.compat.end_loader_workers, Paddle's iterator's _try_shutdown_all), and the next pass starts anew."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB").save(folder / f"{i}.jpg", quality=90)
+    data = ImageFolder(str(tmp_path / "train"), transform=eval_transform(32))
+    loader = Loader(data, paddle.io.BatchSampler(data, batch_size=2), 2)
+    before = set(descendants(os.getpid()))
+    held = iter(loader)
+    next(held)
+    workers = set(descendants(os.getpid())) - before
+    assert len(workers) >= 2 and loader.running is not None
+    loader.end_pass()
+    assert loader.running is None and not workers & set(descendants(os.getpid()))
+    assert len([batch for batch in loader]) == 6 and loader.running is None  # a whole pass ends its own
 
 
 def test_decoding_stops_or_skips_at_a_bad_jpeg(tmp_path):

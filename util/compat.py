@@ -96,3 +96,9 @@ def batch_norm_running_variance(layer):
 def set_cpu_threads(count):
     """The number of threads Paddle's CPU kernels use (no public setter)."""
     paddle.base.core.set_num_threads(count)
+
+
+def end_loader_workers(batches, timeout):
+    """Shut a multi-process DataLoader iterator's workers down now, waiting at most `timeout` seconds for each
+    (its public end is the garbage collector's, which waits without a limit)."""
+    batches._try_shutdown_all(timeout)

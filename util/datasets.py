@@ -13,6 +13,7 @@ import paddle
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from util import compat
 from util.dist import made_on_main_process
 from util.errors import DataError
 from util.image_index import SampleIndex, scan_image_folder
@@ -149,6 +150,7 @@ class _Skippable:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+WORKER_EXIT_S = 10
 
 
 def _serve_through_stop_signals():
@@ -185,7 +187,7 @@ class Loader:
         dataset.replaced = multiprocessing.SimpleQueue()
         self.batch_sampler = _Skippable(batch_sampler)
         self.bad_files, self.skipped = set(), 0
-        self.loader = None
+        self.loader = self.running = None  # running: the pass under way (its paddle.io.DataLoader iterator)
         if num_workers > 0:
             self.loader = paddle.io.DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=num_workers,
                                                collate_fn=_collate, worker_init_fn=_init_worker,
@@ -193,6 +195,15 @@ class Loader:
 
     def __len__(self):
         return len(self.batch_sampler)
+
+    def end_pass(self):
+        """End the pass under way now (a stop signal broke it off, or it is closed or done): its workers exit
+        here, each waited for at most WORKER_EXIT_S seconds, rather than whenever Paddle's iterator is
+        collected, which may be at the interpreter's exit, where multiprocessing terminates them under the
+        iterator's reader thread."""
+        if self.running is not None:
+            compat.end_loader_workers(self.running, WORKER_EXIT_S)
+            self.running = None
 
     def skip_batches(self, n):
         """Leave out the first n batches of the next pass."""
@@ -202,10 +213,13 @@ class Loader:
         if self.loader is not None:
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the forked workers
             try:
-                batches = iter(self.loader)
+                self.running = iter(self.loader)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            yield from batches
+            try:
+                yield from self.running
+            finally:
+                self.end_pass()
         else:
             for indices in self.batch_sampler:
                 yield tuple(paddle.to_tensor(part) for part in _collate([self.dataset[i] for i in indices]))

@@ -65,6 +65,7 @@ def run_epochs(flags, parts, state, record, data_loader, train_one_epoch, evalua
         steps = stopped_at if stopped_at is not None else len(data_loader)
         nonfinite.check_weights(model_without_ddp, epoch, steps // flags.accum_iter * flags.accum_iter - 1)
         if stopped_at is not None:
+            data_loader.end_pass()
             state.iteration, state.meters = stopped_at, all_gather(metric_logger.state())
             run_state.save(flags, "last", *parts, state, record)
             where = run_state.checkpoint_path(flags, "last") if flags.output_dir else "nowhere (no --output_dir)"

@@ -1,10 +1,13 @@
 """Baselines of the Fashion-MNIST study that need no training script: L-BFGS logistic regression and
-k-nearest neighbours on raw pixels and on the frozen MAE encoder's features, and a small CNN from scratch.
+k-nearest neighbours on raw pixels and on the frozen MAE encoder's features, and a small CNN from scratch,
+trained with flips only and with the ViTs' training augmentation.
 
     python experiments/fashion_mnist/baselines.py --train 1:0=DIR 1:1=DIR ... 100:0=DIR --val DIR --test DIR \
-        --checkpoint PRETRAINED.pd --epochs 1=100 10=50 100=15 --log OUT/log.txt
+        --checkpoint PRETRAINED.pd --epochs 1=100 10=50 100=15 --crop_pct 1 --crop_scale 0.5 --log OUT/log.txt
 
-Each `--train PERCENT:DRAW=DIR` is an ImageFolder of one label subset. A method's setting (C, k, the CNN's
+Each `--train PERCENT:DRAW=DIR` is an ImageFolder of one label subset. Every method sees each image as the
+ViTs' evaluation does (util.transforms.eval_transform with --crop_pct), so that the compared methods
+classify the same pixels. A method's setting (C, k, the CNN's
 learning rate; for MAE features also the class token or the average-pooled patch tokens) is chosen by
 top-1 on --val with draw 0 at 1% and at 10%, over the grids below, continued past an end that holds the
 best (grids.py); other draws use that choice, and 100%
@@ -14,6 +17,7 @@ and draw goes to --log; a line already there is skipped, so the stage resumes.
 import argparse
 import json
 import os
+import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,38 +32,49 @@ import cnn  # noqa: E402
 from grids import EXTEND, beyond_edge  # noqa: E402
 import models_vit  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
-from util.transforms import eval_transform  # noqa: E402
+from util.transforms import eval_transform, finetune_transform  # noqa: E402
 from util.weights import load_pretrained
 
 GRIDS = {"logreg": ("C", (0.01, 0.1, 1.0, 10.0)),  # inverse L2 strength
          "knn": ("k", (1, 3, 5, 10, 20, 50)),
-         "cnn": ("lr", (3e-4, 1e-3, 3e-3))}
+         "cnn": ("lr", (3e-4, 1e-3, 3e-3)), "cnn_vit_aug": ("lr", (3e-4, 1e-3, 3e-3))}
 METHODS = {"logreg_pixels": ("logreg", ("pixels",)), "logreg_mae": ("logreg", ("mae_cls", "mae_avg")),
            "knn_pixels": ("knn", ("pixels",)), "knn_mae": ("knn", ("mae_cls", "mae_avg")),
-           "cnn": ("cnn", ("pixels",))}
+           "cnn": ("cnn", ("pixels",)), "cnn_vit_aug": ("cnn_vit_aug", ("pixels",))}
 
 
-def raw_pixels(folder):
-    """Grey levels in [0, 1], one 784-d row per image (the images are grey stored as RGB), and labels."""
+def load_folder(folder):
+    """The images of an ImageFolder as uint8 (n, H, W, 3) arrays, and their labels."""
     data = ImageFolder(folder)
-    x = np.stack([np.asarray(load_image(p).convert("L"), dtype=np.float32).reshape(-1) / 255.0
-                  for p, _ in data.samples])
-    return x, np.array([t for _, t in data.samples], dtype=np.int64)
+    images = np.stack([np.asarray(load_image(p)) for p, _ in data.samples])
+    return images, np.array([t for _, t in data.samples], dtype=np.int64)
 
 
-def mae_features(folder, model, input_size, batch_size=500):
+def pixels(images):
+    """Grey levels in [0, 1], one row per image (the images are grey stored as RGB)."""
+    return images[..., 0].reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def mae_features(images, model, batch_size=500):
     """{'mae_cls', 'mae_avg'}: the frozen encoder's class token and its average-pooled patch tokens, both
-    through the final norm (util.features, as main_extract.py and the k-NN monitor take them), on the
-    evaluation transform (as the probe sees the images)."""
-    transform = eval_transform(input_size)
-    samples = ImageFolder(folder).samples
+    through the final norm (util.features, as main_extract.py and the k-NN monitor take them)."""
+    normalize = eval_transform(images.shape[1]).batch
     feats = {"mae_cls": [], "mae_avg": []}
     with paddle.no_grad():
-        for i in range(0, len(samples), batch_size):
-            batch = transform.batch(np.stack([transform(load_image(p)) for p, _ in samples[i:i + batch_size]]))
+        for i in range(0, len(images), batch_size):
+            batch = normalize(images[i:i + batch_size])
             for name in feats:
                 feats[name].append(model.forward_features(batch, name[4:]).numpy())
     return {name: np.concatenate(f) for name, f in feats.items()}
+
+
+def vit_augmentation(images, crop_min, seed):
+    """augment(index) -> grey levels in [0, 1] of images[index] through the ViTs' training transform
+    (RandomResizedCrop of area crop_min..1 and a flip: util.transforms.finetune_transform without
+    RandAugment or erasing), drawn from `seed`."""
+    transform = finetune_transform(images.shape[1], aa=None, reprob=0, scale=(crop_min, 1.0))
+    random.seed(seed)
+    return lambda index: pixels(np.stack([transform(images[i]) for i in index]))
 
 
 def logistic_regression(x, y, classes, c=1.0, max_iter=5000):
@@ -110,18 +125,21 @@ def top1(pred, y):
     return float((pred == y).mean() * 100.0)
 
 
-def fit(kind, setting, x, y, classes, epochs, seed, max_iter):
-    """(predict(x) -> labels, facts about the fit) for one method and setting."""
+def fit(kind, setting, inputs, y, classes, epochs, seed, max_iter, crop_min):
+    """(predict(features) -> labels, facts about the fit) for one method and setting; `inputs` holds every
+    kind of feature of the training images, and their images ('raw')."""
+    x = inputs[setting["features"]]
     if kind == "logreg":
         w, b, iterations, grad = logistic_regression(x, y, classes, setting["C"], max_iter)
         return (lambda v: (v @ w + b).argmax(axis=1)), {"lbfgs_iterations": iterations, "max_abs_gradient": grad}
     if kind == "knn":
         return (lambda v: knn_predict(x, y, v, classes, setting["k"])), {}
-    model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed)
+    augment = vit_augmentation(inputs["raw"], crop_min, seed) if kind == "cnn_vit_aug" else None
+    model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed, augment=augment)
     return (lambda v: cnn.predict(model, v)), {"final_train_loss": loss, "epochs": epochs}
 
 
-def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_iter):
+def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_iter, crop_min):
     """The log row of one method on one label subset: the sweep on val when `chosen` is None, then the test
     top-1 of the chosen setting."""
     kind, feature_names = METHODS[method]
@@ -131,7 +149,7 @@ def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_it
     def evaluate(setting):
         nonlocal best
         f = setting["features"]
-        predict, facts = fit(kind, setting, x[f], y, classes, epochs, draw, max_iter)
+        predict, facts = fit(kind, setting, x, y, classes, epochs, draw, max_iter, crop_min)
         acc = top1(predict(val_x[f]), val_y)
         sweep.append({"setting": setting, "val_acc1": acc, **facts})
         if best is None or acc > best[0]:
@@ -179,6 +197,10 @@ def main(argv=None):
     parser.add_argument("--model", default="vit_micro_patch4", choices=models_vit.MODELS)
     parser.add_argument("--input_size", type=int, default=28)
     parser.add_argument("--epochs", nargs="+", required=True, metavar="PERCENT=N", help="the CNN's epochs")
+    parser.add_argument("--crop_pct", type=float, required=True, help="the ViTs' evaluation crop (1: the whole "
+                        "image), applied to every image the baselines see")
+    parser.add_argument("--crop_min", type=float, required=True, help="the ViTs' training crop's smallest area, "
+                        "for the CNN trained with their augmentation")
     parser.add_argument("--max_iter", type=int, default=5000, help="L-BFGS iterations at most")
     parser.add_argument("--log", required=True, help="JSON lines file, appended to")
     args = parser.parse_args(argv)
@@ -194,9 +216,12 @@ def main(argv=None):
     load_pretrained(model, args.checkpoint)
     model.eval()
 
+    evaluation = eval_transform(args.input_size, args.crop_pct)
+
     def inputs(folder):
-        x, y = raw_pixels(folder)
-        return {"pixels": x, **mae_features(folder, model, args.input_size)}, y
+        raw, y = load_folder(folder)
+        seen = np.stack([evaluation(image) for image in raw])
+        return {"raw": raw, "pixels": pixels(seen), **mae_features(seen, model)}, y
 
     val, test = inputs(args.val), inputs(args.test)
     order = sorted(fractions, key=lambda key: (int(key[0]), key[1]))
@@ -211,7 +236,7 @@ def main(argv=None):
             if source is None and not (draw == 0 and percent in ("1", "10")):
                 parser.error(f"{method} at {percent}% draw {draw}: its setting comes from draw 0, not given")
             row = run(method, percent, draw, train, val, test, classes, int(epochs[percent]),
-                      None if source is None else source["setting"], args.max_iter)
+                      None if source is None else source["setting"], args.max_iter, args.crop_min)
             rows[(method, percent, draw)] = row
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
             with open(args.log, "a", encoding="utf-8") as f:

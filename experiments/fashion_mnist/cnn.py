@@ -1,7 +1,8 @@
 """The study's reference point from outside MAE: a small convolutional network trained from scratch on the
 labelled images alone (two 3x3 convolutions of 16 and 32 channels with max pooling, a 64-unit hidden
 layer with dropout 0.25, about 106,000 parameters). Adam, cosine learning rate over the same epochs as
-the ViTs' fine-tuning, batch 128, random horizontal flips; grey levels scaled to [-1, 1]."""
+the ViTs' fine-tuning, batch 128, random horizontal flips (or another augmentation); grey levels scaled to
+[-1, 1]."""
 import math
 
 import numpy as np
@@ -33,8 +34,9 @@ def predict(model, x, batch_size=1000):
                                for i in range(0, len(x), batch_size)])
 
 
-def train(x, y, classes, lr, epochs, seed, batch_size=128):
-    """The trained network and its final training loss (mean of the last epoch's batches)."""
+def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None):
+    """The trained network and its final training loss (mean of the last epoch's batches). augment(index)
+    gives the training rows of a batch (default: x's rows, each flipped with probability 1/2)."""
     paddle.seed(seed)
     rng = np.random.default_rng(seed)
     model = SmallCNN(classes)
@@ -46,9 +48,12 @@ def train(x, y, classes, lr, epochs, seed, batch_size=128):
         order, losses = rng.permutation(len(x)), []
         for i in range(0, max(1, len(x) // batch_size) * batch_size, batch_size):
             index = order[i:i + batch_size]
-            images = x[index].reshape(-1, 28, 28)
-            flip = rng.random(len(index)) < 0.5
-            images[flip] = images[flip, :, ::-1]
+            if augment is None:
+                images = x[index].reshape(-1, 28, 28)
+                flip = rng.random(len(index)) < 0.5
+                images[flip] = images[flip, :, ::-1]
+            else:
+                images = augment(index)
             loss = nn.functional.cross_entropy(model(_images(images)), paddle.to_tensor(y[index]))
             opt.clear_grad()
             loss.backward()
