@@ -109,6 +109,11 @@ def test_study_driver_smoke(tmp_path):
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
         assert not row["method"].startswith("cnn") or row["epochs"] == 2 * int(recipes["finetune_scratch"]["10"]["longer"])
+    cost = report["cost"]  # every run counted once, in the first stage that needed it
+    assert list(cost) == ["pretrain", "recipe", "compare", "seeds", "curve", "baselines", "pictures"]
+    assert sum(c["runs"] for c in cost.values()) == len(runs) and cost["baselines"]["runs"] == 1
+    assert sum(c["wall_clock_min"] for c in cost.values()) == pytest.approx(
+        sum(r["wall_clock_s"] for r in runs.values()) / 60)
     command = runs["baselines_crop0.08_eval0.875"]["command"]
     assert "--crop_pct 0.875 --crop_min 0.08" in command and os.path.join(out, "pretrain_e1", "model.pd") in command
     table = open(os.path.join(out, "results.md")).read()

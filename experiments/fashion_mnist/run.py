@@ -128,6 +128,7 @@ class Study:
                         for p in PERCENTS for d in config["draws"]}
         self.main_pretrain = config["main_pretrain"]  # the epochs of the pre-training classifiers start from
         self.runs = {}  # name -> (flags, epochs, percent)
+        self.stage_of, self.current = {}, None  # name -> the first stage that needed the run
 
     def folder(self, name):
         return os.path.join(self.out, name)
@@ -239,6 +240,7 @@ class Study:
         elif name not in self.runs:
             print(f"[{name}] done already", flush=True)
         self.runs[name] = (flags, epochs, percent)
+        self.stage_of.setdefault(name, self.current)
         return name
 
     def test(self, name):
@@ -278,12 +280,14 @@ class Study:
                  *[f"{p}={self.epochs('finetune_scratch', p, scratch)}" for p in PERCENTS],
                  "--max_iter", str(self.c["lbfgs_iterations"]), "--log", os.path.join(self.folder(name), "log.txt")]
         self.runs[name] = (flags, None, None)
+        self.stage_of.setdefault(name, self.current)
         if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
             timed_call([sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
         return name
 
     def stage(self, group):
         c = self.c
+        self.current = group
         if group == "pretrain":
             self.pretrain(self.main_pretrain)
         elif group == "recipe":
@@ -379,11 +383,17 @@ def collect(study, report):
                 f"past it at the ratio there, by up to {c['extend']} values",
                 "baseline_settings": {f"{r['method']} {r['percent']}%": r["setting"] for r in baselines
                                       if r["draw"] == 0 and r["percent"] != "100"}}
+    cost = {}
+    for name, entry in runs.items():
+        stage = cost.setdefault(study.stage_of[name], {"runs": 0, "wall_clock_min": 0.0})
+        stage["runs"] += 1
+        stage["wall_clock_min"] += (entry["wall_clock_s"] or 0.0) / 60
     result = {"protocol": protocol, "summary": {m: {str(p): s for p, s in t.items()} for m, t in table.items()},
-              "pretrain_epochs": curve, "pretrain_seeds": seeds, "recipe_val_top1": validation, "runs": runs}
+              "pretrain_epochs": curve, "pretrain_seeds": seeds, "recipe_val_top1": validation, "cost": cost,
+              "runs": runs}
     with open(os.path.join(report, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    text = tables(table, recipes, validation, curve, seeds, runs, baselines)
+    text = tables(table, recipes, validation, curve, seeds, runs, baselines, cost)
     with open(os.path.join(report, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     readme = os.path.join(report, "README.md")
@@ -403,7 +413,7 @@ def cell(s):
     return f"{s['mean']:.2f}" if s["std"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
 
 
-def tables(table, recipes, validation, curve, seeds, runs, baselines):
+def tables(table, recipes, validation, curve, seeds, runs, baselines, cost):
     rows = ["| test top-1 (%), mean ± std over the runs | " + " | ".join(f"{p}% labels" for p in PERCENTS)
             + " |", "|---" * (len(PERCENTS) + 1) + "|"]
     for m, label in METHODS.items():
@@ -438,8 +448,11 @@ def tables(table, recipes, validation, curve, seeds, runs, baselines):
         test = f"{e['test_acc1']:.2f}" if "test_acc1" in e else "–"
         rows.append(f"| {name} | {e['train_images']} | {e['epochs']} | {e['optimizer_steps']} | "
                     f"{e['final_train_loss']:.4f} | {val} | {test} | {clock} |")
+    rows += ["", "| stage | runs | wall clock |", "|---|---|---|"]
+    rows += [f"| {stage} | {c['runs']} | {c['wall_clock_min']:.0f} min |" for stage, c in cost.items()]
     total = sum(e["wall_clock_s"] or 0.0 for e in runs.values())
-    rows += ["", f"Total wall clock of these runs: {total / 60:.0f} min."]
+    rows += ["", f"Total wall clock of these runs: {total / 60:.0f} min (a run counts in the first stage that "
+             "needed it)."]
     return "\n".join(rows) + "\n"
 
 
