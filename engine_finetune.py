@@ -40,8 +40,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler
             with autocast(args):
                 outputs = model(samples)
                 loss = criterion(outputs.astype("float32"), targets)
-            found_inf = loss_scaler.backward(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
-                                             update_grad=update)
+            found_inf = loss_scaler.backward(loss / accum_iter, optimizer, clip_grad=max_norm,
+                                             parameters=model.parameters(), update_grad=update)
             loss_value, stop, skip = read_step(nonfinite.through_hooks(loss, epoch, data_iter_step), update,
                                                every_step=args.on_nonfinite == "rewind", found_inf=found_inf)
             nonfinite.check_loss(loss_value, epoch, data_iter_step)

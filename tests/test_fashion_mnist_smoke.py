@@ -108,7 +108,8 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
-        assert not row["method"].startswith("cnn") or row["epochs"] == 2 * int(recipes["finetune_scratch"]["10"]["longer"])
+        scratch_epochs = 2 * int(recipes["finetune_scratch"]["10"]["longer"])
+        assert not row["method"].startswith("cnn") or row["epochs"] == scratch_epochs
     cost = report["cost"]  # every run counted once, in the first stage that needed it
     assert list(cost) == ["pretrain", "recipe", "compare", "seeds", "curve", "baselines", "pictures"]
     assert sum(c["runs"] for c in cost.values()) == len(runs) and cost["baselines"]["runs"] == 1
@@ -139,6 +140,15 @@ def test_study_driver_bad_paths(tmp_path):
     demo_subset(str(data), {"train": 1, "val": 1})
     res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(blocker / "out"))
     assert res.returncode == 1 and f"--out {blocker / 'out'}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_study_baselines_crop_flags_are_checked():
+    for flag, value in (("--crop_pct", "0"), ("--crop_min", "1.5")):
+        flags = {"--crop_pct": "1", "--crop_min": "0.5", flag: value}
+        res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", "1:0=d", "--val",
+                         "v", "--test", "t", "--checkpoint", "c", "--epochs", "1=1", "--log", "l",
+                         *[x for kv in flags.items() for x in kv])
+        assert res.returncode == 2 and f"argument {flag}: needs 0 < value <= 1, got {float(value)}" in res.stderr
 
 
 def test_study_baselines_solvers():

@@ -238,7 +238,8 @@ def test_loader_yields_normalised_float_batches(tmp_path):
 
 def test_a_pass_broken_off_ends_its_workers_at_once(tmp_path):
     """A stop breaks a pass off while the engine still holds it: end_pass ends the workers then (through
-    util.compat.end_loader_workers, Paddle's iterator's _try_shutdown_all), and the next pass starts anew."""
+    util.compat.end_loader_workers, Paddle's iterator's _try_shutdown_all), and the next pass starts anew;
+    closing an old pass late ends only its own workers."""
     folder = tmp_path / "train" / "a"
     folder.mkdir(parents=True)
     for i in range(12):
@@ -253,6 +254,11 @@ def test_a_pass_broken_off_ends_its_workers_at_once(tmp_path):
     loader.end_pass()
     assert loader.running is None and not workers & set(descendants(os.getpid()))
     assert len([batch for batch in loader]) == 6 and loader.running is None  # a whole pass ends its own
+    stale, fresh = iter(loader), iter(loader)
+    next(stale)
+    next(fresh)
+    stale.close()  # a pass broken off earlier and closed late leaves the pass under way running
+    assert loader.running is not None and len([batch for batch in fresh]) == 5
 
 
 def test_decoding_stops_or_skips_at_a_bad_jpeg(tmp_path):

@@ -202,7 +202,11 @@ class Loader:
         collected, which may be at the interpreter's exit, where multiprocessing terminates them under the
         iterator's reader thread."""
         if self.running is not None:
-            compat.end_loader_workers(self.running, WORKER_EXIT_S)
+            self._end(self.running)
+
+    def _end(self, batches):
+        compat.end_loader_workers(batches, WORKER_EXIT_S)
+        if self.running is batches:
             self.running = None
 
     def skip_batches(self, n):
@@ -213,13 +217,13 @@ class Loader:
         if self.loader is not None:
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the forked workers
             try:
-                self.running = iter(self.loader)
+                self.running = batches = iter(self.loader)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             try:
-                yield from self.running
-            finally:
-                self.end_pass()
+                yield from batches
+            finally:  # this pass's own iterator: a pass closed late must not end the one under way
+                self._end(batches)
         else:
             for indices in self.batch_sampler:
                 yield tuple(paddle.to_tensor(part) for part in _collate([self.dataset[i] for i in indices]))

@@ -204,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--max_iter", type=int, default=5000, help="L-BFGS iterations at most")
     parser.add_argument("--log", required=True, help="JSON lines file, appended to")
     args = parser.parse_args(argv)
+    for flag in ("crop_pct", "crop_min"):
+        if not 0.0 < getattr(args, flag) <= 1.0:
+            parser.error(f"argument --{flag}: needs 0 < value <= 1, got {getattr(args, flag)}")
     fractions = parse_fractions(parser, args.train)
     epochs = dict(item.split("=") for item in args.epochs)
     rows = {}

@@ -362,7 +362,8 @@ def collect(study, report):
                  "wall_clock_s": wall_clock(study.folder(name))}
         if epochs is not None and logs:
             data = flags[flags.index("--data_path") + 1]
-            images = sum(len(os.listdir(os.path.join(data, "train", k))) for k in os.listdir(os.path.join(data, "train")))
+            train = os.path.join(data, "train")
+            images = sum(len(os.listdir(os.path.join(train, k))) for k in os.listdir(train))
             entry.update(epochs=len(logs), train_images=images, optimizer_steps=len(logs) * (images // c["batch"]),
                          final_train_loss=logs[-1]["train_loss"], max_train_loss=max(r["train_loss"] for r in logs))
             if "test_acc1" in logs[-1]:
