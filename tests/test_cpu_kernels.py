@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import paddle
+import pytest
 import paddle.nn.functional as F
 
 import util.adamw
@@ -15,6 +16,13 @@ from util.cpu_layer import attach_cpu_paths
 from util.adamw import AdamW
 from util.cpu import cpu_has_avx512f
 from util.lr_decay import param_groups_lrd
+
+
+@pytest.fixture(autouse=True)
+def loaded_kernels():
+    """The kernels loaded first, as attach_cpu_paths and AdamW do before they call them (whichever test of
+    this file a pytest-xdist worker runs first)."""
+    assert cpu_kernels.available()
 
 
 def forward_and_grads(fn, inputs, dy):
