@@ -62,6 +62,12 @@ def test_study_driver_smoke(tmp_path):
             swept = [n for n in runs if n.startswith(chosen.rsplit("_blr", 1)[0] + "_blr") and "_pretrain" not in n]
             assert len(swept) >= 3 and val(chosen) == max(map(val, swept)), (method, p)
             assert all(runs[n]["val_acc1"] == report["recipe_val_top1"][n] == val(n) for n in swept)
+    for method, start in (("finetune_mae", "5e-3"), ("finetune_scratch", "2e-2")):
+        recipe = recipes[method]["10"]  # its epoch multiple: the best of 1, 2 and the one past their better end
+        tried = {m: _name(method, "10", 0, {**recipe, "longer": m, "blr": start}) for m in ("0.5", "1", "2", "4")}
+        tried = {float(m): val(n) for m, n in tried.items() if n in runs}
+        assert len(tried) == 3 and {1.0, 2.0} < set(tried), (method, tried)
+        assert f"{max(tried, key=lambda m: (tried[m], -m)):g}" == recipe["longer"]
     assert recipes["linprobe_mae"]["10"]["crop_min"] == recipes["finetune_mae"]["10"]["crop_min"]
     assert {k: v for k, v in recipes["partial_mae"]["10"].items() if k != "blr"} == {
         k: v for k, v in recipes["finetune_mae"]["10"].items() if k != "blr"}
@@ -84,7 +90,7 @@ def test_study_driver_smoke(tmp_path):
                     assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
                     assert ("--partial_blocks 1" in runs[n]["command"]) == (method == "partial_mae")
                     epochs = 2 if method == "finetune_scratch" else 1
-                    assert runs[n]["epochs"] == epochs * int(recipes[method]["10"]["longer"]), n
+                    assert runs[n]["epochs"] == max(1, round(epochs * float(recipes[method]["10"]["longer"]))), n
     # the test set once per reported run: the comparison's, the pre-training curve's and the second seed's
     curve = report["pretrain_epochs"]
     assert set(curve) == {"0", "1", "2"} and curve["1"] == summary["finetune_mae"]["10"]
@@ -108,7 +114,7 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
-        scratch_epochs = 2 * int(recipes["finetune_scratch"]["10"]["longer"])
+        scratch_epochs = max(1, round(2 * float(recipes["finetune_scratch"]["10"]["longer"])))
         assert not row["method"].startswith("cnn") or row["epochs"] == scratch_epochs
     cost = report["cost"]  # every run counted once, in the first stage that needed it
     assert list(cost) == ["pretrain", "recipe", "compare", "seeds", "curve", "baselines", "pictures"]

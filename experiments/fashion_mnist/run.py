@@ -36,7 +36,7 @@ PERCENTS = (1, 10, 100)
 GROUPS = ("pretrain", "recipe", "compare", "seeds", "curve", "baselines", "pictures")
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "pretrain_epochs": (0, 10, 25, 50, 100), "pretrain_seeds": (0, 1), "pixel_epochs": 25,
-        "lbfgs_iterations": 5000, "extend": EXTEND,
+        "lbfgs_iterations": 5000, "extend": EXTEND, "extend_longer": 1,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "scratch_longer": {1: 4, 10: 2, 100: 2},
         "start_blr": {"finetune_mae": "5e-3", "finetune_scratch": "2e-2"},  # the ImageNet recipe's choices
@@ -156,7 +156,7 @@ class Study:
         """c["epochs"] (MAE fine-tuning's; the probe's and partial fine-tuning's alike), c["scratch_longer"]
         times as many from scratch, which has no pre-training to start from; times the recipe's `longer`."""
         longer = self.c["scratch_longer"][percent] if method == "finetune_scratch" else 1
-        return self.c["epochs"][percent] * longer * int((recipe or {}).get("longer", "1"))
+        return max(1, round(self.c["epochs"][percent] * longer * float((recipe or {}).get("longer", "1"))))
 
     def run(self, method, percent, draw, recipe, pretrain=None):
         """One training run of `method` on label draw `draw` (seed `draw`; at 100% every draw has all the
@@ -203,16 +203,33 @@ class Study:
 
     def recipe(self, method):
         """The small-image recipe of fine-tuning `method` at 10% labels, chosen on validation one step at a time
-        (each step's grid over its keys, the others at the best so far; ties: the earlier), then blr at half,
-        once and twice the starting one, continued past an end."""
+        (each step's grid over its keys, the others at the best so far; ties: the earlier), the epoch multiple
+        continued past an end, then blr at half, once and twice the starting one, continued past an end."""
         best = {**RECIPE_START, "blr": self.c["start_blr"][method]}
         for step in self.c["recipe_steps"]:
             grid = [dict(best)]
             for key, values in step.items():
                 grid = [{**g, key: v} for g in grid for v in values]
             best = max(grid, key=lambda g: (self.score(self.run(method, 10, 0, g)), -grid.index(g)))
+        best["longer"] = self.longer(method, best)
         centre = float(best["blr"])
         return {**best, "blr": self.sweep(method, 10, best, [centre / 2, centre, centre * 2])}
+
+    def longer(self, method, recipe):
+        """`recipe`'s epoch multiple, the grid's (the last step's) continued past an end that holds the best
+        validation score by up to c["extend_longer"] values (each doubles the cost of every later run;
+        ties: fewer epochs)."""
+        values = [float(v) for v in self.c["recipe_steps"][-1]["longer"]]
+
+        def score(value):
+            return self.score(self.run(method, 10, 0, {**recipe, "longer": f"{value:g}"}))
+
+        for _ in range(self.c["extend_longer"]):
+            value = beyond_edge(values, [score(v) for v in values])
+            if value is None:
+                break
+            values.append(value)
+        return f"{max(values, key=lambda v: (score(v), -v)):g}"
 
     def setting(self, method, percent):
         """The recipe `method` runs with at `percent` (100%: the 10% one). Fine-tuning and scratch take their
