@@ -89,6 +89,7 @@ def test_study_driver_smoke(tmp_path):
                     shipped = open(os.path.join(out, n, "test.txt")).read()
                     assert f"* Acc@1 {runs[n]['test_acc1']:.3f}" in shipped and "100 val images" in shipped
                     assert ("--partial_blocks 1" in runs[n]["command"]) == (method == "partial_mae")
+                    assert f"--num_workers {0 if p == '1' else 2} " in runs[n]["command"]
                     epochs = 2 if method == "finetune_scratch" else 1
                     assert runs[n]["epochs"] == max(1, round(epochs * float(recipes[method]["10"]["longer"]))), n
     # the test set once per reported run: the comparison's, the pre-training curve's and the second seed's

@@ -38,6 +38,7 @@ FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "pretrain_epochs": (0, 10, 25, 50, 100), "pretrain_seeds": (0, 1), "pixel_epochs": 25,
         "lbfgs_iterations": 5000, "extend": EXTEND, "extend_longer": 1,
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
+        "workers": {1: 0, 10: 2, 100: 2},  # 1%: 4 steps an epoch, less than forking workers every epoch costs
         "scratch_longer": {1: 4, 10: 2, 100: 2},
         "start_blr": {"finetune_mae": "5e-3", "finetune_scratch": "2e-2"},  # the ImageNet recipe's choices
         "probe_grid": ("0.1", "0.8", "6.4", "25.6"),
@@ -50,7 +51,7 @@ SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=1, pretrain_epoc
 RECIPE_START = {"crop_pct": "0.875", "crop_min": "0.08", "drop_path": "0", "weight_decay": "0.05", "longer": "1"}
 DIVERGED = 2 * math.log(10)  # twice the loss of a uniform guess over the 10 classes
 BASE = 60  # where the pictures' accuracy axes start
-COMMON = ["--num_workers", "2", "--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
+COMMON = ["--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
 PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
 SCRIPTED = {"finetune_mae": ["main_finetune.py", "--model", VIT, "--aa", "none", "--reprob", "0", "--nb_classes", "10"],
             "linprobe_mae": ["main_linprobe.py", "--model", VIT, "--nb_classes", "10"]}
@@ -251,7 +252,7 @@ class Study:
 
     def train(self, name, flags, epochs, percent):
         flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
-                 "--batch_size", str(self.c["batch"]), *COMMON]
+                 "--batch_size", str(self.c["batch"]), "--num_workers", str(self.c["workers"][percent]), *COMMON]
         if len(read_log(self.folder(name))) < epochs:
             timed_call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
         elif name not in self.runs:
