@@ -1,5 +1,5 @@
 """The CPU fast paths of the ViT blocks, attached from outside to a built model that runs on the CPU: linear
-layers whose bias enters through addmm, the patch embedding as one matrix product, attention written out (Paddle's fused attention is plain math on
+layers whose bias enters through addmm, attention written out (Paddle's fused attention is plain math on
 the CPU), and, when the native kernels (util/cpu_kernels.py) could be built, fused bias + GELU, layer norm,
 attention layouts and softmax, and residual branches under stochastic depth. Each attached forward computes
 what the block's own forward does (tested against it) and hands over to it outside dynamic-mode float32 CPU
@@ -11,7 +11,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from layer import Attention, Block, DropPath, LayerNorm, Mlp, PatchEmbed, set_fused_attention
+from layer import Attention, Block, DropPath, LayerNorm, Mlp, set_fused_attention
 from util import compat, cpu_kernels
 
 
@@ -24,8 +24,6 @@ def attach_cpu_paths(model):
     for layer in model.sublayers(include_self=True):
         if isinstance(layer, nn.Linear) and layer.bias is not None:
             _attach(layer, "forward", _linear)
-        elif isinstance(layer, PatchEmbed):
-            _attach(layer, "forward", _patch_embed)
         elif not native:
             continue
         elif isinstance(layer, LayerNorm):
@@ -74,18 +72,6 @@ def _linear(layer, own, x):
     if not _cpu_float32(x):
         return own(x)
     return CPULinear.apply(x, layer.weight, layer.bias)
-
-
-def _patch_embed(layer, own, x):
-    """The p x p, stride p conv as a product of the [B, L, C*p*p] patches with the kernel (Paddle's CPU conv
-    takes ~20 ms at batch 128 on 28-pixel images, most of a small ViT's forward)."""
-    (h, w), (p, q) = layer.grid_size, layer.patch_size
-    if not _cpu_float32(x) or tuple(x.shape[2:]) != (h * p, w * q) or (h * p, w * q) != layer.img_size:
-        return own(x)
-    B, C = x.shape[:2]
-    patches = x.reshape([B, C, h, p, w, q]).transpose([0, 2, 4, 1, 3, 5]).reshape([B, h * w, C * p * q])
-    kernel = layer.proj.weight
-    return CPULinear.apply(patches, kernel.reshape([kernel.shape[0], -1]).T, layer.proj.bias)
 
 
 def _layer_norm(layer, own, x):

@@ -36,7 +36,8 @@ PERCENTS = (1, 10, 100)
 GROUPS = ("pretrain", "recipe", "compare", "seeds", "curve", "baselines", "pictures")
 FULL = {"val_per_class": VAL_PER_CLASS, "draws": (0, 1, 2), "main_pretrain": 50,
         "pretrain_epochs": (0, 10, 25, 50, 100), "pretrain_seeds": (0, 1), "pixel_epochs": 25,
-        "lbfgs_iterations": 5000, "extend": EXTEND, "extend_longer": 1,
+        "lbfgs_iterations": 5000, "extend": EXTEND,
+        "extend_longer": 1,  # the epoch multiple past its grid: each doubling doubles every later run
         "epochs": {1: 100, 10: 50, 100: 15}, "eval_freq": {1: 10, 10: 5, 100: 5}, "batch": 128,
         "workers": {1: 0, 10: 2, 100: 2},  # 1%: 4 steps an epoch, less than forking workers every epoch costs
         "scratch_longer": {1: 4, 10: 2, 100: 2},
@@ -187,20 +188,21 @@ class Study:
         logs = read_log(self.folder(name))
         return -1.0 if max(r["train_loss"] for r in logs) > DIVERGED else logs[-1]["test_acc1"]
 
-    def sweep(self, method, percent, recipe, values):
-        """The blr (of `values`, numbers) with the best validation score of draw 0, the grid continued past an
-        end that holds the best by up to c["extend"] values (ties: the smaller); every run is trained."""
+    def sweep(self, method, percent, recipe, values, key="blr", spell=blr_string, extend=None):
+        """The value of `key` (of `values`, numbers, spelled in run names by `spell`) with the best validation
+        score of draw 0, the grid continued past an end that holds the best by up to `extend` values (default
+        c["extend"]; ties: the smaller); every run is trained."""
         values = list(values)
 
         def score(value):
-            return self.score(self.run(method, percent, 0, {**recipe, "blr": blr_string(value)}))
+            return self.score(self.run(method, percent, 0, {**recipe, key: spell(value)}))
 
-        for _ in range(self.c["extend"]):
+        for _ in range(self.c["extend"] if extend is None else extend):
             value = beyond_edge(values, [score(v) for v in values])
             if value is None:
                 break
             values.append(value)
-        return blr_string(max(values, key=lambda v: (score(v), -v)))
+        return spell(max(values, key=lambda v: (score(v), -v)))
 
     def recipe(self, method):
         """The small-image recipe of fine-tuning `method` at 10% labels, chosen on validation one step at a time
@@ -212,25 +214,10 @@ class Study:
             for key, values in step.items():
                 grid = [{**g, key: v} for g in grid for v in values]
             best = max(grid, key=lambda g: (self.score(self.run(method, 10, 0, g)), -grid.index(g)))
-        best["longer"] = self.longer(method, best)
+        best["longer"] = self.sweep(method, 10, best, map(float, self.c["recipe_steps"][-1]["longer"]), "longer",
+                                    lambda v: f"{v:g}", self.c["extend_longer"])
         centre = float(best["blr"])
         return {**best, "blr": self.sweep(method, 10, best, [centre / 2, centre, centre * 2])}
-
-    def longer(self, method, recipe):
-        """`recipe`'s epoch multiple, the grid's (the last step's) continued past an end that holds the best
-        validation score by up to c["extend_longer"] values (each doubles the cost of every later run;
-        ties: fewer epochs)."""
-        values = [float(v) for v in self.c["recipe_steps"][-1]["longer"]]
-
-        def score(value):
-            return self.score(self.run(method, 10, 0, {**recipe, "longer": f"{value:g}"}))
-
-        for _ in range(self.c["extend_longer"]):
-            value = beyond_edge(values, [score(v) for v in values])
-            if value is None:
-                break
-            values.append(value)
-        return f"{max(values, key=lambda v: (score(v), -v)):g}"
 
     def setting(self, method, percent):
         """The recipe `method` runs with at `percent` (100%: the 10% one). Fine-tuning and scratch take their
