@@ -1,6 +1,8 @@
 """The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def test_study_driver_smoke(tmp_path):
     os.makedirs(out)
     with open(os.path.join(out, "README.md"), "w") as f:  # the report's README gets its table replaced
         f.write("intro\n<!-- results: written by run.py -->\nold table\n<!-- end of results -->\nconclusions\n")
-    res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, timeout=1200)
+    res = run_script(DRIVER, "--smoke", "--data", data, "--out", out, "--jobs", "2", timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.load(open(os.path.join(out, "results.json")))
     assert report["protocol"]["selection"] == "val"
@@ -122,6 +124,15 @@ def test_study_driver_smoke(tmp_path):
     assert sum(c["runs"] for c in cost.values()) == len(runs) and cost["baselines"]["runs"] == 1
     assert sum(c["wall_clock_min"] for c in cost.values()) == pytest.approx(
         sum(r["wall_clock_s"] for r in runs.values()) / 60)
+    assert sum(c["machine_min"] for c in cost.values()) == pytest.approx(
+        sum(r["machine_s"] for r in runs.values()) / 60)
+    cores = len(os.sched_getaffinity(0))
+    pinned = {n: re.findall(r"^\[cores ([\d,]+) of (\d+)\]$", open(os.path.join(out, n + ".stdout")).read(), re.M)
+              for n in runs if os.path.isfile(os.path.join(out, n + ".stdout"))}
+    assert all(pinned.values()) and all(int(of) == cores for found in pinned.values() for _, of in found)
+    if cores >= 2:  # two runs at a time (the sweeps' and the draws'), each on its half of the cores
+        halves = {found[0][0] for found in pinned.values() if len(found[0][0].split(",")) == cores // 2}
+        assert len(halves) == 2, pinned
     command = runs["baselines_crop0.08_eval0.875"]["command"]
     assert "--crop_pct 0.875 --crop_min 0.08" in command and os.path.join(out, "pretrain_e1", "model.pd") in command
     table = open(os.path.join(out, "results.md")).read()
@@ -210,8 +221,63 @@ def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     os.killpg(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=60) == 0
     elapsed = time.monotonic() - start
-    counted = float((tmp_path / "run" / "wall_clock.txt").read_text())
+    counted, machine = map(float, (tmp_path / "run" / "wall_clock.txt").read_text().split())
     assert elapsed > 6.5 and 2.9 <= counted < elapsed - 3.0  # 3 s of sleeps, 4 s stopped
+    assert machine == counted  # it had all the cores
+
+
+def _driver():
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import run
+    return run
+
+
+def test_study_runs_are_pinned_to_their_cores(tmp_path):
+    """A run on some of the cores sees only those (its threads and loader workers inherit them), and its
+    machine time is its wall clock times its share."""
+    run = _driver()
+    everything = sorted(os.sched_getaffinity(0))
+    show = [sys.executable, "-c",
+            "import os, time; time.sleep(0.5); print('affinity', sorted(os.sched_getaffinity(0)))"]
+    for cores in ([everything[-1]], None):
+        folder, stdout = tmp_path / f"run{cores}", tmp_path / f"run{cores}.stdout"
+        run.timed_call(show, str(folder), str(stdout), cores)
+        text = stdout.read_text()
+        assert f"affinity {cores or everything}" in text
+        assert text.startswith(f"[cores {','.join(map(str, cores or everything))} of {len(everything)}]")
+        wall, machine = run.clocks(str(folder))
+        assert wall >= 0.5 and machine == pytest.approx(wall * len(cores or everything) / len(everything), abs=0.1)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "wall_clock.txt").write_text("12.5\n")  # a run's clock before machine time was kept
+    assert run.clocks(str(tmp_path / "old")) == (12.5, 12.5)
+
+
+def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
+    """Runs side by side: one that fails ends the call within a tick, the other stopped (not waited for)."""
+    run = _driver()
+    monkeypatch.setattr(run, "TICK", 0.2)
+    study = run.Study.__new__(run.Study)
+    study.jobs, study.slots, study.runs, study.stage_of, study.current = 2, queue.Queue(), {}, {}, None
+    for _ in range(2):
+        study.slots.put(sorted(os.sched_getaffinity(0)))
+    marker = f"sleeper-{os.getpid()}-{time.time_ns()}"
+    scripts = {"sleep": f"import time; time.sleep(120)  # {marker}", "fail": "import time; time.sleep(1); exit(3)"}
+
+    def fake_run(what, cores=None):
+        run.timed_call([sys.executable, "-c", scripts[what]], str(tmp_path / what), str(tmp_path / f"{what}.out"),
+                       cores)
+        return what
+
+    monkeypatch.setattr(study, "run", fake_run, raising=False)
+    monkeypatch.setattr(study, "spec", lambda what: (what,), raising=False)
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match="error: fail failed"):
+        study.run_many([("sleep",), ("fail",)])
+    assert time.monotonic() - start < 30
+    assert not run.LIVE
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not alive
+    assert study.run_many([]) == []
 
 
 def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path):

@@ -17,10 +17,12 @@ import argparse
 import json
 import math
 import os
+import queue
 import re
 import subprocess
 import sys
 import time
+from concurrent import futures
 
 import numpy as np
 
@@ -67,6 +69,7 @@ METHODS = {"finetune_mae": "fine-tune, MAE encoder", "partial_mae": "fine-tune t
            "logreg_pixels": "logistic regression, raw pixels", "knn_pixels": "kNN, raw pixels",
            "cnn": "small CNN, flips", "cnn_vit_aug": "small CNN, the ViTs' augmentation"}
 TICK = 10  # seconds between the updates of a running wall_clock.txt
+LIVE = set()  # the running runs' processes
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
 
@@ -78,25 +81,44 @@ def read_log(folder):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def wall_clock(folder):
+def clocks(folder):
+    """(wall clock, machine time) in seconds from folder's wall_clock.txt, or None; a file of one line is a
+    run that had the whole machine."""
     path = os.path.join(folder, "wall_clock.txt")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return float(f.read())
+        values = [float(v) for v in f.read().split()]
+    return values[0], values[-1]
 
 
-def timed_call(cmd, folder, stdout):
-    """Run cmd from the repository root, console appended to `stdout`; add its seconds to folder's
-    wall_clock.txt (summed over resumed attempts, rewritten every TICK seconds so that an attempt killed with
-    the session still counts); exit naming the file on failure. The clock advances at most 2 * TICK per tick,
-    so time the study spends stopped (SIGSTOP, e.g. while the machine measures something else) is not
-    counted."""
+def wall_clock(folder):
+    return (clocks(folder) or (None,))[0]
+
+
+def machine_time(folder):
+    return (clocks(folder) or (None, None))[1]
+
+
+def timed_call(cmd, folder, stdout, cores=None):
+    """Run cmd from the repository root on `cores` (default: all of this process's), console appended to
+    `stdout`; add its seconds to folder's wall_clock.txt, and below them its machine time, the seconds times
+    its share of the cores (summed over resumed attempts, rewritten every TICK seconds so that an attempt
+    killed with the session still counts); exit naming the file on failure. The clock advances at most
+    2 * TICK per tick, so time the study spends stopped (SIGSTOP, e.g. while the machine measures something
+    else) is not counted."""
     os.makedirs(folder, exist_ok=True)
+    everything = os.sched_getaffinity(0)
+    cores = set(cores or everything)
     print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
-    spent, last = wall_clock(folder) or 0.0, time.monotonic()
+    spent, machine = clocks(folder) or (0.0, 0.0)
+    last = time.monotonic()
     with open(stdout, "a", encoding="utf-8") as log:
+        log.write(f"[cores {','.join(map(str, sorted(cores)))} of {len(everything)}]\n")
+        log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        os.sched_setaffinity(proc.pid, cores)  # before the child starts a thread: its threads and workers inherit
+        LIVE.add(proc)
         code = None
         while code is None:
             try:
@@ -104,10 +126,12 @@ def timed_call(cmd, folder, stdout):
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            spent, last = spent + min(now - last, 2 * TICK), now
+            step = min(now - last, 2 * TICK)
+            spent, machine, last = spent + step, machine + step * len(cores) / len(everything), now
             with open(os.path.join(folder, "wall_clock.txt.tmp"), "w") as f:
-                f.write(f"{spent:.1f}\n")
+                f.write(f"{spent:.1f}\n{machine:.1f}\n")
             os.replace(os.path.join(folder, "wall_clock.txt.tmp"), os.path.join(folder, "wall_clock.txt"))
+        LIVE.discard(proc)
     if code != 0:
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
@@ -123,8 +147,13 @@ def blr_string(value):
 class Study:
     """The study's runs, each a script call with its output folder out/NAME."""
 
-    def __init__(self, data, out, config):
+    def __init__(self, data, out, config, jobs=1):
         self.data, self.out, self.c = data, out, config
+        cores = sorted(os.sched_getaffinity(0))
+        self.jobs = max(1, min(jobs, len(cores)))
+        self.slots = queue.Queue()  # each of `jobs` runs at a time on its own share of the cores
+        for i in range(self.jobs):
+            self.slots.put(cores[i * len(cores) // self.jobs:(i + 1) * len(cores) // self.jobs])
         self.dev = development_folder(data, config["val_per_class"])
         self.subsets = {(p, d): label_subset_folder(self.dev, p, d) if p != 100 else self.dev
                         for p in PERCENTS for d in config["draws"]}
@@ -160,10 +189,15 @@ class Study:
         longer = self.c["scratch_longer"][percent] if method == "finetune_scratch" else 1
         return max(1, round(self.c["epochs"][percent] * longer * float((recipe or {}).get("longer", "1"))))
 
-    def run(self, method, percent, draw, recipe, pretrain=None):
+    def run(self, method, percent, draw, recipe, pretrain=None, cores=None):
         """One training run of `method` on label draw `draw` (seed `draw`; at 100% every draw has all the
         labels) with `recipe`, from the MAE pre-training `pretrain` ("50", "50_seed1"; "0": random
-        initialisation). Its name spells all of them; the epochs only when the recipe multiplies them."""
+        initialisation), on `cores`; its name."""
+        return self.train(*self.spec(method, percent, draw, recipe, pretrain), cores)
+
+    def spec(self, method, percent, draw, recipe, pretrain=None):
+        """(name, flags, epochs, percent) of self.run's run. Its name spells all of them; the epochs only when
+        the recipe multiplies them."""
         main = str(self.main_pretrain)
         pretrain = pretrain or main
         longer = recipe["longer"]
@@ -180,7 +214,32 @@ class Study:
             flags += ["--drop_path", recipe["drop_path"], "--weight_decay", recipe["weight_decay"]]
         if method != "finetune_scratch" and pretrain != "0":
             flags += ["--finetune", self.weights(pretrain)]
-        return self.train(name, flags, epochs, percent)
+        return name, flags, epochs, percent
+
+    def run_many(self, calls):
+        """self.run(*call) for every call, up to `jobs` at a time, each pinned to its share of the cores (a run
+        of this small ViT gains less from a second core than a second run does); their names. A failure
+        stops the others (they resume on the next start)."""
+        def one(call):
+            cores = self.slots.get()
+            try:
+                return self.run(*call, cores=cores)
+            finally:
+                self.slots.put(cores)
+
+        for call in calls:  # the report lists the runs in the order the study needs them
+            self.enter(self.spec(*call)[0])
+        with futures.ThreadPoolExecutor(self.jobs) as pool:
+            pending = [pool.submit(one, call) for call in calls]
+            done, _ = futures.wait(pending, return_when=futures.FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception()]
+            if failed:
+                for f in pending:
+                    f.cancel()
+                for proc in list(LIVE):
+                    proc.terminate()
+                failed[0].result()
+            return [f.result() for f in pending]
 
     def score(self, name):
         """What a choice on validation compares: the last epoch's validation top-1, or -1 for a run that
@@ -197,6 +256,7 @@ class Study:
         def score(value):
             return self.score(self.run(method, percent, 0, {**recipe, key: spell(value)}))
 
+        self.run_many([(method, percent, 0, {**recipe, key: spell(v)}) for v in values])
         for _ in range(self.c["extend"] if extend is None else extend):
             value = beyond_edge(values, [score(v) for v in values])
             if value is None:
@@ -213,7 +273,8 @@ class Study:
             grid = [dict(best)]
             for key, values in step.items():
                 grid = [{**g, key: v} for g in grid for v in values]
-            best = max(grid, key=lambda g: (self.score(self.run(method, 10, 0, g)), -grid.index(g)))
+            scores = [self.score(name) for name in self.run_many([(method, 10, 0, g) for g in grid])]
+            best = grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
         best["longer"] = self.sweep(method, 10, best, map(float, self.c["recipe_steps"][-1]["longer"]), "longer",
                                     lambda v: f"{v:g}", self.c["extend_longer"])
         centre = float(best["blr"])
@@ -237,16 +298,22 @@ class Study:
         centre = float(recipe["blr"])
         return {**recipe, "blr": self.sweep(method, percent, recipe, [centre / 2, centre, centre * 2])}
 
-    def train(self, name, flags, epochs, percent):
+    def train(self, name, flags, epochs, percent, cores=None):
         flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
                  "--batch_size", str(self.c["batch"]), "--num_workers", str(self.c["workers"][percent]), *COMMON]
         if len(read_log(self.folder(name))) < epochs:
-            timed_call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
-        elif name not in self.runs:
+            timed_call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout",
+                       cores)
+        elif self.runs.get(name) is None:
             print(f"[{name}] done already", flush=True)
+        self.enter(name)
         self.runs[name] = (flags, epochs, percent)
-        self.stage_of.setdefault(name, self.current)
         return name
+
+    def enter(self, name):
+        """Give run `name` its place in self.runs (None until trained) and the stage that first needed it."""
+        self.runs.setdefault(name, None)
+        self.stage_of.setdefault(name, self.current)
 
     def test(self, name):
         """Top-1 on the test set of run `name`'s last checkpoint, measured once and kept in NAME/test.txt."""
@@ -270,7 +337,17 @@ class Study:
 
     def reported(self, method, percent, pretrain=None):
         """The tested runs of `method` at `percent`, one per draw."""
-        return [self.run(method, percent, d, self.setting(method, percent), pretrain) for d in self.c["draws"]]
+        return self.run_many(self.draws(method, percent, pretrain))
+
+    def draws(self, method, percent, pretrain=None):
+        """The calls of self.run that train the tested runs of `method` at `percent` (its setting chosen)."""
+        setting = self.setting(method, percent)
+        return [(method, percent, d, setting, pretrain) for d in self.c["draws"]]
+
+    def test_all(self, calls):
+        """Train the runs of `calls` (the longest first: their percent) together, then test each."""
+        for name in self.run_many(sorted(calls, key=lambda call: -call[1])):
+            self.test(name)
 
     def baselines(self):
         """The baselines' run (baselines.py) on the evaluation images of MAE fine-tuning's recipe, the CNN for
@@ -284,8 +361,8 @@ class Study:
                  mae["crop_min"], "--epochs",
                  *[f"{p}={self.epochs('finetune_scratch', p, scratch)}" for p in PERCENTS],
                  "--max_iter", str(self.c["lbfgs_iterations"]), "--log", os.path.join(self.folder(name), "log.txt")]
+        self.enter(name)
         self.runs[name] = (flags, None, None)
-        self.stage_of.setdefault(name, self.current)
         if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
             timed_call([sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
         return name
@@ -300,21 +377,17 @@ class Study:
                 self.recipe(method)
         elif group == "compare":
             for method in COMPARED:
-                for percent in PERCENTS:
-                    for name in self.reported(method, percent):
-                        self.test(name)
+                self.test_all([call for percent in PERCENTS for call in self.draws(method, percent)])
         elif group == "seeds":
             for seed in c["pretrain_seeds"][1:]:
                 self.pretrain(self.main_pretrain, seed=seed)
-                for method in MAE_BASED:
-                    for name in self.reported(method, 10, f"{self.main_pretrain}_seed{seed}"):
-                        self.test(name)
+                pretrain = f"{self.main_pretrain}_seed{seed}"
+                self.test_all([call for method in MAE_BASED for call in self.draws(method, 10, pretrain)])
         elif group == "curve":
             for epochs in c["pretrain_epochs"]:
                 if epochs:
                     self.pretrain(epochs)
-                for name in self.reported("finetune_mae", 10, str(epochs)):
-                    self.test(name)
+            self.test_all([call for e in c["pretrain_epochs"] for call in self.draws("finetune_mae", 10, str(e))])
         elif group == "baselines":
             self.baselines()
         elif group == "pictures":
@@ -364,7 +437,7 @@ def collect(study, report):
         shipped = [os.path.join(study.folder(name), f) for f in ("log.txt", "test.txt")]
         entry = {"command": " ".join(["python", *flags]),
                  "logs": [os.path.relpath(p, report) for p in shipped if os.path.isfile(p)],
-                 "wall_clock_s": wall_clock(study.folder(name))}
+                 "wall_clock_s": wall_clock(study.folder(name)), "machine_s": machine_time(study.folder(name))}
         if epochs is not None and logs:
             data = flags[flags.index("--data_path") + 1]
             train = os.path.join(data, "train")
@@ -391,9 +464,10 @@ def collect(study, report):
                                       if r["draw"] == 0 and r["percent"] != "100"}}
     cost = {}
     for name, entry in runs.items():
-        stage = cost.setdefault(study.stage_of[name], {"runs": 0, "wall_clock_min": 0.0})
+        stage = cost.setdefault(study.stage_of[name], {"runs": 0, "wall_clock_min": 0.0, "machine_min": 0.0})
         stage["runs"] += 1
         stage["wall_clock_min"] += (entry["wall_clock_s"] or 0.0) / 60
+        stage["machine_min"] += (entry["machine_s"] or 0.0) / 60
     result = {"protocol": protocol, "summary": {m: {str(p): s for p, s in t.items()} for m, t in table.items()},
               "pretrain_epochs": curve, "pretrain_seeds": seeds, "recipe_val_top1": validation, "cost": cost,
               "runs": runs}
@@ -454,11 +528,12 @@ def tables(table, recipes, validation, curve, seeds, runs, baselines, cost):
         test = f"{e['test_acc1']:.2f}" if "test_acc1" in e else "–"
         rows.append(f"| {name} | {e['train_images']} | {e['epochs']} | {e['optimizer_steps']} | "
                     f"{e['final_train_loss']:.4f} | {val} | {test} | {clock} |")
-    rows += ["", "| stage | runs | wall clock |", "|---|---|---|"]
-    rows += [f"| {stage} | {c['runs']} | {c['wall_clock_min']:.0f} min |" for stage, c in cost.items()]
-    total = sum(e["wall_clock_s"] or 0.0 for e in runs.values())
-    rows += ["", f"Total wall clock of these runs: {total / 60:.0f} min (a run counts in the first stage that "
-             "needed it)."]
+    rows += ["", "| stage | runs | wall clock | machine time |", "|---|---|---|---|"]
+    rows += [f"| {stage} | {c['runs']} | {c['wall_clock_min']:.0f} min | {c['machine_min']:.0f} min |"
+             for stage, c in cost.items()]
+    total = sum(e["machine_s"] or 0.0 for e in runs.values())
+    rows += ["", f"Machine time of these runs: {total / 60:.0f} min (a run's wall clock times its share of the "
+             "cores; a run counts in the first stage that needed it)."]
     return "\n".join(rows) + "\n"
 
 
@@ -545,7 +620,11 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="*", default=None, choices=GROUPS, metavar="STAGE",
                         help=f"default: all, in order: {' '.join(GROUPS)}")
     parser.add_argument("--smoke", action="store_true", help="small grids, 2 label draws, 1 epoch per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to its share of "
+                        "the cores (2 on 2 cores: ~1.45x the runs an hour of one at a time; default: 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"argument --jobs: must be >= 1, got {args.jobs}")
     default_data = os.path.join(ROOT, "data", "fashion_mnist_smoke" if args.smoke else "fashion_mnist")
     data, out = (_from_root(p) for p in (args.data or default_data, args.out))  # recorded commands run from ROOT
     report = os.path.abspath(args.report or (args.out if args.smoke else HERE))
@@ -559,7 +638,7 @@ def main(argv=None):
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             sys.exit(f"error: {flag} {folder}: {e.strerror}")
-    study = Study(data, out, SMOKE if args.smoke else FULL)
+    study = Study(data, out, SMOKE if args.smoke else FULL, args.jobs)
     for group in args.stages or GROUPS:
         study.stage(group)
     if not args.stages:
