@@ -158,6 +158,8 @@ def test_study_driver_bad_paths(tmp_path):
     demo_subset(str(data), {"train": 1, "val": 1})
     res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(blocker / "out"))
     assert res.returncode == 1 and f"--out {blocker / 'out'}" in res.stderr and "Traceback" not in res.stderr
+    res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(tmp_path / "o"), "--jobs", "0")
+    assert res.returncode == 2 and "argument --jobs: must be >= 1, got 0" in res.stderr
 
 
 def test_study_baselines_crop_flags_are_checked():
