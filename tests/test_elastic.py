@@ -107,6 +107,26 @@ def test_a_two_process_run_stopped_inside_an_epoch_continues_on_one(data, tmp_pa
     assert losses(stopped) == losses(again)
 
 
+def test_accum_iter_auto_costs_no_rank_but_the_first_a_second_read(data, tmp_path):
+    """--accum_iter auto on 2 processes: rank 0 reads the checkpoint to find the accumulation and again to
+    resume, rank 1 only to resume."""
+    out = str(tmp_path / "o")
+    single(data, out, 8)
+    cpu_kernels.available()
+    logs = tmp_path / "launch"
+    res = run_script("-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs),
+                     os.path.join(ROOT, "tests", "count_reads.py"), *PRETRAIN, *flags(data, out, 4, "auto"),
+                     timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = os.path.join(out, "checkpoint-last.pd")
+    for rank, reads in ((0, 2), (1, 1)):
+        text = (logs / f"workerlog.{rank}").read_text()
+        assert text.count(f"checkpoint read by rank {rank}: {ckpt}") == reads, text[-3000:]
+        assert text.count("checkpoint read by rank") == reads
+    first = (logs / "workerlog.0").read_text()
+    assert "--accum_iter auto: 1 (keeps the effective batch of 8" in first and "nothing to do: 6 of 6" in first
+
+
 def test_another_effective_batch_is_refused_and_nothing_is_written(data, tmp_path):
     out = str(tmp_path / "o")
     single(data, out, 8)

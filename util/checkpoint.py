@@ -288,25 +288,40 @@ def check_effective_batch(ckpt, flags, path):
 def accum_iter_to_keep(flags, world_size):
     """--accum_iter auto: the accumulation that keeps the effective batch of the checkpoint this run resumes
     (--resume, else with --auto_resume the newest in --output_dir) at this --batch_size and process count; 1
-    for a new run. CheckpointError when the checkpoint records no split or no accumulation keeps its batch."""
-    path, ckpt = flags.resume, None
-    if not path and flags.auto_resume:
-        path, ckpt = auto_resume_path(flags.output_dir)
-    if not path:
-        print("--accum_iter auto: a new run, 1")
-        return 1
-    ckpt = read_on_every_rank(path, ckpt)
-    saved = split_of(recorded_flags(ckpt))
-    if saved is None or not is_training_checkpoint(ckpt):
-        raise CheckpointError(f"{path}: records no effective batch to keep (--batch_size, --accum_iter, world_size); "
-                              "give --accum_iter")
-    before, micro = saved[0] * saved[1] * saved[2], flags.batch_size * world_size
-    if before % micro:
-        raise CheckpointError(f"{path}: its effective batch of {before} is not a multiple of --batch_size "
-                              f"{flags.batch_size} x {world_size} process(es); choose a --batch_size that "
-                              f"divides {before // world_size if before % world_size == 0 else before}")
+    for a new run. CheckpointError when the checkpoint records no split or no accumulation keeps its batch.
+    Rank 0 reads the checkpoint and tells the others, which read it once, when they resume (a large run's
+    ranks would otherwise each read it twice)."""
+    accum, error = from_main_process(_accum_iter_of_rank_0(flags, world_size) if is_main_process() else None)
+    if error:
+        raise CheckpointError(error)
+    return accum
+
+
+def _accum_iter_of_rank_0(flags, world_size):
+    """(accumulation, None) or (None, the error) for accum_iter_to_keep, read on this process alone."""
+    try:
+        path, ckpt = flags.resume, None
+        if not path and flags.auto_resume:
+            path, ckpt = newest_checkpoint(flags.output_dir)
+        if not path:
+            print("--accum_iter auto: a new run, 1")
+            return 1, None
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
+        if is_training_checkpoint(ckpt):
+            check_training_state(ckpt, path)
+        saved = split_of(recorded_flags(ckpt))
+        if saved is None or not is_training_checkpoint(ckpt):
+            raise CheckpointError(f"{path}: records no effective batch to keep (--batch_size, --accum_iter, "
+                                  "world_size); give --accum_iter")
+        before, micro = saved[0] * saved[1] * saved[2], flags.batch_size * world_size
+        if before % micro:
+            raise CheckpointError(f"{path}: its effective batch of {before} is not a multiple of --batch_size "
+                                  f"{flags.batch_size} x {world_size} process(es); choose a --batch_size that "
+                                  f"divides {before // world_size if before % world_size == 0 else before}")
+    except CheckpointError as e:
+        return None, str(e)
     print(f"--accum_iter auto: {before // micro} (keeps the effective batch of {before} of {path})")
-    return before // micro
+    return before // micro, None
 
 
 def position_in_epoch(ckpt, flags, path):
