@@ -130,9 +130,10 @@ def test_study_driver_smoke(tmp_path):
     pinned = {n: re.findall(r"^\[cores ([\d,]+) of (\d+)\]$", open(os.path.join(out, n + ".stdout")).read(), re.M)
               for n in runs if os.path.isfile(os.path.join(out, n + ".stdout"))}
     assert all(pinned.values()) and all(int(of) == cores for found in pinned.values() for _, of in found)
-    if cores >= 2:  # two runs at a time (the sweeps' and the draws'), each on its half of the cores
-        halves = {found[0][0] for found in pinned.values() if len(found[0][0].split(",")) == cores // 2}
-        assert len(halves) == 2, pinned
+    if cores >= 2:  # two runs at a time (the sweeps' and the draws'), each on its own part of the cores
+        shares = {found[0][0] for found in pinned.values() if len(found[0][0].split(",")) < cores}
+        assert len(shares) == 2 and sorted(int(c) for share in shares for c in share.split(",")) == sorted(
+            os.sched_getaffinity(0)), pinned
     command = runs["baselines_crop0.08_eval0.875"]["command"]
     assert "--crop_pct 0.875 --crop_min 0.08" in command and os.path.join(out, "pretrain_e1", "model.pd") in command
     table = open(os.path.join(out, "results.md")).read()

@@ -100,6 +100,13 @@ def machine_time(folder):
     return (clocks(folder) or (None, None))[1]
 
 
+def own_cores():
+    """The cores this process may run on (all of them where the system cannot pin processes)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
 def timed_call(cmd, folder, stdout, cores=None):
     """Run cmd from the repository root on `cores` (default: all of this process's), console appended to
     `stdout`; add its seconds to folder's wall_clock.txt, and below them its machine time, the seconds times
@@ -108,7 +115,7 @@ def timed_call(cmd, folder, stdout, cores=None):
     2 * TICK per tick, so time the study spends stopped (SIGSTOP, e.g. while the machine measures something
     else) is not counted."""
     os.makedirs(folder, exist_ok=True)
-    everything = os.sched_getaffinity(0)
+    everything = own_cores()
     cores = set(cores or everything)
     print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
     spent, machine = clocks(folder) or (0.0, 0.0)
@@ -117,7 +124,11 @@ def timed_call(cmd, folder, stdout, cores=None):
         log.write(f"[cores {','.join(map(str, sorted(cores)))} of {len(everything)}]\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        os.sched_setaffinity(proc.pid, cores)  # before the child starts a thread: its threads and workers inherit
+        if cores != everything:  # before the child starts a thread: its threads and loader workers inherit them
+            try:
+                os.sched_setaffinity(proc.pid, cores)
+            except ProcessLookupError:  # it has ended already
+                pass
         LIVE.add(proc)
         code = None
         while code is None:
@@ -149,8 +160,8 @@ class Study:
 
     def __init__(self, data, out, config, jobs=1):
         self.data, self.out, self.c = data, out, config
-        cores = sorted(os.sched_getaffinity(0))
-        self.jobs = max(1, min(jobs, len(cores)))
+        cores = sorted(own_cores())
+        self.jobs = max(1, min(jobs, len(cores)) if hasattr(os, "sched_setaffinity") else 1)
         self.slots = queue.Queue()  # each of `jobs` runs at a time on its own share of the cores
         for i in range(self.jobs):
             self.slots.put(cores[i * len(cores) // self.jobs:(i + 1) * len(cores) // self.jobs])
