@@ -1,12 +1,13 @@
 """The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 
 import numpy as np
 import paddle
@@ -255,20 +256,53 @@ def test_study_runs_are_pinned_to_their_cores(tmp_path):
     assert run.clocks(str(tmp_path / "old")) == (12.5, 12.5)
 
 
+def _bare_study(run, out, jobs):
+    """A Study of `jobs` runs at a time, each on all the cores, writing to `out`, without the data it
+    would prepare."""
+    study = run.Study.__new__(run.Study)
+    study.out, study.c, study.jobs = str(out), {"batch": 8, "workers": {10: 0}}, jobs
+    study.shares, study.rank = run.Shares([sorted(os.sched_getaffinity(0))] * jobs), threading.local()
+    study.runs, study.stage_of, study.current = {}, {}, None
+    study.locks, study.locks_lock, study.stopping, study.failure = {}, threading.Lock(), threading.Event(), None
+    return study
+
+
+def test_study_shares_go_to_the_earliest_part_first():
+    """A freed share of the cores goes to the waiting run of the earliest-listed part, whatever the order
+    the runs asked in; runs of one part in the order they asked."""
+    run = _driver()
+    shares = run.Shares(["a"])
+    held = shares.take(0)
+    given, threads = [], []
+    for rank, label in ((5, "curve"), (1, "scratch 1st"), (3, "seeds"), (1, "scratch 2nd")):
+        def wait_and_take(rank=rank, label=label):
+            share = shares.take(rank)
+            given.append(label)
+            shares.give(share)
+        threads.append(threading.Thread(target=wait_and_take))
+        threads[-1].start()
+        while len(shares.waiting) < len(threads):  # each asks before the next one does
+            time.sleep(0.01)
+    shares.give(held)
+    for t in threads:
+        t.join(10)
+    assert given == ["scratch 1st", "scratch 2nd", "seeds", "curve"]
+    assert shares.free == ["a"] and not shares.waiting
+
+
 def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
-    """Runs side by side: one that fails ends the call within a tick, the other stopped (not waited for)."""
+    """Runs side by side: one that fails ends the call within a tick, the other stopped (not waited for), and
+    a run waiting for a share of the cores never starts."""
     run = _driver()
     monkeypatch.setattr(run, "TICK", 0.2)
-    study = run.Study.__new__(run.Study)
-    study.jobs, study.slots, study.runs, study.stage_of, study.current = 2, queue.Queue(), {}, {}, None
-    for _ in range(2):
-        study.slots.put(sorted(os.sched_getaffinity(0)))
+    study = _bare_study(run, tmp_path, 2)
     marker = f"sleeper-{os.getpid()}-{time.time_ns()}"
-    scripts = {"sleep": f"import time; time.sleep(120)  # {marker}", "fail": "import time; time.sleep(1); exit(3)"}
+    started = tmp_path / "started"
+    scripts = {"sleep": f"import time; time.sleep(120)  # {marker}", "fail": "import time; time.sleep(1); exit(3)",
+               "later": f"open({str(started)!r}, 'w').close()"}
 
-    def fake_run(what, cores=None):
-        run.timed_call([sys.executable, "-c", scripts[what]], str(tmp_path / what), str(tmp_path / f"{what}.out"),
-                       cores)
+    def fake_run(what):
+        study.call([sys.executable, "-c", scripts[what]], str(tmp_path / what), str(tmp_path / f"{what}.out"))
         return what
 
     monkeypatch.setattr(study, "run", fake_run, raising=False)
@@ -281,6 +315,34 @@ def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert not alive
     assert study.run_many([]) == []
+
+    study = _bare_study(run, tmp_path, 2)  # three parts of stages side by side: the third waits for a share
+    with pytest.raises(SystemExit, match="error: fail failed"):
+        study.together([lambda: fake_run("sleep"), lambda: fake_run("fail"), lambda: fake_run("later")], 3)
+    assert (tmp_path / "later.out").read_text().startswith("[cores ")  # it had its share and did not start
+    assert not started.exists() and not run.LIVE
+
+
+def test_study_parts_side_by_side_train_a_shared_run_once(tmp_path):
+    """Two parts of the study that need the same run (the curve's main point is the comparison's run) train
+    it once: the second waits for it and finds it done."""
+    run = _driver()
+    script = tmp_path / "fake_train.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
+        "epochs = int(sys.argv[sys.argv.index('--epochs') + 1])\n"
+        "open(os.path.join(out, 'starts'), 'a').write('x')\n"
+        "time.sleep(1)\n"
+        "with open(os.path.join(out, 'log.txt'), 'w') as f:\n"
+        "    f.writelines(json.dumps({'epoch': e, 'train_loss': 1.0, 'test_acc1': 50.0}) + '\\n'"
+        " for e in range(epochs))\n")
+    study = _bare_study(run, tmp_path, 2)
+    train = partial(study.train, "shared", [str(script)], 3, 10)
+    assert study.together([train, train, partial(study.train, "other", [str(script)], 2, 10)], 3) == [
+        "shared", "shared", "other"]
+    assert (tmp_path / "shared" / "starts").read_text() == "x" and len(run.read_log(str(tmp_path / "shared"))) == 3
+    assert (tmp_path / "other" / "starts").read_text() == "x"
 
 
 def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path):

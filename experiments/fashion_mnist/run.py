@@ -14,15 +14,18 @@ results.json, results.md and the pictures beside this script; rerunning after th
 identically.
 """
 import argparse
+import heapq
+import itertools
 import json
 import math
 import os
-import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
+from functools import partial
 
 import numpy as np
 
@@ -69,7 +72,7 @@ METHODS = {"finetune_mae": "fine-tune, MAE encoder", "partial_mae": "fine-tune t
            "logreg_pixels": "logistic regression, raw pixels", "knn_pixels": "kNN, raw pixels",
            "cnn": "small CNN, flips", "cnn_vit_aug": "small CNN, the ViTs' augmentation"}
 TICK = 10  # seconds between the updates of a running wall_clock.txt
-LIVE = set()  # the running runs' processes
+LIVE, LIVE_LOCK = set(), threading.Lock()  # the running runs' processes
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
 
@@ -107,11 +110,12 @@ def own_cores():
     return set(range(os.cpu_count() or 1))
 
 
-def timed_call(cmd, folder, stdout, cores=None):
+def timed_call(cmd, folder, stdout, cores=None, stop=None):
     """Run cmd from the repository root on `cores` (default: all of this process's), console appended to
-    `stdout`; add its seconds to folder's wall_clock.txt, and below them its machine time, the seconds times
-    its share of the cores (summed over resumed attempts, rewritten every TICK seconds so that an attempt
-    killed with the session still counts); exit naming the file on failure. The clock advances at most
+    `stdout`, unless the event `stop` is set (then exit: another run failed); add its seconds to folder's
+    wall_clock.txt, and below them its machine time, the seconds times its share of the cores (summed over
+    resumed attempts, rewritten every TICK seconds so that an attempt killed with the session still
+    counts); exit naming the file on failure. The clock advances at most
     2 * TICK per tick, so time the study spends stopped (SIGSTOP, e.g. while the machine measures something
     else) is not counted."""
     os.makedirs(folder, exist_ok=True)
@@ -123,13 +127,16 @@ def timed_call(cmd, folder, stdout, cores=None):
     with open(stdout, "a", encoding="utf-8") as log:
         log.write(f"[cores {','.join(map(str, sorted(cores)))} of {len(everything)}]\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with LIVE_LOCK:  # a failure elsewhere sets `stop` and then ends every process in LIVE
+            if stop is not None and stop.is_set():
+                sys.exit(f"error: {os.path.basename(folder)} not started: another run failed")
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            LIVE.add(proc)
         if cores != everything:  # before the child starts a thread: its threads and loader workers inherit them
             try:
                 os.sched_setaffinity(proc.pid, cores)
             except ProcessLookupError:  # it has ended already
                 pass
-        LIVE.add(proc)
         code = None
         while code is None:
             try:
@@ -147,6 +154,32 @@ def timed_call(cmd, folder, stdout, cores=None):
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
 
+class Shares:
+    """The shares of the cores, each lent to one run at a time. A freed share goes to the waiting run of the
+    earliest-listed part of the study (ties: the longest waiting): with every part side by side, the
+    longest chain of runs one after the other (a recipe's steps, then its comparison) would otherwise queue
+    behind every other part at each step."""
+
+    def __init__(self, shares):
+        self.free, self.waiting, self.order = list(shares), [], itertools.count()
+        self.changed = threading.Condition()
+
+    def take(self, rank):
+        with self.changed:
+            ticket = (rank, next(self.order))
+            heapq.heappush(self.waiting, ticket)
+            while not (self.free and self.waiting[0] == ticket):
+                self.changed.wait()
+            heapq.heappop(self.waiting)
+            self.changed.notify_all()  # the next in line may take another free share
+            return self.free.pop(0)
+
+    def give(self, share):
+        with self.changed:
+            self.free.append(share)
+            self.changed.notify_all()
+
+
 def blr_string(value):
     """A swept value as the run names spell it: 2e-2, 1.25e-3, 102.4."""
     if value >= 0.1:
@@ -162,18 +195,47 @@ class Study:
         self.data, self.out, self.c = data, out, config
         cores = sorted(own_cores())
         self.jobs = max(1, min(jobs, len(cores)) if hasattr(os, "sched_setaffinity") else 1)
-        self.slots = queue.Queue()  # each of `jobs` runs at a time on its own share of the cores
-        for i in range(self.jobs):
-            self.slots.put(cores[i * len(cores) // self.jobs:(i + 1) * len(cores) // self.jobs])
+        self.shares = Shares(cores[i * len(cores) // self.jobs:(i + 1) * len(cores) // self.jobs]
+                             for i in range(self.jobs))  # each of `jobs` runs at a time on its own share
+        self.rank = threading.local()  # .value: the place of the part of the study this thread works for
         self.dev = development_folder(data, config["val_per_class"])
         self.subsets = {(p, d): label_subset_folder(self.dev, p, d) if p != 100 else self.dev
                         for p in PERCENTS for d in config["draws"]}
         self.main_pretrain = config["main_pretrain"]  # the epochs of the pre-training classifiers start from
         self.runs = {}  # name -> (flags, epochs, percent)
         self.stage_of, self.current = {}, None  # name -> the first stage that needed the run
+        self.locks, self.locks_lock = {}, threading.Lock()
+        self.stopping, self.failure = threading.Event(), None  # set by the first failure: no run starts after it
 
     def folder(self, name):
         return os.path.join(self.out, name)
+
+    def lock(self, name):
+        """The lock held while run `name` trains or is tested: parts of the study that run together share
+        runs (the curve's main point is the comparison's 10% run), and one of them trains it."""
+        with self.locks_lock:
+            return self.locks.setdefault(name, threading.RLock())
+
+    def call(self, cmd, folder, stdout):
+        """timed_call on the next free share of the cores."""
+        cores = self.shares.take(getattr(self.rank, "value", 0))
+        try:
+            timed_call(cmd, folder, stdout, cores, self.stopping)
+        except BaseException as e:
+            self.stop(e)  # before the share is free: the run waiting for it must not start
+            raise
+        finally:
+            self.shares.give(cores)
+
+    def stop(self, failure):
+        """End every running run and start no other: the first failure ends the study (and is what it
+        reports; the runs it stops fail after it)."""
+        with LIVE_LOCK:
+            if not self.stopping.is_set():
+                self.failure = failure
+            self.stopping.set()
+            for proc in LIVE:
+                proc.terminate()
 
     def checkpoint(self, name):
         return os.path.join(self.folder(name), "checkpoint-last.pd")
@@ -187,12 +249,13 @@ class Study:
         name = (f"pretrain_pixels_e{epochs}" if pixels else f"pretrain_e{epochs}") + (f"_seed{seed}" if seed else "")
         flags = [*PRETRAIN, *([] if pixels else ["--norm_pix_loss"]), "--data_path", self.dev,
                  "--warmup_epochs", str(epochs // 10), *(["--seed", str(seed)] if seed else [])]
-        self.train(name, flags, epochs, 100)
-        model = os.path.join(self.folder(name), "model.pd")
-        if not os.path.isfile(model):
-            convert = [sys.executable, "-m", "util.convert_weights", self.checkpoint(name), model]
-            if subprocess.call(convert, cwd=ROOT) != 0:
-                sys.exit(f"error: could not write {model} (the message above says why)")
+        with self.lock(name):
+            self.train(name, flags, epochs, 100)
+            model = os.path.join(self.folder(name), "model.pd")
+            if not os.path.isfile(model):
+                convert = [sys.executable, "-m", "util.convert_weights", self.checkpoint(name), model]
+                if subprocess.call(convert, cwd=ROOT) != 0:
+                    sys.exit(f"error: could not write {model} (the message above says why)")
 
     def epochs(self, method, percent, recipe=None):
         """c["epochs"] (MAE fine-tuning's; the probe's and partial fine-tuning's alike), c["scratch_longer"]
@@ -200,11 +263,11 @@ class Study:
         longer = self.c["scratch_longer"][percent] if method == "finetune_scratch" else 1
         return max(1, round(self.c["epochs"][percent] * longer * float((recipe or {}).get("longer", "1"))))
 
-    def run(self, method, percent, draw, recipe, pretrain=None, cores=None):
+    def run(self, method, percent, draw, recipe, pretrain=None):
         """One training run of `method` on label draw `draw` (seed `draw`; at 100% every draw has all the
         labels) with `recipe`, from the MAE pre-training `pretrain` ("50", "50_seed1"; "0": random
-        initialisation), on `cores`; its name."""
-        return self.train(*self.spec(method, percent, draw, recipe, pretrain), cores)
+        initialisation); its name."""
+        return self.train(*self.spec(method, percent, draw, recipe, pretrain))
 
     def spec(self, method, percent, draw, recipe, pretrain=None):
         """(name, flags, epochs, percent) of self.run's run. Its name spells all of them; the epochs only when
@@ -231,25 +294,30 @@ class Study:
         """self.run(*call) for every call, up to `jobs` at a time, each pinned to its share of the cores (a run
         of this small ViT gains less from a second core than a second run does); their names. A failure
         stops the others (they resume on the next start)."""
-        def one(call):
-            cores = self.slots.get()
-            try:
-                return self.run(*call, cores=cores)
-            finally:
-                self.slots.put(cores)
-
         for call in calls:  # the report lists the runs in the order the study needs them
             self.enter(self.spec(*call)[0])
-        with futures.ThreadPoolExecutor(self.jobs) as pool:
-            pending = [pool.submit(one, call) for call in calls]
+        return self.together([partial(self.run, *call) for call in calls], self.jobs)
+
+    def together(self, functions, workers, ranks=None):
+        """Call `functions` in up to `workers` threads, ranked `ranks` (default: this thread's rank) for the
+        shares of the cores; their results, in order. The first failure stops every run of the study (they
+        resume on the next start) and is raised."""
+        def ranked(rank, function):
+            self.rank.value = rank
+            return function()
+
+        if not functions:
+            return []
+        ranks = ranks or [getattr(self.rank, "value", 0)] * len(functions)
+        with futures.ThreadPoolExecutor(workers) as pool:
+            pending = [pool.submit(ranked, rank, f) for rank, f in zip(ranks, functions)]
             done, _ = futures.wait(pending, return_when=futures.FIRST_EXCEPTION)
             failed = [f for f in done if f.exception()]
             if failed:
                 for f in pending:
                     f.cancel()
-                for proc in list(LIVE):
-                    proc.terminate()
-                failed[0].result()
+                self.stop(failed[0].exception())
+                raise self.failure
             return [f.result() for f in pending]
 
     def score(self, name):
@@ -309,14 +377,14 @@ class Study:
         centre = float(recipe["blr"])
         return {**recipe, "blr": self.sweep(method, percent, recipe, [centre / 2, centre, centre * 2])}
 
-    def train(self, name, flags, epochs, percent, cores=None):
+    def train(self, name, flags, epochs, percent):
         flags = [*flags, "--output_dir", self.folder(name), "--log_dir", self.folder(name), "--epochs", str(epochs),
                  "--batch_size", str(self.c["batch"]), "--num_workers", str(self.c["workers"][percent]), *COMMON]
-        if len(read_log(self.folder(name))) < epochs:
-            timed_call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout",
-                       cores)
-        elif self.runs.get(name) is None:
-            print(f"[{name}] done already", flush=True)
+        with self.lock(name):
+            if len(read_log(self.folder(name))) < epochs:
+                self.call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
+            elif self.runs.get(name) is None:
+                print(f"[{name}] done already", flush=True)
         self.enter(name)
         self.runs[name] = (flags, epochs, percent)
         return name
@@ -329,19 +397,20 @@ class Study:
     def test(self, name):
         """Top-1 on the test set of run `name`'s last checkpoint, measured once and kept in NAME/test.txt."""
         path = os.path.join(self.folder(name), "test.txt")
-        found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read()) if os.path.isfile(path) else []
-        if not found:
-            if not os.path.isfile(self.checkpoint(name)):
-                sys.exit(f"error: {self.checkpoint(name)} is missing, so {name} cannot be tested; delete "
-                         f"{self.folder(name)} to train it again")
-            flags = self.runs[name][0]
-            script, model = flags[:3:2]
-            timed_call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
-                        "--crop_pct", flags[flags.index("--crop_pct") + 1], "--nb_classes", "10", "--data_path",
-                        self.data, "--batch_size", "256", "--num_workers", "2", "--input_size", str(SIZE),
-                        "--output_dir", "", "--log_dir", ""], os.path.join(self.folder(name), "test"), path)
-            found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read())
-        return float(found[-1])
+        with self.lock(name):
+            found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read()) if os.path.isfile(path) else []
+            if not found:
+                if not os.path.isfile(self.checkpoint(name)):
+                    sys.exit(f"error: {self.checkpoint(name)} is missing, so {name} cannot be tested; delete "
+                             f"{self.folder(name)} to train it again")
+                flags = self.runs[name][0]
+                script, model = flags[:3:2]
+                self.call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
+                           "--crop_pct", flags[flags.index("--crop_pct") + 1], "--nb_classes", "10", "--data_path",
+                           self.data, "--batch_size", "256", "--num_workers", "2", "--input_size", str(SIZE),
+                           "--output_dir", "", "--log_dir", ""], os.path.join(self.folder(name), "test"), path)
+                found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read())
+            return float(found[-1])
 
     def val_acc(self, name):
         return read_log(self.folder(name))[-1]["test_acc1"]  # the scripts' "test" set is the validation split
@@ -374,35 +443,52 @@ class Study:
                  "--max_iter", str(self.c["lbfgs_iterations"]), "--log", os.path.join(self.folder(name), "log.txt")]
         self.enter(name)
         self.runs[name] = (flags, None, None)
-        if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
-            timed_call([sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
+        with self.lock(name):
+            if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
+                self.call([sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
         return name
 
-    def stage(self, group):
+    def compare(self, method, percent, pretrain=None):
+        """Train and test the runs of `method` at `percent` from the pre-training `pretrain` (default: the main
+        one, which the pretrain stage trains; others are trained here first)."""
+        if pretrain not in (None, "0"):
+            epochs, _, seed = pretrain.partition("_seed")
+            self.pretrain(int(epochs), seed=int(seed or 0))
+        self.test_all(self.draws(method, percent, pretrain))
+
+    def parts(self, group):
+        """Stage `group` as functions that do not wait for each other's results."""
         c = self.c
-        self.current = group
         if group == "pretrain":
-            self.pretrain(self.main_pretrain)
-        elif group == "recipe":
-            for method in ("finetune_mae", "finetune_scratch"):
-                self.recipe(method)
-        elif group == "compare":
-            for method in COMPARED:
-                self.test_all([call for percent in PERCENTS for call in self.draws(method, percent)])
-        elif group == "seeds":
-            for seed in c["pretrain_seeds"][1:]:
-                self.pretrain(self.main_pretrain, seed=seed)
-                pretrain = f"{self.main_pretrain}_seed{seed}"
-                self.test_all([call for method in MAE_BASED for call in self.draws(method, 10, pretrain)])
-        elif group == "curve":
-            for epochs in c["pretrain_epochs"]:
-                if epochs:
-                    self.pretrain(epochs)
-            self.test_all([call for e in c["pretrain_epochs"] for call in self.draws("finetune_mae", 10, str(e))])
-        elif group == "baselines":
-            self.baselines()
-        elif group == "pictures":
-            self.pretrain(c["pixel_epochs"], pixels=True)
+            return [partial(self.pretrain, self.main_pretrain)]
+        if group == "recipe":
+            return [partial(self.recipe, method) for method in ("finetune_mae", "finetune_scratch")]
+        if group == "compare":  # the longest runs first
+            return [partial(self.compare, method, p) for method in COMPARED for p in sorted(PERCENTS, reverse=True)]
+        if group == "seeds":
+            return [partial(self.compare, method, 10, f"{self.main_pretrain}_seed{seed}")
+                    for seed in c["pretrain_seeds"][1:] for method in MAE_BASED]
+        if group == "curve":
+            return [partial(self.compare, "finetune_mae", 10, str(e)) for e in c["pretrain_epochs"]]
+        if group == "baselines":
+            return [self.baselines]
+        return [partial(self.pretrain, c["pixel_epochs"], pixels=True)]
+
+    def stage(self, group):
+        self.current = group
+        for part in self.parts(group):
+            part()
+
+    def stages_together(self, groups):
+        """Train and test every run of `groups` with all the stages' parts side by side after the main
+        pre-training, each run on one share of the cores as they free up (first to the earliest-listed
+        part): no share waits for a stage's last run. The report comes from a pass in order after it,
+        which finds every run done."""
+        if "pretrain" in groups:
+            self.stage("pretrain")
+        parts = [part for group in groups if group != "pretrain" for part in self.parts(group)]
+        self.together(parts, max(1, len(parts)), ranks=list(range(len(parts))))
+        self.runs, self.stage_of = {}, {}
 
 
 def stats(values):
@@ -650,6 +736,8 @@ def main(argv=None):
         except OSError as e:
             sys.exit(f"error: {flag} {folder}: {e.strerror}")
     study = Study(data, out, SMOKE if args.smoke else FULL, args.jobs)
+    if study.jobs > 1:
+        study.stages_together(args.stages or GROUPS)
     for group in args.stages or GROUPS:
         study.stage(group)
     if not args.stages:
