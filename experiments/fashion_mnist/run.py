@@ -103,6 +103,12 @@ def machine_time(folder):
     return (clocks(folder) or (None, None))[1]
 
 
+def say(line):
+    """Print `line` in one write: runs side by side print from threads."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def own_cores():
     """The cores this process may run on (all of them where the system cannot pin processes)."""
     if hasattr(os, "sched_getaffinity"):
@@ -121,7 +127,7 @@ def timed_call(cmd, folder, stdout, cores=None, stop=None):
     os.makedirs(folder, exist_ok=True)
     everything = own_cores()
     cores = set(cores or everything)
-    print(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}", flush=True)
+    say(f"[{os.path.basename(folder)}] {' '.join(cmd[1:])}")
     spent, machine = clocks(folder) or (0.0, 0.0)
     last = time.monotonic()
     with open(stdout, "a", encoding="utf-8") as log:
@@ -384,7 +390,7 @@ class Study:
             if len(read_log(self.folder(name))) < epochs:
                 self.call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
             elif self.runs.get(name) is None:
-                print(f"[{name}] done already", flush=True)
+                say(f"[{name}] done already")
         self.enter(name)
         self.runs[name] = (flags, epochs, percent)
         return name
