@@ -155,7 +155,8 @@ def timed_call(cmd, folder, stdout, cores=None, stop=None):
             with open(os.path.join(folder, "wall_clock.txt.tmp"), "w") as f:
                 f.write(f"{spent:.1f}\n{machine:.1f}\n")
             os.replace(os.path.join(folder, "wall_clock.txt.tmp"), os.path.join(folder, "wall_clock.txt"))
-        LIVE.discard(proc)
+        with LIVE_LOCK:
+            LIVE.discard(proc)
     if code != 0:
         sys.exit(f"error: {os.path.basename(folder)} failed; see {stdout}")
 
