@@ -345,6 +345,29 @@ def test_study_parts_side_by_side_train_a_shared_run_once(tmp_path):
     assert (tmp_path / "other" / "starts").read_text() == "x"
 
 
+def test_study_stages_side_by_side_after_the_main_pretraining(tmp_path, monkeypatch):
+    """With two shares, parts of different stages train at the same time, all after the main pre-training;
+    the pass in order that follows starts from an empty list of runs."""
+    run = _driver()
+    study = _bare_study(run, tmp_path, 2)
+    spans = {}
+
+    def part(label):
+        out = tmp_path / f"{label}.times"
+        study.call([sys.executable, "-c", f"import time; a = time.time(); time.sleep(1); "
+                    f"open({str(out)!r}, 'w').write(f'{{a}} {{time.time()}}')"], str(tmp_path / label),
+                   str(tmp_path / f"{label}.out"))
+        spans[label] = tuple(map(float, out.read_text().split()))
+        study.runs[label] = None
+
+    groups = {"pretrain": ["main"], "compare": ["scratch"], "curve": ["point"]}
+    monkeypatch.setattr(study, "parts", lambda group: [partial(part, label) for label in groups[group]])
+    study.stages_together(["pretrain", "compare", "curve"])
+    assert spans["main"][1] <= min(spans["scratch"][0], spans["point"][0])
+    assert max(spans["scratch"][0], spans["point"][0]) < min(spans["scratch"][1], spans["point"][1])
+    assert study.runs == {} and study.stage_of == {}
+
+
 def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
     import baselines
