@@ -267,10 +267,11 @@ def _bare_study(run, out, jobs):
     return study
 
 
-def test_study_shares_go_to_the_earliest_part_first():
+def test_study_shares_go_to_the_earliest_part_first(monkeypatch):
     """A freed share of the cores goes to the waiting run of the earliest-listed part, whatever the order
     the runs asked in; runs of one part in the order they asked."""
     run = _driver()
+    monkeypatch.setattr(run, "HOLD", 0.0)
     shares = run.Shares(["a"])
     held = shares.take(0)
     given, threads = [], []
@@ -278,16 +279,38 @@ def test_study_shares_go_to_the_earliest_part_first():
         def wait_and_take(rank=rank, label=label):
             share = shares.take(rank)
             given.append(label)
-            shares.give(share)
+            shares.give(share, rank)
         threads.append(threading.Thread(target=wait_and_take))
         threads[-1].start()
         while len(shares.waiting) < len(threads):  # each asks before the next one does
             time.sleep(0.01)
-    shares.give(held)
+    shares.give(held, 0)
     for t in threads:
         t.join(10)
     assert given == ["scratch 1st", "scratch 2nd", "seeds", "curve"]
-    assert shares.free == ["a"] and not shares.waiting
+    assert [s for s, _, _ in shares.free] == ["a"] and not shares.waiting
+
+
+def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
+    """A chain of runs (a recipe's steps) keeps its share from one run to the next although a later-listed
+    part's run was waiting first; a share its part does not ask for again goes to the waiting run after
+    HOLD seconds."""
+    run = _driver()
+    monkeypatch.setattr(run, "HOLD", 1.0)
+    shares = run.Shares(["a"])
+    held = shares.take(3)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append((shares.take(6), time.monotonic())))
+    waiter.start()
+    while not shares.waiting:
+        time.sleep(0.01)
+    shares.give(held, 3)
+    time.sleep(0.2)  # the chain works out its next run
+    assert shares.take(3) == "a" and not got
+    shares.give("a", 3)
+    given = time.monotonic()
+    waiter.join(10)
+    assert got and got[0][0] == "a" and 0.9 <= got[0][1] - given < 5
 
 
 def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):

@@ -72,6 +72,7 @@ METHODS = {"finetune_mae": "fine-tune, MAE encoder", "partial_mae": "fine-tune t
            "logreg_pixels": "logistic regression, raw pixels", "knn_pixels": "kNN, raw pixels",
            "cnn": "small CNN, flips", "cnn_vit_aug": "small CNN, the ViTs' augmentation"}
 TICK = 10  # seconds between the updates of a running wall_clock.txt
+HOLD = 2  # seconds a freed share waits for its part's next run (see Shares)
 LIVE, LIVE_LOCK = set(), threading.Lock()  # the running runs' processes
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
@@ -163,27 +164,35 @@ def timed_call(cmd, folder, stdout, cores=None, stop=None):
 
 class Shares:
     """The shares of the cores, each lent to one run at a time. A freed share goes to the waiting run of the
-    earliest-listed part of the study (ties: the longest waiting): with every part side by side, the
-    longest chain of runs one after the other (a recipe's steps, then its comparison) would otherwise queue
-    behind every other part at each step."""
+    earliest-listed part of the study (ties: the longest waiting), and for HOLD seconds only to a part
+    listed no later than the one that gave it back: with every part side by side, the longest chain of
+    runs one after the other (a recipe's steps, then its comparison) would otherwise lose its share at
+    every step to a run that was already waiting while the chain moved on to its next run."""
 
     def __init__(self, shares):
-        self.free, self.waiting, self.order = list(shares), [], itertools.count()
+        self.free, self.waiting, self.order = [(s, math.inf, 0.0) for s in shares], [], itertools.count()
         self.changed = threading.Condition()
 
     def take(self, rank):
         with self.changed:
             ticket = (rank, next(self.order))
             heapq.heappush(self.waiting, ticket)
-            while not (self.free and self.waiting[0] == ticket):
-                self.changed.wait()
+            while True:
+                now = time.monotonic()
+                mine = sorted((i for i, (_, held_for, until) in enumerate(self.free)
+                               if rank <= held_for or until <= now),
+                              key=lambda i: self.free[i][2] <= now)  # a share held for this part first
+                if mine and self.waiting[0] == ticket:
+                    break
+                held = [until - now for _, _, until in self.free if until > now]
+                self.changed.wait(min(held) if held and not mine else None)
             heapq.heappop(self.waiting)
             self.changed.notify_all()  # the next in line may take another free share
-            return self.free.pop(0)
+            return self.free.pop(mine[0])[0]
 
-    def give(self, share):
+    def give(self, share, rank):
         with self.changed:
-            self.free.append(share)
+            self.free.append((share, rank, time.monotonic() + HOLD))
             self.changed.notify_all()
 
 
@@ -225,14 +234,15 @@ class Study:
 
     def call(self, cmd, folder, stdout):
         """timed_call on the next free share of the cores."""
-        cores = self.shares.take(getattr(self.rank, "value", 0))
+        rank = getattr(self.rank, "value", 0)
+        cores = self.shares.take(rank)
         try:
             timed_call(cmd, folder, stdout, cores, self.stopping)
         except BaseException as e:
             self.stop(e)  # before the share is free: the run waiting for it must not start
             raise
         finally:
-            self.shares.give(cores)
+            self.shares.give(cores, rank)
 
     def stop(self, failure):
         """End every running run and start no other: the first failure ends the study (and is what it
