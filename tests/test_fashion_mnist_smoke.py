@@ -312,6 +312,18 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
     waiter.join(10)
     assert got and got[0][0] == "a" and 0.9 <= got[0][1] - given < 5
 
+    shares = run.Shares(["a"])  # at a start: the shares wait, then go to the earliest-listed part
+    shares.hold(1.0)
+    order = []
+    late = threading.Thread(target=lambda: order.append(shares.take(7)))
+    late.start()
+    while not shares.waiting:
+        time.sleep(0.01)
+    assert shares.take(2) == "a" and not order
+    shares.give("a", 2)
+    late.join(10)
+    assert order == ["a"]
+
 
 def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     """Runs side by side: one that fails ends the call within a tick, the other stopped (not waited for), and
@@ -385,8 +397,9 @@ def test_study_stages_side_by_side_after_the_main_pretraining(tmp_path, monkeypa
 
     groups = {"pretrain": ["main"], "compare": ["scratch"], "curve": ["point"]}
     monkeypatch.setattr(study, "parts", lambda group: [partial(part, label) for label in groups[group]])
+    monkeypatch.setattr(run, "START", 1.0)
     study.stages_together(["pretrain", "compare", "curve"])
-    assert spans["main"][1] <= min(spans["scratch"][0], spans["point"][0])
+    assert spans["main"][1] + 1.0 <= min(spans["scratch"][0], spans["point"][0])
     assert max(spans["scratch"][0], spans["point"][0]) < min(spans["scratch"][1], spans["point"][1])
     assert study.runs == {} and study.stage_of == {}
 

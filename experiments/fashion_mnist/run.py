@@ -73,6 +73,7 @@ METHODS = {"finetune_mae": "fine-tune, MAE encoder", "partial_mae": "fine-tune t
            "cnn": "small CNN, flips", "cnn_vit_aug": "small CNN, the ViTs' augmentation"}
 TICK = 10  # seconds between the updates of a running wall_clock.txt
 HOLD = 2  # seconds a freed share waits for its part's next run (see Shares)
+START = 10  # seconds the shares wait at the start of the parts side by side, for every part to ask
 LIVE, LIVE_LOCK = set(), threading.Lock()  # the running runs' processes
 BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
@@ -194,6 +195,12 @@ class Shares:
         with self.changed:
             self.free.append((share, rank, time.monotonic() + HOLD))
             self.changed.notify_all()
+
+    def hold(self, seconds):
+        """Lend no free share for `seconds`, then to the waiting runs by rank: at a start, the parts that
+        ask first are not the ones listed first."""
+        with self.changed:
+            self.free = [(share, -math.inf, time.monotonic() + seconds) for share, _, _ in self.free]
 
 
 def blr_string(value):
@@ -504,6 +511,7 @@ class Study:
         if "pretrain" in groups:
             self.stage("pretrain")
         parts = [part for group in groups if group != "pretrain" for part in self.parts(group)]
+        self.shares.hold(START)
         self.together(parts, max(1, len(parts)), ranks=list(range(len(parts))))
         self.runs, self.stage_of = {}, {}
 
