@@ -131,7 +131,7 @@ def test_study_driver_smoke(tmp_path):
     pinned = {n: re.findall(r"^\[cores ([\d,]+) of (\d+)\]$", open(os.path.join(out, n + ".stdout")).read(), re.M)
               for n in runs if os.path.isfile(os.path.join(out, n + ".stdout"))}
     assert all(pinned.values()) and all(int(of) == cores for found in pinned.values() for _, of in found)
-    if cores >= 2:  # two runs at a time (the sweeps' and the draws'), each on its own part of the cores
+    if cores >= 2:  # two runs at a time, each on its own part of the cores
         shares = {found[0][0] for found in pinned.values() if len(found[0][0].split(",")) < cores}
         assert len(shares) == 2 and sorted(int(c) for share in shares for c in share.split(",")) == sorted(
             os.sched_getaffinity(0)), pinned
