@@ -263,8 +263,14 @@ def _bare_study(run, out, jobs):
     study.out, study.c, study.jobs = str(out), {"batch": 8, "workers": {10: 0}}, jobs
     study.shares, study.rank = run.Shares([sorted(os.sched_getaffinity(0))] * jobs), threading.local()
     study.runs, study.stage_of, study.current = {}, {}, None
-    study.locks, study.locks_lock, study.stopping, study.failure = {}, threading.Lock(), threading.Event(), None
+    study.locks, study.locks_lock, study.wanted = {}, threading.Lock(), {}
+    study.stopping, study.failure = threading.Event(), None
     return study
+
+
+def _ranked(rank):
+    """A waiting run's rank for Shares.take, not rising while it waits."""
+    return lambda: rank
 
 
 def test_study_shares_go_to_the_earliest_part_first(monkeypatch):
@@ -273,11 +279,11 @@ def test_study_shares_go_to_the_earliest_part_first(monkeypatch):
     run = _driver()
     monkeypatch.setattr(run, "HOLD", 0.0)
     shares = run.Shares(["a"])
-    held = shares.take(0)
+    held = shares.take(_ranked(0))
     given, threads = [], []
     for rank, label in ((5, "curve"), (1, "scratch 1st"), (3, "seeds"), (1, "scratch 2nd")):
         def wait_and_take(rank=rank, label=label):
-            share = shares.take(rank)
+            share = shares.take(_ranked(rank))
             given.append(label)
             shares.give(share, rank)
         threads.append(threading.Thread(target=wait_and_take))
@@ -298,15 +304,15 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
     run = _driver()
     monkeypatch.setattr(run, "HOLD", 1.0)
     shares = run.Shares(["a"])
-    held = shares.take(3)
+    held = shares.take(_ranked(3))
     got = []
-    waiter = threading.Thread(target=lambda: got.append((shares.take(6), time.monotonic())))
+    waiter = threading.Thread(target=lambda: got.append((shares.take(_ranked(6)), time.monotonic())))
     waiter.start()
     while not shares.waiting:
         time.sleep(0.01)
     shares.give(held, 3)
     time.sleep(0.2)  # the chain works out its next run
-    assert shares.take(3) == "a" and not got
+    assert shares.take(_ranked(3)) == "a" and not got
     shares.give("a", 3)
     given = time.monotonic()
     waiter.join(10)
@@ -315,14 +321,45 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
     shares = run.Shares(["a"])  # at a start: the shares wait, then go to the earliest-listed part
     shares.hold(1.0)
     order = []
-    late = threading.Thread(target=lambda: order.append(shares.take(7)))
+    late = threading.Thread(target=lambda: order.append(shares.take(_ranked(7))))
     late.start()
     while not shares.waiting:
         time.sleep(0.01)
-    assert shares.take(2) == "a" and not order
+    assert shares.take(_ranked(2)) == "a" and not order
     shares.give("a", 2)
     late.join(10)
     assert order == ["a"]
+
+
+def test_study_a_run_ranks_as_the_earliest_part_that_needs_it(tmp_path, monkeypatch):
+    """A run a later-listed part asked for first (a sweep a second seed's part needs) takes a freed share
+    before another part's run once an earlier-listed part (the comparison) comes to wait for it too."""
+    run = _driver()
+    monkeypatch.setattr(run, "HOLD", 0.0)
+    study = _bare_study(run, tmp_path, 1)
+    held = study.shares.take(_ranked(0))
+    trained = []
+
+    def part(rank, name):
+        study.rank.value = rank
+        with study.lock(name):
+            if name not in trained:
+                study.call(name, [sys.executable, "-c", ""], str(tmp_path / name), str(tmp_path / f"{name}.out"))
+                trained.append(name)
+
+    threads = []
+    for rank, name, asked in ((8, "sweep", lambda: len(study.shares.waiting) == 1),
+                              (5, "other", lambda: len(study.shares.waiting) == 2),
+                              (2, "sweep", lambda: len(study.wanted["sweep"]) == 2)):
+        threads.append(threading.Thread(target=part, args=(rank, name)))
+        threads[-1].start()
+        while not asked():  # each asks before the next one does
+            time.sleep(0.01)
+    study.shares.give(held, 0)
+    for t in threads:
+        t.join(30)
+    assert trained == ["sweep", "other"]
+    assert study.wanted == {"sweep": [], "other": []} and not study.shares.waiting
 
 
 def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
@@ -337,7 +374,8 @@ def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
                "later": f"open({str(started)!r}, 'w').close()"}
 
     def fake_run(what):
-        study.call([sys.executable, "-c", scripts[what]], str(tmp_path / what), str(tmp_path / f"{what}.out"))
+        with study.lock(what):
+            study.call(what, [sys.executable, "-c", scripts[what]], str(tmp_path / what), str(tmp_path / f"{what}.out"))
         return what
 
     monkeypatch.setattr(study, "run", fake_run, raising=False)
@@ -389,9 +427,10 @@ def test_study_stages_side_by_side_after_the_main_pretraining(tmp_path, monkeypa
 
     def part(label):
         out = tmp_path / f"{label}.times"
-        study.call([sys.executable, "-c", f"import time; a = time.time(); time.sleep(1); "
-                    f"open({str(out)!r}, 'w').write(f'{{a}} {{time.time()}}')"], str(tmp_path / label),
-                   str(tmp_path / f"{label}.out"))
+        with study.lock(label):
+            study.call(label, [sys.executable, "-c", f"import time; a = time.time(); time.sleep(1); "
+                       f"open({str(out)!r}, 'w').write(f'{{a}} {{time.time()}}')"], str(tmp_path / label),
+                       str(tmp_path / f"{label}.out"))
         spans[label] = tuple(map(float, out.read_text().split()))
         study.runs[label] = None
 

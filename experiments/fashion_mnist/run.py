@@ -14,7 +14,7 @@ results.json, results.md and the pictures beside this script; rerunning after th
 identically.
 """
 import argparse
-import heapq
+import contextlib
 import itertools
 import json
 import math
@@ -175,21 +175,28 @@ class Shares:
         self.changed = threading.Condition()
 
     def take(self, rank):
+        """A free share for a run whose rank `rank()` gives: it rises while the run waits when an earlier part
+        comes to need the same run (see Study.lock), so that part does not wait behind later ones."""
         with self.changed:
-            ticket = (rank, next(self.order))
-            heapq.heappush(self.waiting, ticket)
+            ticket = (next(self.order), rank)
+            self.waiting.append(ticket)
             while True:
-                now = time.monotonic()
-                mine = sorted((i for i, (_, held_for, until) in enumerate(self.free)
-                               if rank <= held_for or until <= now),
+                now, mine = time.monotonic(), rank()
+                free = sorted((i for i, (_, held_for, until) in enumerate(self.free)
+                               if mine <= held_for or until <= now),
                               key=lambda i: self.free[i][2] <= now)  # a share held for this part first
-                if mine and self.waiting[0] == ticket:
+                if free and min(self.waiting, key=lambda t: (t[1](), t[0])) is ticket:
                     break
                 held = [until - now for _, _, until in self.free if until > now]
-                self.changed.wait(min(held) if held and not mine else None)
-            heapq.heappop(self.waiting)
+                self.changed.wait(min(held) if held and not free else None)
+            self.waiting.remove(ticket)
             self.changed.notify_all()  # the next in line may take another free share
-            return self.free.pop(mine[0])[0]
+            return self.free.pop(free[0])[0]
+
+    def reorder(self):
+        """Look again at the waiting runs' ranks: one has risen."""
+        with self.changed:
+            self.changed.notify_all()
 
     def give(self, share, rank):
         with self.changed:
@@ -227,29 +234,43 @@ class Study:
         self.main_pretrain = config["main_pretrain"]  # the epochs of the pre-training classifiers start from
         self.runs = {}  # name -> (flags, epochs, percent)
         self.stage_of, self.current = {}, None  # name -> the first stage that needed the run
-        self.locks, self.locks_lock = {}, threading.Lock()
+        self.locks, self.locks_lock, self.wanted = {}, threading.Lock(), {}  # wanted: run -> ranks in its lock
         self.stopping, self.failure = threading.Event(), None  # set by the first failure: no run starts after it
 
     def folder(self, name):
         return os.path.join(self.out, name)
 
+    @contextlib.contextmanager
     def lock(self, name):
-        """The lock held while run `name` trains or is tested: parts of the study that run together share
-        runs (the curve's main point is the comparison's 10% run), and one of them trains it."""
-        with self.locks_lock:
-            return self.locks.setdefault(name, threading.RLock())
-
-    def call(self, cmd, folder, stdout):
-        """timed_call on the next free share of the cores."""
+        """Hold run `name` while it trains or is tested: parts of the study that run together share runs (the
+        curve's main point is the comparison's 10% run), and one of them trains it, ranked for the shares of
+        the cores as the earliest-listed of the parts that wait for it."""
         rank = getattr(self.rank, "value", 0)
-        cores = self.shares.take(rank)
+        with self.locks_lock:
+            lock = self.locks.setdefault(name, threading.RLock())
+            self.wanted.setdefault(name, []).append(rank)
+        self.shares.reorder()
+        try:
+            with lock:
+                yield
+        finally:
+            with self.locks_lock:
+                self.wanted[name].remove(rank)
+
+    def rank_of(self, name):
+        with self.locks_lock:
+            return min(self.wanted[name])
+
+    def call(self, name, cmd, folder, stdout):
+        """timed_call for run `name` (held: self.lock) on the next free share of the cores."""
+        cores = self.shares.take(partial(self.rank_of, name))
         try:
             timed_call(cmd, folder, stdout, cores, self.stopping)
         except BaseException as e:
             self.stop(e)  # before the share is free: the run waiting for it must not start
             raise
         finally:
-            self.shares.give(cores, rank)
+            self.shares.give(cores, self.rank_of(name))
 
     def stop(self, failure):
         """End every running run and start no other: the first failure ends the study (and is what it
@@ -406,7 +427,7 @@ class Study:
                  "--batch_size", str(self.c["batch"]), "--num_workers", str(self.c["workers"][percent]), *COMMON]
         with self.lock(name):
             if len(read_log(self.folder(name))) < epochs:
-                self.call([sys.executable, flags[0], *flags[1:]], self.folder(name), self.folder(name) + ".stdout")
+                self.call(name, [sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
             elif self.runs.get(name) is None:
                 say(f"[{name}] done already")
         self.enter(name)
@@ -429,10 +450,11 @@ class Study:
                              f"{self.folder(name)} to train it again")
                 flags = self.runs[name][0]
                 script, model = flags[:3:2]
-                self.call([sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
-                           "--crop_pct", flags[flags.index("--crop_pct") + 1], "--nb_classes", "10", "--data_path",
-                           self.data, "--batch_size", "256", "--num_workers", "2", "--input_size", str(SIZE),
-                           "--output_dir", "", "--log_dir", ""], os.path.join(self.folder(name), "test"), path)
+                self.call(name, [sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
+                                 "--crop_pct", flags[flags.index("--crop_pct") + 1], "--nb_classes", "10",
+                                 "--data_path", self.data, "--batch_size", "256", "--num_workers", "2", "--input_size",
+                                 str(SIZE), "--output_dir", "", "--log_dir", ""],
+                          os.path.join(self.folder(name), "test"), path)
                 found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read())
             return float(found[-1])
 
@@ -469,7 +491,7 @@ class Study:
         self.runs[name] = (flags, None, None)
         with self.lock(name):
             if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
-                self.call([sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
+                self.call(name, [sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
         return name
 
     def compare(self, method, percent, pretrain=None):
