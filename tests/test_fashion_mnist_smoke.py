@@ -251,9 +251,9 @@ def test_study_runs_are_pinned_to_their_cores(tmp_path):
         assert text.startswith(f"[cores {','.join(map(str, cores or everything))} of {len(everything)}]")
         wall, machine = run.clocks(str(folder))
         assert wall >= 0.5 and machine == pytest.approx(wall * len(cores or everything) / len(everything), abs=0.1)
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "wall_clock.txt").write_text("12.5\n")  # a run's clock before machine time was kept
-    assert run.clocks(str(tmp_path / "old")) == (12.5, 12.5)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "wall_clock.txt").write_text("12.5\n")  # one line: the run had every core
+    assert run.clocks(str(tmp_path / "whole")) == (12.5, 12.5)
 
 
 def _bare_study(run, out, jobs):

@@ -754,7 +754,7 @@ def _from_root(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="ImageFolder root, made from the IDX files when it has no "
                         "train/ (default: data/fashion_mnist, data/fashion_mnist_smoke with --smoke)")
     parser.add_argument("--out", default=os.path.join(HERE, "runs"), help="run outputs (default: runs/ beside "
