@@ -13,11 +13,11 @@ from util.run_state import load_weights
 
 def train_one_epoch(model, criterion, data_loader, optimizer, epoch, loss_scaler, max_norm=None, mixup_fn=None,
                     log_writer=None, args=None, start_iter=0, left_out=(), metric_logger=None, erasing=None):
-    """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its
-    meters; passing over the iterations in left_out, which rewinds left out); returns (the meters, for
-    util.epochs.end_epoch; the iteration a stop signal ended the epoch after, or None). Every step's random draws (erasing values,
-    mixup, drop path) are seeded from (seed, rank, epoch, step), so that a resumed run draws what the
-    uninterrupted one did. The step reads one number from the device: the loss (util.epochs.read_step)."""
+    """One pass over data_loader (from batch start_iter when resuming inside the epoch, continuing its meters;
+    passing over the iterations in left_out, which rewinds left out); returns (the meters, for
+    util.epochs.end_epoch; the iteration a stop signal ended the epoch after, or None). Every step's random draws
+    (erasing values, mixup, drop path) are seeded from (seed, rank, epoch, step), so that a resumed run draws what
+    the uninterrupted one did. The step reads one number from the device: the loss (util.epochs.read_step)."""
     model.train()
     metric_logger, header = epoch_meters(epoch, metric_logger)
     optimizer.clear_grad()

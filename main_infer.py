@@ -92,8 +92,8 @@ class ExportedModel:
             size = int(self.info["input_size"])
             out = self(np.zeros((1, 3, size, size), np.float32))
         except (RuntimeError, ValueError, OSError) as e:
-            raise CheckpointError(f"{prefix}.json/.pdiparams: Paddle Inference cannot run them "
-                                  f"({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})") from None
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{prefix}.json/.pdiparams: Paddle Inference cannot run them ({reason})") from None
         if list(out.shape) != [1, int(self.info["num_classes"])]:
             raise CheckpointError(f"{prefix}: the program gives {list(out.shape)} for one image, {info_path} says "
                                   f"{self.info['num_classes']} classes; the files come from different exports")

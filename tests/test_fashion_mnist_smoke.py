@@ -21,7 +21,8 @@ DRIVER = os.path.join("experiments", "fashion_mnist", "run.py")
 
 
 def _files(folder):
-    return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
+    return {os.path.relpath(os.path.join(d, f), folder)
+            for d, _, fs in os.walk(folder) for f in fs if f.endswith(".png")}
 
 
 def _name(method, percent, draw, recipe):
@@ -214,8 +215,9 @@ def test_study_baselines_solvers():
 
 def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     """A run's wall_clock.txt counts the seconds it ran, not the seconds the study was stopped (SIGSTOP)."""
+    sleeper = "[sys.executable, '-c', 'import time\\nfor _ in range(30): time.sleep(0.1)']"
     driver = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.join(ROOT, DRIVER))!r}); import run; "
-              f"run.TICK = 0.2; run.timed_call([sys.executable, '-c', 'import time\\nfor _ in range(30): time.sleep(0.1)'], "
+              f"run.TICK = 0.2; run.timed_call({sleeper}, "
               f"{str(tmp_path / 'run')!r}, {str(tmp_path / 'run.stdout')!r})")
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, start_new_session=True)

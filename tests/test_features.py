@@ -189,8 +189,10 @@ def test_knn_monitor_in_pre_training(tmp_path):
     tf = eval_transform(28)
     train, val = ImageFolder(os.path.join(data, "train")), ImageFolder(os.path.join(data, "val"))
     rng = np.random.default_rng(0)  # the monitor's class-balanced subset: --seed 0
-    subset = [s for c in range(10) for s in (lambda items: [items[i] for i in sorted(rng.permutation(len(items))[:100])])(
-        [s for s in train.samples if s[1] == c])]
+    subset = []
+    for c in range(10):
+        items = [s for s in train.samples if s[1] == c]
+        subset += [items[i] for i in sorted(rng.permutation(len(items))[:100])]
 
     def knn(model):
         """Features as the monitor takes them (batches of --batch_size), the vote in NumPy."""
@@ -239,7 +241,8 @@ def test_extract_takes_labels_from_one_rule(data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     val = ImageFolder(os.path.join(data, "val"))
     got = np.load(out)
-    assert got["labels"].tolist() == [t for _, t in val.samples] and got["paths"].tolist() == [p for p, _ in val.samples]
+    assert got["labels"].tolist() == [t for _, t in val.samples]
+    assert got["paths"].tolist() == [p for p, _ in val.samples]
     _one_line(_extract("--finetune", VIT, "--data_path", data, "--split", "test", "--output", out), "folder not found")
     mixed = tmp_path / "mixed"
     shutil.copytree(os.path.join(data, "val", "class_0"), mixed / "sub")

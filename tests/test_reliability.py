@@ -117,8 +117,9 @@ def test_resume_inside_an_epoch_with_another_batch_size():
     from util.checkpoint import position_in_epoch
     ckpt = {"epoch": 0, "iteration": 73, "args": {"batch_size": 8}}
     assert position_in_epoch(ckpt, SimpleNamespace(batch_size=8, accum_iter=1, world_size=1), "c") == 73
-    assert position_in_epoch({**ckpt, "iteration": 72}, SimpleNamespace(batch_size=64, accum_iter=1, world_size=1), "c") == 9
-    assert position_in_epoch({**ckpt, "iteration": 72}, SimpleNamespace(batch_size=4, accum_iter=2, world_size=1), "c") == 144
+    at_72 = {**ckpt, "iteration": 72}
+    assert position_in_epoch(at_72, SimpleNamespace(batch_size=64, accum_iter=1, world_size=1), "c") == 9
+    assert position_in_epoch(at_72, SimpleNamespace(batch_size=4, accum_iter=2, world_size=1), "c") == 144
     for batch_size, accum in ((64, 1), (16, 1), (24, 3)):
         with pytest.raises(CheckpointError, match=r"after 584 samples \(73 x --batch_size 8 x 1 process\(es\)\), "
                                                   r"which .* resume with --batch_size 8"):

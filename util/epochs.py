@@ -15,14 +15,14 @@ from util.preempt import STOP
 def train_epochs(flags, model_without_ddp, optimizer, loss_scaler, data_loader, train_one_epoch, evaluate=None,
                  monitor=None, classes=None):
     """Resume from --output_dir (or --resume), then for each remaining epoch: train_one_epoch(epoch, start_iter,
-    left_out, log_writer, metric_logger) -> (its meters, the iteration a stop signal broke it off after or
-    None); evaluate() -> test stats (keeping checkpoint-best.pd at the best top-1 of the whole run);
-    monitor(epoch) -> more numbers for the log line (e.g. knn_acc1); save checkpoint-last.pd (and
-    checkpoint-N.pd every --save_freq; they record the training set's size and a classifier's `classes`); append a log.txt line. A run
-    stopped inside an epoch continues from the batch, the meters and the random draws where it stopped, so
-    that it ends as the uninterrupted run would have. A non-finite loss or weights stop the run, or with
-    --on_nonfinite rewind send it back to checkpoint-last.pd without the failed step (util.nonfinite). The
-    run's state (util.run_state.RunState) lives here, from the checkpoint it resumes to the last it saves."""
+    left_out, log_writer, metric_logger) -> (its meters, the iteration a stop signal broke it off after or None);
+    evaluate() -> test stats (keeping checkpoint-best.pd at the best top-1 of the whole run); monitor(epoch) -> more
+    numbers for the log line (e.g. knn_acc1); save checkpoint-last.pd (and checkpoint-N.pd every --save_freq; they
+    record the training set's size and a classifier's `classes`); append a log.txt line. A run stopped inside an
+    epoch continues from the batch, the meters and the random draws where it stopped, so that it ends as the
+    uninterrupted run would have. A non-finite loss or weights stop the run, or with --on_nonfinite rewind send it
+    back to checkpoint-last.pd without the failed step (util.nonfinite). The run's state (util.run_state.RunState)
+    lives here, from the checkpoint it resumes to the last it saves."""
     parts = (model_without_ddp, optimizer, loss_scaler)
     record = {"samples": len(data_loader.dataset), **({"classes": list(classes)} if classes is not None else {})}
     state = run_state.resume(flags, *parts, iterations=len(data_loader), samples=record["samples"])

@@ -48,7 +48,8 @@ def _load():
     lib.affine_rgb.restype = None
     lib.normalize_nhwc.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     lib.normalize_nhwc.restype = None
-    lib.erase_boxes.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int, ctypes.c_uint64]
+    lib.erase_boxes.argtypes = ([ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_long] * 5
+                                + [ctypes.c_int, ctypes.c_uint64])
     lib.erase_boxes.restype = None
     return lib
 
@@ -79,7 +80,8 @@ def resize_bicubic(img, size):
     if not available() or not follows_installed_pillow() or not _packed_rgb(img):
         return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((width, height), Image.BICUBIC))
     out = np.empty((height, width, 3), np.uint8)
-    if lib.resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], out.ctypes.data, height, width):
+    if lib.resize_bicubic_rgb(img.ctypes.data, img.shape[0], img.shape[1], img.strides[0],
+                              out.ctypes.data, height, width):
         raise MemoryError(f"resizing a {img.shape[1]}x{img.shape[0]} image to {width}x{height}")
     return out
 
