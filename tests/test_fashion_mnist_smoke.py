@@ -398,6 +398,48 @@ def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     assert not started.exists() and not run.LIVE
 
 
+def test_study_tests_each_run_as_soon_as_it_is_trained(tmp_path, monkeypatch):
+    """The checkpoint a test reads is not kept with the logs: each run of a comparison is tested before the
+    next one trains, so a machine that ends part-way loses no finished run."""
+    run = _driver()
+    study = _bare_study(run, tmp_path, 1)
+    events = []
+    monkeypatch.setattr(study, "spec", lambda method, percent, draw, *_: (f"{method}{percent}_{draw}",), raising=False)
+    monkeypatch.setattr(study, "run", lambda *call: events.append(("train", call[:3])) or study.spec(*call)[0],
+                        raising=False)
+    monkeypatch.setattr(study, "test", lambda name: events.append(("test", name)), raising=False)
+    study.test_all([("scratch", 10, d, {}) for d in (0, 1)] + [("scratch", 100, 0, {})])
+    assert events == [("train", ("scratch", 100, 0)), ("test", "scratch100_0"), ("train", ("scratch", 10, 0)),
+                      ("test", "scratch10_0"), ("train", ("scratch", 10, 1)), ("test", "scratch10_1")]
+    assert list(study.runs) == ["scratch100_0", "scratch10_0", "scratch10_1"]
+
+
+def test_study_trains_a_run_again_whose_checkpoint_is_gone(tmp_path):
+    """A run trained on another machine comes with its logs but not its checkpoint: testing it trains it again
+    (its first log kept), then tests the new checkpoint once."""
+    run = _driver()
+    script = tmp_path / "fake_train.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "if '--eval' in sys.argv:\n"
+        "    print('* Acc@1 77.700', open(sys.argv[sys.argv.index('--resume') + 1]).read())\n"
+        "    sys.exit()\n"
+        "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
+        "open(os.path.join(out, 'starts'), 'a').write('x')\n"
+        "open(os.path.join(out, 'checkpoint-last.pd'), 'w').write('weights')\n"
+        "with open(os.path.join(out, 'log.txt'), 'a') as f:\n"
+        "    f.writelines(json.dumps({'epoch': e, 'train_loss': 1.0, 'test_acc1': 50.0}) + '\\n' for e in range(2))\n")
+    study = _bare_study(run, tmp_path, 1)
+    study.data = str(tmp_path)
+    flags = [str(script), "--model", "vit", "--crop_pct", "1"]
+    study.train("moved", flags, 2, 10)
+    os.remove(tmp_path / "moved" / "checkpoint-last.pd")
+    assert study.test("moved") == 77.7
+    assert (tmp_path / "moved" / "starts").read_text() == "xx"
+    assert len(run.read_log(str(tmp_path / "moved"))) == 2 and (tmp_path / "moved" / "log.first.txt").is_file()
+    assert study.test("moved") == 77.7 and (tmp_path / "moved" / "starts").read_text() == "xx"
+
+
 def test_study_parts_side_by_side_train_a_shared_run_once(tmp_path):
     """Two parts of the study that need the same run (the curve's main point is the comparison's run) train
     it once: the second waits for it and finds it done."""

@@ -440,15 +440,19 @@ class Study:
         self.stage_of.setdefault(name, self.current)
 
     def test(self, name):
-        """Top-1 on the test set of run `name`'s last checkpoint, measured once and kept in NAME/test.txt."""
-        path = os.path.join(self.folder(name), "test.txt")
+        """Top-1 on the test set of run `name`'s last checkpoint, measured once and kept in NAME/test.txt. A run
+        trained on another machine has its logs but no checkpoint (they stay out of the repository): it is
+        trained again first, its earlier log kept as log.first.txt."""
+        folder = self.folder(name)
+        path = os.path.join(folder, "test.txt")
         with self.lock(name):
             found = re.findall(r"\* Acc@1 ([\d.]+)", open(path).read()) if os.path.isfile(path) else []
             if not found:
-                if not os.path.isfile(self.checkpoint(name)):
-                    sys.exit(f"error: {self.checkpoint(name)} is missing, so {name} cannot be tested; delete "
-                             f"{self.folder(name)} to train it again")
                 flags = self.runs[name][0]
+                if not os.path.isfile(self.checkpoint(name)):
+                    say(f"[{name}] no checkpoint to test: training it again")
+                    os.replace(os.path.join(folder, "log.txt"), os.path.join(folder, "log.first.txt"))
+                    self.call(name, [sys.executable, *flags], folder, folder + ".stdout")
                 script, model = flags[:3:2]
                 self.call(name, [sys.executable, script, "--model", model, "--eval", "--resume", self.checkpoint(name),
                                  "--crop_pct", flags[flags.index("--crop_pct") + 1], "--nb_classes", "10",
@@ -471,9 +475,16 @@ class Study:
         return [(method, percent, d, setting, pretrain) for d in self.c["draws"]]
 
     def test_all(self, calls):
-        """Train the runs of `calls` (the longest first: their percent) together, then test each."""
-        for name in self.run_many(sorted(calls, key=lambda call: -call[1])):
-            self.test(name)
+        """Train the runs of `calls` (the longest first: their percent) together, each tested as soon as it is
+        trained: the checkpoint a test reads is not kept with the logs, so a machine that ends between a run
+        and its test would otherwise lose the run."""
+        calls = sorted(calls, key=lambda call: -call[1])
+        for call in calls:
+            self.enter(self.spec(*call)[0])
+        self.together([partial(self.trained_and_tested, *call) for call in calls], self.jobs)
+
+    def trained_and_tested(self, *call):
+        return self.test(self.run(*call))
 
     def baselines(self):
         """The baselines' run (baselines.py) on the evaluation images of MAE fine-tuning's recipe, the CNN for
