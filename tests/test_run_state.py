@@ -46,18 +46,31 @@ def continued_from(name, run, data, tmp_path, epochs=2):
 
 @pytest.mark.parametrize("run,name", [("finetune", "finetune_epoch0.pd"), ("linprobe", "linprobe_epoch0.pd")])
 def test_a_format_1_checkpoint_continues_bit_for_bit(data, tmp_path, run, name):
+    """The format-1 file and the same state written in format 2 (mapped here by hand: the classes out of
+    'args') continue to the same bits: reading format 1 loses nothing. With test_exact_resume (a format-2
+    continuation is the uninterrupted run) this makes the continued run the uninterrupted one on any CPU;
+    weights recorded on one CPU differ on another by float32 rounding (summation order), so no recorded
+    weights are compared."""
     out, res = continued_from(name, run, data, tmp_path)
-    again, _ = continued_from(name, run, data, tmp_path / "again")
     assert "With optim & sched!" in res.stdout
-    last = load_checkpoint(os.path.join(out, "checkpoint-last.pd"))
-    repeated = load_checkpoint(os.path.join(again, "checkpoint-last.pd"))["model"]
-    want = np.load(os.path.join(OLD, f"{run}_epoch1_weights.npz"))
-    assert sorted(last["model"]) == sorted(want.files)
-    for k in want.files:
-        np.testing.assert_array_equal(last["model"][k], repeated[k], err_msg=k)
-        np.testing.assert_array_equal(last["model"][k], want[k], err_msg=k)
-    assert last["format"] == 2 and last["epoch"] == 1 and last["iteration"] == 0
     old = load_checkpoint(os.path.join(OLD, name))
+    assert "format" not in old
+    flags = {k: v for k, v in old["args"].items() if k not in ("classes", "start_iter", "skipped")}
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    save_file({**old, "format": 2, "classes": old["args"]["classes"], "args": flags},
+              str(twin / "checkpoint-last.pd"))
+    assert run_script(*argv(run, data, str(twin)), timeout=300).returncode == 0
+    last = load_checkpoint(os.path.join(out, "checkpoint-last.pd"))
+    want = load_checkpoint(str(twin / "checkpoint-last.pd"))
+    assert sorted(last["model"]) == sorted(want["model"]) == sorted(old["model"])
+    for k in want["model"]:
+        np.testing.assert_array_equal(last["model"][k], want["model"][k], err_msg=k)
+    assert any(not np.array_equal(last["model"][k], old["model"][k]) for k in old["model"])  # it trained
+    moments = {(p, a): v for p, acc in want["optimizer"]["state"].items() for a, v in acc.items()}
+    assert moments and all(np.array_equal(last["optimizer"]["state"][p][a], v) for (p, a), v in moments.items())
+    assert open(os.path.join(out, "log.txt")).read() == open(twin / "log.txt").read()
+    assert last["format"] == 2 and last["epoch"] == 1 and last["iteration"] == 0
     assert last["classes"] == old["args"]["classes"] == ["class_0", "class_1"]
     assert last["best"]["acc1"] >= old["best"]["acc1"]
     assert not {"start_iter", "skipped", "classes"} & set(last["args"])  # the flags as given, the state beside
