@@ -111,6 +111,7 @@ def test_study_driver_smoke(tmp_path):
         assert name.endswith("_pretrain0") or set(paddle.load(weights)) == {"model"}
     baselines = [json.loads(line) for line in open(os.path.join(out, "baselines_crop0.08_eval0.875", "log.txt"))]
     assert len(baselines) == 6 * 6
+    assert os.listdir(os.path.join(out, "baselines_crop0.08_eval0.875", "fits")) == []  # a written line's go
     for row in baselines:
         if row["draw"] == 0 and row["percent"] in ("1", "10"):  # chosen on validation from its grid
             assert row["val_acc1"] == max(s["val_acc1"] for s in row["sweep"])
@@ -165,13 +166,19 @@ def test_study_driver_bad_paths(tmp_path):
     assert res.returncode == 2 and "argument --jobs: must be >= 1, got 0" in res.stderr
 
 
-def test_study_baselines_crop_flags_are_checked():
+def test_study_baselines_flags_are_checked(tmp_path):
     for flag, value in (("--crop_pct", "0"), ("--crop_min", "1.5")):
         flags = {"--crop_pct": "1", "--crop_min": "0.5", flag: value}
         res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", "1:0=d", "--val",
                          "v", "--test", "t", "--checkpoint", "c", "--epochs", "1=1", "--log", "l",
                          *[x for kv in flags.items() for x in kv])
         assert res.returncode == 2 and f"argument {flag}: needs 0 < value <= 1, got {float(value)}" in res.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", "1:0=d", "--val", "v",
+                     "--test", "t", "--checkpoint", "c", "--epochs", "1=1", "--crop_pct", "1", "--crop_min", "0.5",
+                     "--log", str(blocker / "log.txt"))
+    assert res.returncode == 2 and f"argument --log: cannot make {blocker / 'fits'}" in res.stderr
 
 
 def test_study_baselines_solvers():
@@ -211,6 +218,62 @@ def test_study_baselines_solvers():
     assert rows[0].shape == (8, 784) and rows[0].min() >= 0 and rows[0].max() <= 1
     assert np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[0], rows[2])
     assert not np.allclose(rows[0], baselines.pixels(raw), atol=0.1)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_study_cnn_fit_resumes_bit_for_bit(tmp_path, monkeypatch, augmented):
+    """A CNN fit stopped after a checkpoint and started again ends with the uninterrupted fit's weights and
+    loss, bit for bit (batch order, dropout and the ViTs' augmentation all drawn on); a finished file is read,
+    not trained again; a file of another fit or an unreadable one is refused, naming the file."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import baselines
+    import cnn
+    from util.errors import CheckpointError
+
+    rng = np.random.default_rng(3)
+    x, y = rng.random((200, 784)).astype(np.float32), rng.integers(0, 3, 200)
+    raw = np.repeat((x.reshape(-1, 28, 28, 1) * 255).astype(np.uint8), 3, axis=3)
+
+    def fit(**kw):
+        augment = baselines.vit_augmentation(raw, 0.5, 7) if augmented else None
+        return cnn.train(x, y, 3, 3e-3, 5, seed=7, batch_size=64, augment=augment, **kw)
+
+    whole, whole_loss = fit()
+    path, save, saves = str(tmp_path / "fit.pd"), cnn.save_fit, []
+
+    def save_then_stop(*args):
+        save(*args)
+        saves.append(args[2])
+        if len(saves) == 2:
+            raise _Stop
+
+    monkeypatch.setattr(cnn, "save_fit", save_then_stop)
+    with pytest.raises(_Stop):
+        fit(checkpoint=path, save_every=0.0)
+    assert saves == [1, 2]
+    resumed, loss = fit(checkpoint=path, save_every=0.0)
+    assert saves == [1, 2, 3, 4, 5] and loss == whole_loss
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+    monkeypatch.setattr(cnn, "save_fit", save)
+    train_step = paddle.optimizer.Adam.step
+    monkeypatch.setattr(paddle.optimizer.Adam, "step", lambda self: pytest.fail("a finished fit trained again"))
+    again, again_loss = fit(checkpoint=path)
+    assert again_loss == whole_loss and np.array_equal(again.state_dict()["classifier.4.weight"].numpy(),
+                                                       whole.state_dict()["classifier.4.weight"].numpy())
+    monkeypatch.setattr(paddle.optimizer.Adam, "step", train_step)
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: a fit with epochs 5, this one has 6"):
+        cnn.train(x, y, 3, 3e-3, 6, seed=7, batch_size=64, checkpoint=path)
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: a fit with images 200, this one has 100"):
+        cnn.train(x[:100], y[:100], 3, 3e-3, 5, seed=7, batch_size=64, checkpoint=path)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        fit(checkpoint=path)
 
 
 def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
@@ -512,7 +575,7 @@ def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path)
     assert study.score("calm") == 70.0 and study.score("wild") == -1.0
 
     # a baseline's sweep: here the validation top-1 grows with k up to k = 200, so the grid goes on past 50
-    def fit(kind, setting, x, y, classes, epochs, seed, max_iter, crop_min):
+    def fit(kind, setting, x, y, classes, epochs, seed, max_iter, crop_min, checkpoint):
         return (lambda v: (np.arange(len(v)) >= min(setting["k"], 200)).astype(np.int64)), {}
 
     monkeypatch.setattr(baselines, "fit", fit)

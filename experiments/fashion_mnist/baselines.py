@@ -12,9 +12,11 @@ learning rate; for MAE features also the class token or the average-pooled patch
 top-1 on --val with draw 0 at 1% and at 10%, over the grids below, continued past an end that holds the
 best (grids.py); other draws use that choice, and 100%
 uses the 10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction
-and draw goes to --log; a line already there is skipped, so the stage resumes.
+and draw goes to --log; a line already there is skipped, so the stage resumes. A CNN fit also resumes: it
+keeps its state in fits/ beside --log (every minute, cnn.train), and a line's files go once it is written.
 """
 import argparse
+import glob
 import json
 import os
 import random
@@ -32,6 +34,7 @@ import cnn  # noqa: E402
 from grids import EXTEND, beyond_edge  # noqa: E402
 import models_vit  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
+from util.errors import run as run_main  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
 from util.weights import load_pretrained
 
@@ -125,9 +128,9 @@ def top1(pred, y):
     return float((pred == y).mean() * 100.0)
 
 
-def fit(kind, setting, inputs, y, classes, epochs, seed, max_iter, crop_min):
+def fit(kind, setting, inputs, y, classes, epochs, seed, max_iter, crop_min, checkpoint=None):
     """(predict(features) -> labels, facts about the fit) for one method and setting; `inputs` holds every
-    kind of feature of the training images, and their images ('raw')."""
+    kind of feature of the training images, and their images ('raw'). A CNN resumes from `checkpoint`."""
     x = inputs[setting["features"]]
     if kind == "logreg":
         w, b, iterations, grad = logistic_regression(x, y, classes, setting["C"], max_iter)
@@ -135,13 +138,19 @@ def fit(kind, setting, inputs, y, classes, epochs, seed, max_iter, crop_min):
     if kind == "knn":
         return (lambda v: knn_predict(x, y, v, classes, setting["k"])), {}
     augment = vit_augmentation(inputs["raw"], crop_min, seed) if kind == "cnn_vit_aug" else None
-    model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed, augment=augment)
+    model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed, augment=augment, checkpoint=checkpoint)
     return (lambda v: cnn.predict(model, v)), {"final_train_loss": loss, "epochs": epochs}
 
 
-def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_iter, crop_min):
+def fit_file(fits, method, percent, draw, setting=None):
+    """The checkpoint file in the folder `fits` of one CNN fit, or with no setting the pattern of a line's."""
+    name = "*" if setting is None else "_".join(f"{k}{v}" for k, v in sorted(setting.items()))
+    return os.path.join(fits, f"{method}_{percent}pct_draw{draw}_{name}.pd")
+
+
+def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_iter, crop_min, fits=None):
     """The log row of one method on one label subset: the sweep on val when `chosen` is None, then the test
-    top-1 of the chosen setting."""
+    top-1 of the chosen setting. CNN fits keep their checkpoints in the folder `fits`, if given."""
     kind, feature_names = METHODS[method]
     (x, y), (val_x, val_y), (test_x, test_y) = train, val, test
     sweep, best = [], None
@@ -149,7 +158,8 @@ def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_it
     def evaluate(setting):
         nonlocal best
         f = setting["features"]
-        predict, facts = fit(kind, setting, x, y, classes, epochs, draw, max_iter, crop_min)
+        checkpoint = fit_file(fits, method, percent, draw, setting) if fits and kind.startswith("cnn") else None
+        predict, facts = fit(kind, setting, x, y, classes, epochs, draw, max_iter, crop_min, checkpoint)
         acc = top1(predict(val_x[f]), val_y)
         sweep.append({"setting": setting, "val_acc1": acc, **facts})
         if best is None or acc > best[0]:
@@ -209,7 +219,11 @@ def main(argv=None):
             parser.error(f"argument --{flag}: needs 0 < value <= 1, got {getattr(args, flag)}")
     fractions = parse_fractions(parser, args.train)
     epochs = dict(item.split("=") for item in args.epochs)
-    rows = {}
+    rows, fits = {}, os.path.join(os.path.dirname(os.path.abspath(args.log)), "fits")
+    try:
+        os.makedirs(fits, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --log: cannot make {fits} for the CNN fits' checkpoints ({e.strerror or e})")
     if os.path.isfile(args.log):
         with open(args.log, encoding="utf-8") as f:
             rows = {(r["method"], r["percent"], r["draw"]): r for r in map(json.loads, filter(str.strip, f))}
@@ -239,12 +253,14 @@ def main(argv=None):
             if source is None and not (draw == 0 and percent in ("1", "10")):
                 parser.error(f"{method} at {percent}% draw {draw}: its setting comes from draw 0, not given")
             row = run(method, percent, draw, train, val, test, classes, int(epochs[percent]),
-                      None if source is None else source["setting"], args.max_iter, args.crop_min)
+                      None if source is None else source["setting"], args.max_iter, args.crop_min, fits)
             rows[(method, percent, draw)] = row
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            for path in glob.glob(fit_file(fits, method, percent, draw)):
+                os.remove(path)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,12 +2,19 @@
 labelled images alone (two 3x3 convolutions of 16 and 32 channels with max pooling, a 64-unit hidden
 layer with dropout 0.25, about 106,000 parameters). Adam, cosine learning rate over the same epochs as
 the ViTs' fine-tuning, batch 128, random horizontal flips (or another augmentation); grey levels scaled to
-[-1, 1]."""
+[-1, 1]. A fit given a checkpoint file resumes from it, so a stopped sweep loses at most a minute."""
 import math
+import os
+import random
+import time
 
 import numpy as np
 import paddle
 from paddle import nn
+
+from util.checkpoint import load_optimizer_state, optimizer_state
+from util.errors import CheckpointError
+from util.weights import load_file, save_file
 
 
 class SmallCNN(nn.Layer):
@@ -34,16 +41,55 @@ def predict(model, x, batch_size=1000):
                                for i in range(0, len(x), batch_size)])
 
 
-def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None):
+def save_fit(path, fit, epoch, loss, model, opt, schedule, rng):
+    """The fit after `epoch` epochs: weights, Adam's moments, the schedule and the three random streams (the
+    batch order, dropout's and the augmentation's), so that a resumed fit is the uninterrupted one."""
+    save_file({"fit": fit, "epoch": epoch, "loss": loss, "model": model.state_dict(),
+               "optimizer": optimizer_state(opt, model), "schedule": schedule.state_dict(),
+               "order_rng": rng.bit_generator.state, "dropout_rng": paddle.get_rng_state("cpu")[0].__getstate__(),
+               "augment_rng": random.getstate()}, path)
+
+
+def resume_fit(path, fit, model, opt, schedule, rng):
+    """Restore what save_fit wrote; returns (epochs done, last epoch's loss). A file of another fit (other
+    data, learning rate, epochs or seed) is refused, naming the field."""
+    ckpt, _ = load_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("fit"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of a CNN fit")
+    for key in fit:
+        if ckpt["fit"].get(key) != fit[key]:
+            raise CheckpointError(f"{path}: a fit with {key} {ckpt['fit'].get(key)!r}, this one has {fit[key]!r}")
+    model.set_state_dict(ckpt["model"])
+    load_optimizer_state(opt, model, ckpt, path)
+    schedule.set_state_dict(ckpt["schedule"])
+    rng.bit_generator.state = ckpt["order_rng"]
+    generator = type(paddle.get_rng_state("cpu")[0])
+    dropout = generator.__new__(generator)
+    dropout.__setstate__(tuple(ckpt["dropout_rng"]))
+    paddle.set_rng_state([dropout], "cpu")
+    version, internal, gauss = ckpt["augment_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return ckpt["epoch"], ckpt["loss"]
+
+
+def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None, checkpoint=None, save_every=60.0):
     """The trained network and its final training loss (mean of the last epoch's batches). augment(index)
-    gives the training rows of a batch (default: x's rows, each flipped with probability 1/2)."""
+    gives the training rows of a batch (default: x's rows, each flipped with probability 1/2). With
+    `checkpoint` (a file path) the fit resumes from that file if it exists and writes it at the end and
+    every `save_every` seconds between epochs."""
     paddle.seed(seed)
     rng = np.random.default_rng(seed)
     model = SmallCNN(classes)
     steps = epochs * max(1, len(x) // batch_size)
     schedule = paddle.optimizer.lr.LambdaDecay(lr, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps)))
     opt = paddle.optimizer.Adam(learning_rate=schedule, parameters=model.parameters())
-    for _ in range(epochs):
+    fit = {"images": len(x), "classes": classes, "lr": lr, "epochs": epochs, "seed": seed,
+           "batch_size": batch_size, "augment": augment is not None}
+    done, loss = 0, None
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        done, loss = resume_fit(checkpoint, fit, model, opt, schedule, rng)
+    saved = time.monotonic()
+    for epoch in range(done, epochs):
         model.train()
         order, losses = rng.permutation(len(x)), []
         for i in range(0, max(1, len(x) // batch_size) * batch_size, batch_size):
@@ -54,10 +100,14 @@ def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None):
                 images[flip] = images[flip, :, ::-1]
             else:
                 images = augment(index)
-            loss = nn.functional.cross_entropy(model(_images(images)), paddle.to_tensor(y[index]))
+            batch_loss = nn.functional.cross_entropy(model(_images(images)), paddle.to_tensor(y[index]))
             opt.clear_grad()
-            loss.backward()
+            batch_loss.backward()
             opt.step()
             schedule.step()
-            losses.append(loss)
-    return model, float(paddle.stack(losses).mean())
+            losses.append(batch_loss)
+        loss = float(paddle.stack(losses).mean())
+        if checkpoint is not None and (epoch + 1 == epochs or time.monotonic() - saved > save_every):
+            save_fit(checkpoint, fit, epoch + 1, loss, model, opt, schedule, rng)
+            saved = time.monotonic()
+    return model, loss
