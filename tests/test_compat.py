@@ -110,6 +110,17 @@ def test_batch_norm_running_variance():
     assert np.allclose(bn(paddle.full([2, 4], 2.0)).numpy(), 2.0 / np.sqrt(2.0), atol=1e-4)  # the one it uses
 
 
+def test_cpu_generator_state_round_trip():
+    paddle.seed(5)
+    saved = compat.cpu_generator_state()
+    assert all(isinstance(v, (int, list)) for v in saved), "GeneratorState.__getstate__ no longer plain values"
+    x = paddle.ones([64])
+    first = paddle.nn.functional.dropout(x, 0.5).numpy()
+    compat.set_cpu_generator_state(saved)
+    assert np.array_equal(paddle.nn.functional.dropout(x, 0.5).numpy(), first), \
+        "GeneratorState.__new__ + __setstate__ with paddle.set_rng_state no longer restores the CPU generator"
+
+
 def test_set_cpu_threads():
     compat.set_cpu_threads(1)  # paddle.base.core.set_num_threads: an AttributeError names it when removed
 

@@ -93,6 +93,21 @@ def batch_norm_running_variance(layer):
     return layer._variance, layer._momentum
 
 
+def cpu_generator_state():
+    """Paddle's CPU random generator state as plain values (GeneratorState's pickle state), so that a
+    checkpoint holding it is read without running pickled code."""
+    return paddle.get_rng_state("cpu")[0].__getstate__()
+
+
+def set_cpu_generator_state(values):
+    """Restore a cpu_generator_state(): on a new GeneratorState, as pickle does (its __setstate__ on an existing
+    one leaves it unchanged)."""
+    kind = type(paddle.get_rng_state("cpu")[0])
+    state = kind.__new__(kind)
+    state.__setstate__(tuple(values))
+    paddle.set_rng_state([state], "cpu")
+
+
 def set_cpu_threads(count):
     """The number of threads Paddle's CPU kernels use (no public setter)."""
     paddle.base.core.set_num_threads(count)

@@ -12,6 +12,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from util import compat
 from util.checkpoint import load_optimizer_state, optimizer_state
 from util.errors import CheckpointError
 from util.weights import load_file, save_file
@@ -46,7 +47,7 @@ def save_fit(path, fit, epoch, loss, model, opt, schedule, rng):
     batch order, dropout's and the augmentation's), so that a resumed fit is the uninterrupted one."""
     save_file({"fit": fit, "epoch": epoch, "loss": loss, "model": model.state_dict(),
                "optimizer": optimizer_state(opt, model), "schedule": schedule.state_dict(),
-               "order_rng": rng.bit_generator.state, "dropout_rng": paddle.get_rng_state("cpu")[0].__getstate__(),
+               "order_rng": rng.bit_generator.state, "dropout_rng": compat.cpu_generator_state(),
                "augment_rng": random.getstate()}, path)
 
 
@@ -63,10 +64,7 @@ def resume_fit(path, fit, model, opt, schedule, rng):
     load_optimizer_state(opt, model, ckpt, path)
     schedule.set_state_dict(ckpt["schedule"])
     rng.bit_generator.state = ckpt["order_rng"]
-    generator = type(paddle.get_rng_state("cpu")[0])
-    dropout = generator.__new__(generator)
-    dropout.__setstate__(tuple(ckpt["dropout_rng"]))
-    paddle.set_rng_state([dropout], "cpu")
+    compat.set_cpu_generator_state(ckpt["dropout_rng"])
     version, internal, gauss = ckpt["augment_rng"]
     random.setstate((version, tuple(internal), gauss))
     return ckpt["epoch"], ckpt["loss"]
