@@ -276,6 +276,40 @@ def test_study_cnn_fit_resumes_bit_for_bit(tmp_path, monkeypatch, augmented):
         fit(checkpoint=path)
 
 
+def test_study_cnn_fit_refuses_malformed_fields(tmp_path):
+    """Every field of a CNN fit's file, missing or of the wrong type or shape, is refused naming the file and
+    the field, before training: none is loaded in part or skipped."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import cnn
+    from util.errors import CheckpointError
+    from util.weights import load_file, save_file
+
+    rng = np.random.default_rng(3)
+    x, y = rng.random((100, 784)).astype(np.float32), rng.integers(0, 3, 100)
+    good = str(tmp_path / "good.pd")
+    cnn.train(x, y, 3, 3e-3, 2, seed=7, batch_size=50, checkpoint=good)
+    ckpt, _ = load_file(good)
+    weights = dict(ckpt["model"])
+    weights["classifier.4.bias"] = np.zeros(4, np.float32)
+    bad = {"epoch": ("two", 0, 3), "loss": (None, "0.5"), "model": ([1], weights, {"a": np.zeros(1)}),
+           "optimizer": (3, {"state": {"classifier.4.bias": 1}}), "schedule": ([1],), "order_rng": ("x",),
+           "dropout_rng": ([1, 2],), "augment_rng": ([3],)}
+    path = str(tmp_path / "bad.pd")
+    for key, values in bad.items():
+        for value in (*values, "missing"):
+            broken = {k: v for k, v in ckpt.items() if k != key or value != "missing"}
+            if value != "missing":
+                broken[key] = value
+            save_file(broken, path)
+            if key == "model" and isinstance(value, dict):  # the weights' own check names every key
+                named = " does not fit SmallCNN: " + ("shape mismatch: classifier.4.bias" if value is weights
+                                                     else "missing keys: features.0.weight")
+            else:
+                named = f": '{key}' "
+            with pytest.raises(CheckpointError, match=re.escape(path + named)):
+                cnn.train(x, y, 3, 3e-3, 2, seed=7, batch_size=50, checkpoint=path)
+
+
 def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     """A run's wall_clock.txt counts the seconds it ran, not the seconds the study was stopped (SIGSTOP)."""
     sleeper = "[sys.executable, '-c', 'import time\\nfor _ in range(30): time.sleep(0.1)']"

@@ -177,7 +177,11 @@ def load_optimizer_state(optimizer, model, ckpt, path):
     """Restore accumulators saved by optimizer_state, or converted from an official PyTorch checkpoint."""
     params = dict(model.named_parameters())
     names = {p.name: n for n, p in params.items()}
-    opt_sd = ckpt["optimizer"]
+    opt_sd = ckpt.get("optimizer")
+    if not isinstance(opt_sd, dict):
+        raise CheckpointError(f"{path}: 'optimizer' is {type(opt_sd).__name__}, not a dict")
+    if not ckpt.get("torch") and _state_problem(opt_sd.get("state", {})):
+        raise CheckpointError(f"{path}: 'optimizer' {_state_problem(opt_sd.get('state', {}))}")
     state = _torch_adam_state(opt_sd, optimizer, names, path) if ckpt.get("torch") else opt_sd.get("state", {})
     unknown = [n for n in state if n not in params]
     if unknown:

@@ -15,7 +15,7 @@ from paddle import nn
 from util import compat
 from util.checkpoint import load_optimizer_state, optimizer_state
 from util.errors import CheckpointError
-from util.weights import load_file, save_file
+from util.weights import load_file, load_model_weights, save_file
 
 
 class SmallCNN(nn.Layer):
@@ -53,21 +53,35 @@ def save_fit(path, fit, epoch, loss, model, opt, schedule, rng):
 
 def resume_fit(path, fit, model, opt, schedule, rng):
     """Restore what save_fit wrote; returns (epochs done, last epoch's loss). A file of another fit (other
-    data, learning rate, epochs or seed) is refused, naming the field."""
+    data, learning rate, epochs or seed), or with a field missing or malformed, is refused, naming the field."""
     ckpt, _ = load_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("fit"), dict):
         raise CheckpointError(f"{path}: not a checkpoint of a CNN fit")
     for key in fit:
         if ckpt["fit"].get(key) != fit[key]:
             raise CheckpointError(f"{path}: a fit with {key} {ckpt['fit'].get(key)!r}, this one has {fit[key]!r}")
-    model.set_state_dict(ckpt["model"])
+    epoch, loss = ckpt.get("epoch"), ckpt.get("loss")
+    if type(epoch) is not int or not 0 < epoch <= fit["epochs"]:
+        raise CheckpointError(f"{path}: 'epoch' is {epoch!r}, not a count of epochs from 1 to {fit['epochs']}")
+    if not isinstance(loss, float):
+        raise CheckpointError(f"{path}: 'loss' is {loss!r}, not a number")
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: 'model' is not a dict of weights")
+    load_model_weights(model, ckpt["model"], path)
     load_optimizer_state(opt, model, ckpt, path)
-    schedule.set_state_dict(ckpt["schedule"])
-    rng.bit_generator.state = ckpt["order_rng"]
-    compat.set_cpu_generator_state(ckpt["dropout_rng"])
-    version, internal, gauss = ckpt["augment_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    return ckpt["epoch"], ckpt["loss"]
+
+    def restore_augment_rng(state):
+        version, internal, gauss = state
+        random.setstate((version, tuple(internal), gauss))
+
+    restores = {"schedule": schedule.set_state_dict, "order_rng": lambda s: setattr(rng.bit_generator, "state", s),
+                "dropout_rng": compat.set_cpu_generator_state, "augment_rng": restore_augment_rng}
+    for key, restore in restores.items():
+        try:
+            restore(ckpt.get(key))
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: '{key}' cannot be restored ({e})") from None
+    return epoch, loss
 
 
 def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None, checkpoint=None, save_every=60.0):
