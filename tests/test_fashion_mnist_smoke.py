@@ -181,6 +181,114 @@ def test_study_baselines_flags_are_checked(tmp_path):
     assert res.returncode == 2 and f"argument --log: cannot make {blocker / 'fits'}" in res.stderr
 
 
+def test_study_baselines_flags_are_parsed_whole(tmp_path):
+    """--train, --epochs and --max_iter: each malformed, repeated or missing value named, exit 2."""
+    base = {"--train": ["1:0=d", "10:0=e"], "--epochs": ["1=5", "10=2"], "--max_iter": ["50"]}
+    cases = [("--train", ["1:0=d", "1:0=e"], "argument --train: 1:0 given twice"),
+             ("--train", ["1-0=d"], "argument --train: 1-0=d: expected PERCENT:DRAW=DIR"),
+             ("--epochs", ["1=5"], "argument --epochs: no epochs for 10% (given in --train)"),
+             ("--epochs", ["1=5", "10=x"], "argument --epochs: 10=x: expected PERCENT=N"),
+             ("--epochs", ["1=5", "10=0"], "argument --epochs: 10=0: expected PERCENT=N"),
+             ("--epochs", ["1=5", "10"], "argument --epochs: 10: expected PERCENT=N"),
+             ("--epochs", ["1=5", "10=2", "1=3"], "argument --epochs: 1=3: expected PERCENT=N, N >= 1, each percent "
+              "once"),
+             ("--max_iter", ["0"], "argument --max_iter: must be >= 1, got 0")]
+    for flag, values, message in cases:
+        flags = {**base, flag: values}
+        res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--val", "v", "--test", "t",
+                         "--checkpoint", "c", "--crop_pct", "1", "--crop_min", "0.5", "--log", str(tmp_path / "l"),
+                         *[x for k, v in flags.items() for x in (k, *v)])
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (flag, res.stderr)
+
+
+def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
+    """A log line the study computes on that is not a whole record (bad JSON, a field missing or of the wrong
+    type, a baseline given twice) is refused naming the file, line and field; a last line cut off by a kill is
+    left out, and baselines.py cuts it from its log before it appends. So do a broken wall-clock record and
+    a run whose last epoch has no validation top-1."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import records
+    import run
+    from util.errors import Error
+
+    good = {"method": "knn_mae", "percent": "10", "draw": 1, "train_images": 500,
+            "setting": {"k": 5, "features": "mae_avg"}, "val_acc1": 80.5, "test_acc1": 79.25}
+    path = tmp_path / "log.txt"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "draw": 2})[:40])
+    assert records.read_baselines(str(path)) == ([good], True)
+    bad = [({**good, "method": "svm"}, "'method' 'svm' is not one of"), ({**good, "percent": 10}, "'percent'"),
+           ({**good, "draw": -1}, "'draw'"), ({**good, "draw": True}, "'draw'"),
+           ({**good, "setting": None}, "'setting'"),
+           ({**good, "setting": {"k": 2.5, "features": "mae_avg"}}, "'setting' is not {'k': a whole number > 0"),
+           ({**good, "setting": {"k": 5, "features": "pixels"}},
+            "'setting' is not {'k': a whole number > 0, 'features': one of mae_cls, mae_avg}"),
+           ({**good, "setting": {"k": 5, "features": "mae_avg", "C": 1}}, "'setting'"),
+           ({**good, "method": "cnn", "setting": {"lr": 0, "features": "pixels"}}, "'setting' is not {'lr': a number"),
+           ({**good, "val_acc1": "80"}, "'val_acc1'"), ({**good, "test_acc1": 101.0}, "'test_acc1'"),
+           ({k: v for k, v in good.items() if k != "test_acc1"}, "'test_acc1'"), ([1, 2], "not a JSON object"),
+           ({**good, "draw": 0}, "knn_mae at 10% draw 0 again (first on line 1)")]
+    for row, message in bad:
+        path.write_text(json.dumps({**good, "draw": 0}) + "\n\n" + json.dumps(row) + "\n" + json.dumps(good) + "\n")
+        with pytest.raises(Error, match=re.escape(f"{path} line 3: {message}")):
+            records.read_baselines(str(path))
+    path.write_text("{\"epoch\": 0, \"train_loss\": 1.5}\nnot json\n")
+    with pytest.raises(Error, match=re.escape(f"{path} line 2: not a JSON object")):
+        run.read_log(str(tmp_path))
+    for row, message in (({"epoch": 0.5, "train_loss": 1.0}, "'epoch'"), ({"epoch": 0}, "'train_loss'"),
+                         ({"epoch": 0, "train_loss": 1.0, "test_acc1": None}, "'test_acc1'")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(Error, match=re.escape(f"{path} line 1: {message}")):
+            run.read_log(str(tmp_path))
+    path.write_text("{\"epoch\": 0, \"train_loss\": 1.5}\n{\"epoch\": 1, \"train_lo")
+    assert run.read_log(str(tmp_path)) == [{"epoch": 0, "train_loss": 1.5}]  # a cut line: that epoch runs again
+    with pytest.raises(Error, match=re.escape(f"{path}: its last epoch has no validation top-1")):
+        run.last_val(str(tmp_path))
+    for text in ("", "12.5\nx\n", "1\n2\n3\n", "-4\n"):
+        (tmp_path / "wall_clock.txt").write_text(text)
+        with pytest.raises(Error, match=re.escape(f"{tmp_path / 'wall_clock.txt'}: expected the wall clock")):
+            run.clocks(str(tmp_path))
+    (tmp_path / "wall_clock.txt").write_text("90.0\n45.0\n")
+    assert run.clocks(str(tmp_path)) == (90.0, 45.0)
+
+    log = tmp_path / "baselines" / "log.txt"
+    log.parent.mkdir()
+    log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "draw": 2})[:40])
+    res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", "10:1=d", "--val",
+                     str(tmp_path / "no_val"), "--test", "t", "--checkpoint", "c", "--epochs", "10=1", "--crop_pct",
+                     "1", "--crop_min", "0.5", "--log", str(log))
+    assert res.returncode == 1 and f"{log}: its last line was cut off" in res.stdout
+    assert f"error: {tmp_path / 'no_val'}: dataset folder not found" in res.stderr
+    assert log.read_text() == json.dumps(good) + "\n"
+    log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "setting": {"k": 0, "features": "mae_avg"}}) + "\n")
+    res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--train", "10:1=d", "--val",
+                     "v", "--test", "t", "--checkpoint", "c", "--epochs", "10=1", "--crop_pct", "1", "--crop_min",
+                     "0.5", "--log", str(log))
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(f"error: {log} line 2: 'setting'")
+    assert "Traceback" not in res.stderr
+
+
+def test_study_baselines_refuse_folders_that_disagree(tmp_path):
+    """Every folder the baselines read holds --val's classes (or a label would mean another class) and images
+    of one size (they are compared pixel by pixel)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import baselines
+    from PIL import Image
+    from util.errors import DataError
+
+    for name, classes in (("val", ("a", "b")), ("test", ("a", "c"))):
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), 40 * i).save(tmp_path / name / c / f"{i}.png")
+    images, labels, classes = baselines.load_folder(str(tmp_path / "val"))
+    assert images.shape == (4, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1] and classes == ["a", "b"]
+    with pytest.raises(DataError, match="class folders differ from those of v: missing b; extra c"):
+        baselines.load_folder(str(tmp_path / "test"), classes, "v")
+    Image.new("L", (9, 8)).save(tmp_path / "val" / "b" / "2.png")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'val' / 'b' / '2.png'}: 9x8 pixels, where ")):
+        baselines.load_folder(str(tmp_path / "val"))
+
+
 def test_study_baselines_solvers():
     """kNN equals a direct count of the k nearest by cosine; logistic regression reaches a vanishing gradient;
     the CNN learns separable classes."""
@@ -604,8 +712,8 @@ def test_study_grid_goes_on_past_the_end_holding_the_best(monkeypatch, tmp_path)
     study.out = str(tmp_path)
     for name, losses in (("calm", (2.3, 1.0, 0.9)), ("wild", (2.3, 4.7, 1.2))):
         os.makedirs(tmp_path / name)
-        (tmp_path / name / "log.txt").write_text("".join(json.dumps({"train_loss": v, "test_acc1": 70.0}) + "\n"
-                                                         for v in losses))
+        (tmp_path / name / "log.txt").write_text("".join(json.dumps({"train_loss": v, "test_acc1": 70.0, "epoch": i})
+                                                         + "\n" for i, v in enumerate(losses)))
     assert study.score("calm") == 70.0 and study.score("wild") == -1.0
 
     # a baseline's sweep: here the validation top-1 grows with k up to k = 200, so the grid goes on past 50

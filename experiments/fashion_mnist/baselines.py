@@ -3,17 +3,16 @@ k-nearest neighbours on raw pixels and on the frozen MAE encoder's features, and
 trained with flips only and with the ViTs' training augmentation.
 
     python experiments/fashion_mnist/baselines.py --train 1:0=DIR 1:1=DIR ... 100:0=DIR --val DIR --test DIR \
-        --checkpoint PRETRAINED.pd --epochs 1=100 10=50 100=15 --crop_pct 1 --crop_scale 0.5 --log OUT/log.txt
+        --checkpoint PRETRAINED.pd --epochs 1=100 10=50 100=15 --crop_pct 1 --crop_min 0.5 --log OUT/log.txt
 
 Each `--train PERCENT:DRAW=DIR` is an ImageFolder of one label subset. Every method sees each image as the
 ViTs' evaluation does (util.transforms.eval_transform with --crop_pct), so that the compared methods
-classify the same pixels. A method's setting (C, k, the CNN's
-learning rate; for MAE features also the class token or the average-pooled patch tokens) is chosen by
-top-1 on --val with draw 0 at 1% and at 10%, over the grids below, continued past an end that holds the
-best (grids.py); other draws use that choice, and 100%
-uses the 10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction
-and draw goes to --log; a line already there is skipped, so the stage resumes. A CNN fit also resumes: it
-keeps its state in fits/ beside --log (every minute, cnn.train), and a line's files go once it is written.
+classify the same pixels. A method's setting (C, k, the CNN's learning rate; for MAE features also the class
+token or the average-pooled patch tokens) is chosen by top-1 on --val with draw 0 at 1% and at 10%, over the
+grids of grids.py, continued past an end that holds the best; other draws use that choice, and 100% uses the
+10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction and draw goes
+to --log; a line already there is skipped, so the stage resumes. A CNN fit also resumes: it keeps its state
+in fits/ beside --log (every minute, cnn.train), and a line's files go once it is written.
 """
 import argparse
 import glob
@@ -31,26 +30,26 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import cnn  # noqa: E402
-from grids import EXTEND, beyond_edge  # noqa: E402
+from grids import BASELINE_GRIDS as GRIDS, BASELINE_METHODS as METHODS, EXTEND, beyond_edge  # noqa: E402
+from records import drop_cut_line, read_baselines  # noqa: E402
 import models_vit  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
-from util.errors import run as run_main  # noqa: E402
+from util.errors import DataError, WriteError, run as run_main  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
 from util.weights import load_pretrained
 
-GRIDS = {"logreg": ("C", (0.01, 0.1, 1.0, 10.0)),  # inverse L2 strength
-         "knn": ("k", (1, 3, 5, 10, 20, 50)),
-         "cnn": ("lr", (3e-4, 1e-3, 3e-3)), "cnn_vit_aug": ("lr", (3e-4, 1e-3, 3e-3))}
-METHODS = {"logreg_pixels": ("logreg", ("pixels",)), "logreg_mae": ("logreg", ("mae_cls", "mae_avg")),
-           "knn_pixels": ("knn", ("pixels",)), "knn_mae": ("knn", ("mae_cls", "mae_avg")),
-           "cnn": ("cnn", ("pixels",)), "cnn_vit_aug": ("cnn_vit_aug", ("pixels",))}
 
-
-def load_folder(folder):
-    """The images of an ImageFolder as uint8 (n, H, W, 3) arrays, and their labels."""
-    data = ImageFolder(folder)
-    images = np.stack([np.asarray(load_image(p)) for p, _ in data.samples])
-    return images, np.array([t for _, t in data.samples], dtype=np.int64)
+def load_folder(folder, classes=None, classes_from=None):
+    """The images of an ImageFolder as uint8 (n, H, W, 3) arrays, their labels and classes; with `classes`
+    (those of the folder `classes_from`), the folder must hold exactly those, so that a label means one class
+    everywhere. The images must share one size: the baselines compare them pixel by pixel."""
+    data = ImageFolder(folder, classes=classes, classes_from=classes_from)
+    images = [np.asarray(load_image(p)) for p, _ in data.samples]
+    for (path, _), image in zip(data.samples, images):
+        if image.shape != images[0].shape:
+            raise DataError(f"{path}: {image.shape[1]}x{image.shape[0]} pixels, where {data.samples[0][0]} has "
+                            f"{images[0].shape[1]}x{images[0].shape[0]}")
+    return np.stack(images), np.array([t for _, t in data.samples], dtype=np.int64), data.classes
 
 
 def pixels(images):
@@ -188,14 +187,31 @@ def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_it
 
 
 def parse_fractions(parser, items):
+    """{(percent, draw): folder} of --train; a fraction and draw given twice is refused."""
     fractions = {}
     for item in items:
         key, sep, folder = item.partition("=")
         percent, colon, draw = key.partition(":")
         if not sep or not colon or not percent.isdigit() or not draw.isdigit():
-            parser.error(f"--train {item}: expected PERCENT:DRAW=DIR")
+            parser.error(f"argument --train: {item}: expected PERCENT:DRAW=DIR")
+        if (percent, int(draw)) in fractions:
+            parser.error(f"argument --train: {key} given twice")
         fractions[(percent, int(draw))] = folder
     return fractions
+
+
+def parse_epochs(parser, items, percents):
+    """{percent: the CNN's epochs} of --epochs, one for each of `percents` (those of --train)."""
+    epochs = {}
+    for item in items:
+        percent, sep, value = item.partition("=")
+        if not sep or not percent.isdigit() or not value.isdigit() or int(value) < 1 or percent in epochs:
+            parser.error(f"argument --epochs: {item}: expected PERCENT=N, N >= 1, each percent once")
+        epochs[percent] = int(value)
+    missing = sorted(set(percents) - set(epochs), key=int)
+    if missing:
+        parser.error(f"argument --epochs: no epochs for {', '.join(p + '%' for p in missing)} (given in --train)")
+    return epochs
 
 
 def main(argv=None):
@@ -217,26 +233,30 @@ def main(argv=None):
     for flag in ("crop_pct", "crop_min"):
         if not 0.0 < getattr(args, flag) <= 1.0:
             parser.error(f"argument --{flag}: needs 0 < value <= 1, got {getattr(args, flag)}")
+    if args.max_iter < 1:
+        parser.error(f"argument --max_iter: must be >= 1, got {args.max_iter}")
     fractions = parse_fractions(parser, args.train)
-    epochs = dict(item.split("=") for item in args.epochs)
-    rows, fits = {}, os.path.join(os.path.dirname(os.path.abspath(args.log)), "fits")
+    epochs = parse_epochs(parser, args.epochs, {percent for percent, _ in fractions})
+    fits = os.path.join(os.path.dirname(os.path.abspath(args.log)), "fits")
     try:
         os.makedirs(fits, exist_ok=True)
     except OSError as e:
         parser.error(f"argument --log: cannot make {fits} for the CNN fits' checkpoints ({e.strerror or e})")
-    if os.path.isfile(args.log):
-        with open(args.log, encoding="utf-8") as f:
-            rows = {(r["method"], r["percent"], r["draw"]): r for r in map(json.loads, filter(str.strip, f))}
+    found, cut = read_baselines(args.log)
+    if cut:
+        drop_cut_line(args.log)
+        print(f"{args.log}: its last line was cut off (by a kill?): dropped, its work is done again")
+    rows = {(r["method"], r["percent"], r["draw"]): r for r in found}
     paddle.set_device("cpu")
-    classes = len(ImageFolder(args.val).classes)
-    model = models_vit.__dict__[args.model](num_classes=classes, img_size=args.input_size, global_pool=False)
+    classes = ImageFolder(args.val).classes
+    model = models_vit.__dict__[args.model](num_classes=len(classes), img_size=args.input_size, global_pool=False)
     load_pretrained(model, args.checkpoint)
     model.eval()
 
     evaluation = eval_transform(args.input_size, args.crop_pct)
 
     def inputs(folder):
-        raw, y = load_folder(folder)
+        raw, y, _ = load_folder(folder, classes, args.val)
         seen = np.stack([evaluation(image) for image in raw])
         return {"raw": raw, "pixels": pixels(seen), **mae_features(seen, model)}, y
 
@@ -252,12 +272,16 @@ def main(argv=None):
                                                                                   else percent, 0))
             if source is None and not (draw == 0 and percent in ("1", "10")):
                 parser.error(f"{method} at {percent}% draw {draw}: its setting comes from draw 0, not given")
-            row = run(method, percent, draw, train, val, test, classes, int(epochs[percent]),
+            row = run(method, percent, draw, train, val, test, len(classes), epochs[percent],
                       None if source is None else source["setting"], args.max_iter, args.crop_min, fits)
             rows[(method, percent, draw)] = row
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
-            with open(args.log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(args.log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise WriteError(f"{args.log}: cannot append the line of {method} at {percent}% draw {draw} "
+                                 f"({e.strerror or e}); rerun to do it again") from None
             for path in glob.glob(fit_file(fits, method, percent, draw)):
                 os.remove(path)
 

@@ -1,7 +1,13 @@
-"""The study's sweeps go on past the end of a grid that holds the best validation score, so that no method
-is held back by where its grid stopped."""
+"""The grids of the baselines, and the rule every sweep of the study follows: it goes on past the end of a
+grid that holds the best validation score, so that no method is held back by where its grid stopped."""
 
 EXTEND = 3  # values added past an end, at most
+BASELINE_GRIDS = {"logreg": ("C", (0.01, 0.1, 1.0, 10.0)),  # inverse L2 strength
+                  "knn": ("k", (1, 3, 5, 10, 20, 50)),
+                  "cnn": ("lr", (3e-4, 1e-3, 3e-3)), "cnn_vit_aug": ("lr", (3e-4, 1e-3, 3e-3))}
+BASELINE_METHODS = {"logreg_pixels": ("logreg", ("pixels",)), "logreg_mae": ("logreg", ("mae_cls", "mae_avg")),
+                    "knn_pixels": ("knn", ("pixels",)), "knn_mae": ("knn", ("mae_cls", "mae_avg")),
+                    "cnn": ("cnn", ("pixels",)), "cnn_vit_aug": ("cnn_vit_aug", ("pixels",))}
 
 
 def beyond_edge(values, scores):

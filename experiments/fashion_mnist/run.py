@@ -31,10 +31,12 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, ROOT]
 
 from grids import EXTEND, beyond_edge  # noqa: E402
+from records import epoch_problem, read_baselines, read_records  # noqa: E402
 from splits import VAL_PER_CLASS, development_folder, label_subset_folder  # noqa: E402
+from util.errors import Error, run as run_main  # noqa: E402
 
 MAE, VIT, SIZE = "mae_vit_micro_patch4", "vit_micro_patch4", 28
 PERCENTS = (1, 10, 100)
@@ -79,11 +81,21 @@ BEGIN, END = "<!-- results: written by run.py -->", "<!-- end of results -->"
 
 
 def read_log(folder):
-    path = os.path.join(folder, "log.txt")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The epochs' records of the run in `folder` (records.py: a cut-off last line is left out)."""
+    return read_records(os.path.join(folder, "log.txt"), epoch_problem)[0]
+
+
+def baseline_rows(folder):
+    """The rows of the baselines' log in `folder` (records.py)."""
+    return read_baselines(os.path.join(folder, "log.txt"))[0]
+
+
+def last_val(folder):
+    """The validation top-1 of the last epoch of the run in `folder`: what a choice compares."""
+    logs = read_log(folder)
+    if not logs or "test_acc1" not in logs[-1]:
+        raise Error(f"{os.path.join(folder, 'log.txt')}: its last epoch has no validation top-1 ('test_acc1')")
+    return logs[-1]["test_acc1"]
 
 
 def clocks(folder):
@@ -92,8 +104,14 @@ def clocks(folder):
     path = os.path.join(folder, "wall_clock.txt")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        values = [float(v) for v in f.read().split()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        words = f.read().split()
+    try:
+        values = [float(v) for v in words]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 <= v < float("inf") for v in values):
+        raise Error(f"{path}: expected the wall clock and the machine time in seconds, one a line")
     return values[0], values[-1]
 
 
@@ -368,8 +386,8 @@ class Study:
     def score(self, name):
         """What a choice on validation compares: the last epoch's validation top-1, or -1 for a run that
         diverged (an epoch's mean training loss above DIVERGED, twice chance level's)."""
-        logs = read_log(self.folder(name))
-        return -1.0 if max(r["train_loss"] for r in logs) > DIVERGED else logs[-1]["test_acc1"]
+        val = last_val(self.folder(name))
+        return -1.0 if max(r["train_loss"] for r in read_log(self.folder(name))) > DIVERGED else val
 
     def sweep(self, method, percent, recipe, values, key="blr", spell=blr_string, extend=None):
         """The value of `key` (of `values`, numbers, spelled in run names by `spell`) with the best validation
@@ -463,7 +481,7 @@ class Study:
             return float(found[-1])
 
     def val_acc(self, name):
-        return read_log(self.folder(name))[-1]["test_acc1"]  # the scripts' "test" set is the validation split
+        return last_val(self.folder(name))  # the scripts' "test" set is the validation split
 
     def reported(self, method, percent, pretrain=None):
         """The tested runs of `method` at `percent`, one per draw."""
@@ -501,7 +519,7 @@ class Study:
         self.enter(name)
         self.runs[name] = (flags, None, None)
         with self.lock(name):
-            if len(read_log(self.folder(name))) < len(self.subsets) * len(BASELINES):
+            if len(baseline_rows(self.folder(name))) < len(self.subsets) * len(BASELINES):
                 self.call(name, [sys.executable, *flags], self.folder(name), self.folder(name) + ".stdout")
         return name
 
@@ -563,7 +581,7 @@ def summary(study):
             names = study.reported(method, percent)
             if all(os.path.isfile(os.path.join(study.folder(n), "test.txt")) for n in names):
                 table[method][percent] = [study.test(n) for n in names]
-    for row in read_log(study.folder(study.baselines())):
+    for row in baseline_rows(study.folder(study.baselines())):
         table[row["method"]].setdefault(int(row["percent"]), []).append(row["test_acc1"])
     return {m: {p: stats(v) for p, v in sorted(t.items())} for m, t in table.items()}
 
@@ -588,12 +606,12 @@ def collect(study, report):
                          for m in MAE_BASED} for seed in c["pretrain_seeds"]}
     runs = {}
     for name, (flags, epochs, percent) in study.runs.items():
-        logs = read_log(study.folder(name))
+        logs = read_log(study.folder(name)) if epochs is not None else []  # None: the baselines' log
         shipped = [os.path.join(study.folder(name), f) for f in ("log.txt", "test.txt")]
         entry = {"command": " ".join(["python", *flags]),
                  "logs": [os.path.relpath(p, report) for p in shipped if os.path.isfile(p)],
                  "wall_clock_s": wall_clock(study.folder(name)), "machine_s": machine_time(study.folder(name))}
-        if epochs is not None and logs:
+        if logs:
             data = flags[flags.index("--data_path") + 1]
             train = os.path.join(data, "train")
             images = sum(len(os.listdir(os.path.join(train, k))) for k in os.listdir(train))
@@ -604,7 +622,7 @@ def collect(study, report):
             if os.path.isfile(os.path.join(study.folder(name), "test.txt")):
                 entry["test_acc1"] = study.test(name)
         runs[name] = entry
-    baselines = read_log(study.folder(study.baselines()))
+    baselines = baseline_rows(study.folder(study.baselines()))
     protocol = {"selection": "val", "validation": f"{c['val_per_class']} images per class held out from the "
                 "training images, never trained on", "main_pretrain_epochs": c["main_pretrain"],
                 "test": "the 10,000 test images, evaluated once per reported run with its chosen setting",
@@ -807,4 +825,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
