@@ -266,6 +266,15 @@ def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(f"error: {log} line 2: 'setting'")
     assert "Traceback" not in res.stderr
 
+    data, out = tmp_path / "data", tmp_path / "out"  # run.py ends with the line too
+    demo_subset(str(data), {"train": 45, "val": 10})
+    (out / "pretrain_e1").mkdir(parents=True)
+    (out / "pretrain_e1" / "wall_clock.txt").write_text("1.5\nx\n")
+    res = run_script(DRIVER, "--smoke", "--data", str(data), "--out", str(out), "--stages", "pretrain")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().endswith(f"error: {out / 'pretrain_e1' / 'wall_clock.txt'}: expected the wall clock "
+                                       "and the machine time in seconds, one a line")
+
 
 def test_study_baselines_refuse_folders_that_disagree(tmp_path):
     """Every folder the baselines read holds --val's classes (or a label would mean another class) and images
