@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,6 +297,57 @@ def test_study_baselines_refuse_folders_that_disagree(tmp_path):
     Image.new("L", (9, 8)).save(tmp_path / "val" / "b" / "2.png")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'val' / 'b' / '2.png'}: 9x8 pixels, where ")):
         baselines.load_folder(str(tmp_path / "val"))
+
+
+def test_study_splits_are_finished_or_refused(tmp_path, monkeypatch):
+    """A split folder left part-built (links missing, a copy cut off, no record) is finished on the next
+    start; one holding a file the study would not put there, or made before its images changed, is refused
+    naming the file. Where the file system has no hard links the study copies, and checks the copies' bytes."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import splits
+    from util.errors import DataError
+
+    data = demo_subset(str(tmp_path / "data"), {"train": 12})
+    dev = splits.development_folder(data, 2)
+    built = _files(dev) | {"split.txt"}
+    record = (tmp_path / "data_dev" / "split.txt").read_text()
+    first = sorted(_files(dev))[0]
+    os.remove(os.path.join(dev, first))
+    os.remove(os.path.join(dev, "split.txt"))
+    open(os.path.join(dev, first) + ".tmp", "wb").close()
+    assert splits.development_folder(data, 2) == dev
+    assert _files(dev) | {"split.txt"} == built and (tmp_path / "data_dev" / "split.txt").read_text() == record
+    assert not [f for _, _, fs in os.walk(dev) for f in fs if f.endswith(".tmp")]
+    assert os.path.samefile(os.path.join(dev, first), os.path.join(data, "train", first.split(os.sep, 1)[1]))
+
+    extra = os.path.join(dev, "val", os.listdir(os.path.join(dev, "val"))[0], "stray.png")
+    open(extra, "wb").close()
+    with pytest.raises(DataError, match=re.escape(f"{extra}: not an image of this split, so {dev} was made from")):
+        splits.development_folder(data, 2)
+    os.remove(extra)
+    image = sorted(_files(os.path.join(data, "train")))[3]
+    os.remove(os.path.join(data, "train", image))  # the images prepared again: new files under the same names
+    demo_subset(str(tmp_path / "again"), {"train": 12})
+    shutil.copy(os.path.join(tmp_path, "again", "train", image), os.path.join(data, "train", image))
+    splits.development_folder(data, 2)  # the same bytes: still this split
+    with open(os.path.join(data, "train", image), "ab") as f:
+        f.write(b"!")
+    with pytest.raises(DataError, match=r"data_dev/(train|val)/.* not .*, so .* was made from other images"):
+        splits.development_folder(data, 2)
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    subset = splits.label_subset_folder(dev, 10, 0)
+    files = sorted(_files(os.path.join(subset, "train")))
+    assert len(files) == 20 and not os.path.samefile(os.path.join(subset, "train", files[0]),
+                                                     os.path.join(dev, "train", files[0]))
+    assert splits.label_subset_folder(dev, 10, 0) == subset  # copies with the same bytes pass
+    with open(os.path.join(dev, "train", files[0]), "ab") as f:
+        f.write(b"!")
+    with pytest.raises(DataError, match=re.escape(f"{os.path.join(subset, 'train', files[0])}: not ")):
+        splits.label_subset_folder(dev, 10, 0)
 
 
 def test_study_baselines_solvers():
