@@ -383,10 +383,15 @@ def test_study_baselines_solvers():
     assert loss < 0.2 and (cnn.predict(model, images) == labels).mean() == 1.0
     # the ViTs' training transform for the CNN: grey rows in [0, 1], a seeded draw, crops that move the content
     raw = np.repeat((images[:8].reshape(-1, 28, 28, 1).clip(0, 1) * 255).astype(np.uint8), 3, axis=3)
-    rows = [baselines.vit_augmentation(raw, 0.2, seed)(np.arange(8)) for seed in (0, 0, 1)]
+    rows = [baselines.vit_augmentation(raw, 28, 0.2, seed)(np.arange(8)) for seed in (0, 0, 1)]
     assert rows[0].shape == (8, 784) and rows[0].min() >= 0 and rows[0].max() <= 1
     assert np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[0], rows[2])
     assert not np.allclose(rows[0], baselines.pixels(raw), atol=0.1)
+    # another --input_size: the augmentation gives that size, the CNN takes its side from the rows
+    big = baselines.vit_augmentation(raw, 32, 0.2, 0)
+    assert big(np.arange(8)).shape == (8, 1024)
+    model, _ = cnn.train(np.zeros((8, 1024), np.float32), labels[:8], 2, 1e-3, 1, seed=0, batch_size=4, augment=big)
+    assert cnn.predict(model, np.zeros((5, 1024), np.float32)).shape == (5,)
 
 
 class _Stop(Exception):
@@ -408,7 +413,7 @@ def test_study_cnn_fit_resumes_bit_for_bit(tmp_path, monkeypatch, augmented):
     raw = np.repeat((x.reshape(-1, 28, 28, 1) * 255).astype(np.uint8), 3, axis=3)
 
     def fit(**kw):
-        augment = baselines.vit_augmentation(raw, 0.5, 7) if augmented else None
+        augment = baselines.vit_augmentation(raw, 28, 0.5, 7) if augmented else None
         return cnn.train(x, y, 3, 3e-3, 5, seed=7, batch_size=64, augment=augment, **kw)
 
     whole, whole_loss = fit()

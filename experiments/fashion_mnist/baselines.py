@@ -70,11 +70,11 @@ def mae_features(images, model, batch_size=500):
     return {name: np.concatenate(f) for name, f in feats.items()}
 
 
-def vit_augmentation(images, crop_min, seed):
-    """augment(index) -> grey levels in [0, 1] of images[index] through the ViTs' training transform
-    (RandomResizedCrop of area crop_min..1 and a flip: util.transforms.finetune_transform without
-    RandAugment or erasing), drawn from `seed`."""
-    transform = finetune_transform(images.shape[1], aa=None, reprob=0, scale=(crop_min, 1.0))
+def vit_augmentation(images, size, crop_min, seed):
+    """augment(index) -> grey levels in [0, 1] of images[index] through the ViTs' training transform to
+    size x size pixels (RandomResizedCrop of area crop_min..1 and a flip: util.transforms.finetune_transform
+    without RandAugment or erasing), drawn from `seed`."""
+    transform = finetune_transform(size, aa=None, reprob=0, scale=(crop_min, 1.0))
     random.seed(seed)
     return lambda index: pixels(np.stack([transform(images[i]) for i in index]))
 
@@ -136,7 +136,7 @@ def fit(kind, setting, inputs, y, classes, epochs, seed, max_iter, crop_min, che
         return (lambda v: (v @ w + b).argmax(axis=1)), {"lbfgs_iterations": iterations, "max_abs_gradient": grad}
     if kind == "knn":
         return (lambda v: knn_predict(x, y, v, classes, setting["k"])), {}
-    augment = vit_augmentation(inputs["raw"], crop_min, seed) if kind == "cnn_vit_aug" else None
+    augment = vit_augmentation(inputs["raw"], cnn.side_of(x), crop_min, seed) if kind == "cnn_vit_aug" else None
     model, loss = cnn.train(x, y, classes, setting["lr"], epochs, seed, augment=augment, checkpoint=checkpoint)
     return (lambda v: cnn.predict(model, v)), {"final_train_loss": loss, "epochs": epochs}
 

@@ -1,6 +1,6 @@
 """The study's reference point from outside MAE: a small convolutional network trained from scratch on the
 labelled images alone (two 3x3 convolutions of 16 and 32 channels with max pooling, a 64-unit hidden
-layer with dropout 0.25, about 106,000 parameters). Adam, cosine learning rate over the same epochs as
+layer with dropout 0.25, about 106,000 parameters at 28x28 pixels). Adam, cosine learning rate over the same epochs as
 the ViTs' fine-tuning, batch 128, random horizontal flips (or another augmentation); grey levels scaled to
 [-1, 1]. A fit given a checkpoint file resumes from it, so a stopped sweep loses at most a minute."""
 import math
@@ -19,20 +19,29 @@ from util.weights import load_file, load_model_weights, save_file
 
 
 class SmallCNN(nn.Layer):
-    def __init__(self, classes):
+    def __init__(self, classes, side=28):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2D(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2),
                                       nn.Conv2D(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Dropout(0.25),
-                                        nn.Linear(64, classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * (side // 4) ** 2, 64), nn.ReLU(),
+                                        nn.Dropout(0.25), nn.Linear(64, classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
 
 
+def side_of(x):
+    """The side of the square images whose grey levels are the rows of x."""
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"rows of {x.shape[1]} grey levels are not square images")
+    return side
+
+
 def _images(x):
-    """(n, 784) grey levels in [0, 1] -> (n, 1, 28, 28) in [-1, 1]."""
-    return paddle.to_tensor(x.reshape(-1, 1, 28, 28) * 2.0 - 1.0, dtype="float32")
+    """(n, side * side) or (n, side, side) grey levels in [0, 1] -> (n, 1, side, side) in [-1, 1]."""
+    x = x.reshape(len(x), -1)
+    return paddle.to_tensor(x.reshape(len(x), 1, side_of(x), side_of(x)) * 2.0 - 1.0, dtype="float32")
 
 
 def predict(model, x, batch_size=1000):
@@ -91,7 +100,7 @@ def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None, checkpo
     every `save_every` seconds between epochs."""
     paddle.seed(seed)
     rng = np.random.default_rng(seed)
-    model = SmallCNN(classes)
+    model = SmallCNN(classes, side_of(x))
     steps = epochs * max(1, len(x) // batch_size)
     schedule = paddle.optimizer.lr.LambdaDecay(lr, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps)))
     opt = paddle.optimizer.Adam(learning_rate=schedule, parameters=model.parameters())
@@ -107,7 +116,7 @@ def train(x, y, classes, lr, epochs, seed, batch_size=128, augment=None, checkpo
         for i in range(0, max(1, len(x) // batch_size) * batch_size, batch_size):
             index = order[i:i + batch_size]
             if augment is None:
-                images = x[index].reshape(-1, 28, 28)
+                images = x[index].reshape(len(index), side_of(x), side_of(x))
                 flip = rng.random(len(index)) < 0.5
                 images[flip] = images[flip, :, ::-1]
             else:
