@@ -5,11 +5,13 @@
 
 OUT/train/<class>/ holds the training set (60k) and OUT/val/<class>/ the test set (10k), or the first N images
 of each class with --train_per_class / --val_per_class. Debian's package dataset-fashion-mnist installs the
-files at the default --src.
+files at the default --src. OUT is written as OUT.part and renamed when whole, so a stopped run leaves no
+OUT that looks prepared; an OUT that is not empty is refused (remove it to prepare it again).
 """
 import argparse
 import gzip
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -32,6 +34,24 @@ def read_idx(path):
     return array.reshape(shape)
 
 
+def check_pair(images, labels, paths):
+    """What is wrong with an images and labels pair read from `paths`, or None: one label per image, each a
+    class, images 2-D."""
+    if images.ndim != 3 or labels.ndim != 1:
+        return f"{paths[0]} and {paths[1]}: shapes {list(images.shape)} and {list(labels.shape)}, not images and labels"
+    if len(images) != len(labels):
+        return f"{paths[0]} has {len(images)} images, {paths[1]} {len(labels)} labels"
+    if labels.size and labels.max() >= len(CLASSES):
+        return f"{paths[1]}: label {labels.max()}, where the classes are 0 to {len(CLASSES) - 1}"
+    return None
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number >= 1, got {text}")
+    return int(text)
+
+
 def write_split(images, labels, folder, per_class=None):
     counts = np.zeros(len(CLASSES), int)
     for i, (img, label) in enumerate(zip(images, labels)):
@@ -48,9 +68,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX files")
     parser.add_argument("--out", required=True, help="output folder (ImageFolder layout)")
-    parser.add_argument("--train_per_class", type=int, default=None)
-    parser.add_argument("--val_per_class", type=int, default=None)
+    parser.add_argument("--train_per_class", type=positive_int, default=None)
+    parser.add_argument("--val_per_class", type=positive_int, default=None)
     args = parser.parse_args(argv)
+    out, part = os.path.normpath(args.out), os.path.normpath(args.out) + ".part"
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        parser.error(f"argument --out: {out} exists and is not an empty folder; remove it to prepare it again")
+    shutil.rmtree(part, ignore_errors=True)  # left by a stopped run
     for split, prefix, per_class in (("train", "train", args.train_per_class), ("val", "t10k", args.val_per_class)):
         paths = [os.path.join(args.src, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -61,8 +85,18 @@ def main(argv=None):
             images, labels = read_idx(paths[0]), read_idx(paths[1])
         except (ValueError, OSError, EOFError) as e:
             parser.error(f"argument --src: {e}")
-        n = write_split(images, labels, os.path.join(args.out, split), per_class)
-        print(f"{split}: {n} images in {os.path.join(args.out, split)}")
+        problem = check_pair(images, labels, paths)
+        if problem:
+            parser.error(f"argument --src: {problem}")
+        try:
+            n = write_split(images, labels, os.path.join(part, split), per_class)
+        except OSError as e:
+            parser.exit(1, f"error: cannot write {e.filename or part} ({e.strerror or e}); {out} is not made\n")
+        print(f"{split}: {n} images in {os.path.join(out, split)}")
+    try:
+        os.replace(part, out)
+    except OSError as e:
+        parser.error(f"argument --out: cannot rename {part} to {out} ({e.strerror or e})")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,57 @@ def test_study_driver_bad_paths(tmp_path):
     assert res.returncode == 2 and "argument --jobs: must be >= 1, got 0" in res.stderr
 
 
+def _idx(path, array):
+    """An IDX file of unsigned bytes, gzipped, as Fashion-MNIST ships them."""
+    import gzip
+
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_prepare_fashion_mnist_writes_whole_or_nothing(tmp_path):
+    """The IDX files become OUT/train and OUT/val, class by class; images and labels that disagree (counts,
+    a label past the classes, shapes) are refused naming the files, and a run that stops leaves no OUT that
+    would look prepared (run.py prepares again where OUT has no train/); an OUT not empty is refused."""
+    prepare = os.path.join("demo", "prepare_fashion_mnist.py")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+
+    def write(prefix, n, labels=None, images=None):
+        _idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)) if images is None else images)
+        _idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10 if labels is None else labels)
+
+    write("train", 30)
+    write("t10k", 20)
+    res = run_script(prepare, "--src", str(src), "--out", str(out), "--train_per_class", "2")
+    assert res.returncode == 0, res.stderr
+    assert len(_files(out / "train")) == 20 and len(_files(out / "val")) == 20 and len(os.listdir(out / "val")) == 10
+    assert not os.path.exists(str(out) + ".part")
+    res = run_script(prepare, "--src", str(src), "--out", str(out))
+    assert res.returncode == 2 and f"argument --out: {out} exists and is not an empty folder" in res.stderr
+
+    labels = src / "t10k-labels-idx1-ubyte.gz"
+    for images, labels_of_val, message in (
+            (None, np.arange(19) % 10, f"{src / 't10k-images-idx3-ubyte.gz'} has 20 images, {labels} 19 labels"),
+            (None, np.full(20, 10), f"{labels}: label 10, where the classes are 0 to 9"),
+            (np.zeros((20, 784)), None, f"{src / 't10k-images-idx3-ubyte.gz'} and {labels}: shapes [20, 784] and "
+             "[20], not images and labels")):
+        write("t10k", 20, labels_of_val, images)
+        fresh = tmp_path / "fresh"
+        res = run_script(prepare, "--src", str(src), "--out", str(fresh))
+        assert res.returncode == 2 and f"argument --src: {message}" in res.stderr and "Traceback" not in res.stderr
+        assert not fresh.exists()  # train/ was written, into fresh.part: nothing looks prepared
+    write("t10k", 20)
+    (tmp_path / "fresh.part" / "val" / "stale").mkdir(parents=True)  # left by a stopped run: started over
+    res = run_script(prepare, "--src", str(src), "--out", str(tmp_path / "fresh"), "--val_per_class", "1")
+    assert res.returncode == 0 and len(_files(tmp_path / "fresh" / "val")) == 10
+    assert sorted(os.listdir(tmp_path / "fresh" / "val"))[0] == "0_t-shirt_top"
+    res = run_script(prepare, "--src", str(src), "--out", str(tmp_path / "x"), "--val_per_class", "0")
+    assert res.returncode == 2 and "argument --val_per_class: needs a whole number >= 1, got 0" in res.stderr
+
+
 def test_study_baselines_flags_are_checked(tmp_path):
     for flag, value in (("--crop_pct", "0"), ("--crop_min", "1.5")):
         flags = {"--crop_pct": "1", "--crop_min": "0.5", flag: value}
