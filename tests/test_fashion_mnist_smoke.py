@@ -294,7 +294,7 @@ def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
     path.write_text("{\"epoch\": 0, \"train_loss\": 1.5}\n{\"epoch\": 1, \"train_lo")
     assert run.read_log(str(tmp_path)) == [{"epoch": 0, "train_loss": 1.5}]  # a cut line: that epoch runs again
     with pytest.raises(Error, match=re.escape(f"{path}: its last epoch has no validation top-1")):
-        run.last_val(str(tmp_path))
+        run.last_val(str(tmp_path), run.read_log(str(tmp_path)))
     for text in ("", "12.5\nx\n", "1\n2\n3\n", "-4\n"):
         (tmp_path / "wall_clock.txt").write_text(text)
         with pytest.raises(Error, match=re.escape(f"{tmp_path / 'wall_clock.txt'}: expected the wall clock")):
@@ -341,10 +341,10 @@ def test_study_baselines_refuse_folders_that_disagree(tmp_path):
             (tmp_path / name / c).mkdir(parents=True)
             for i in range(2):
                 Image.new("L", (8, 8), 40 * i).save(tmp_path / name / c / f"{i}.png")
-    images, labels, classes = baselines.load_folder(str(tmp_path / "val"))
-    assert images.shape == (4, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1] and classes == ["a", "b"]
+    images, labels = baselines.load_folder(str(tmp_path / "val"))
+    assert images.shape == (4, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1]
     with pytest.raises(DataError, match="class folders differ from those of v: missing b; extra c"):
-        baselines.load_folder(str(tmp_path / "test"), classes, "v")
+        baselines.load_folder(str(tmp_path / "test"), ["a", "b"], "v")
     Image.new("L", (9, 8)).save(tmp_path / "val" / "b" / "2.png")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'val' / 'b' / '2.png'}: 9x8 pixels, where ")):
         baselines.load_folder(str(tmp_path / "val"))

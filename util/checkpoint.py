@@ -180,8 +180,9 @@ def load_optimizer_state(optimizer, model, ckpt, path):
     opt_sd = ckpt.get("optimizer")
     if not isinstance(opt_sd, dict):
         raise CheckpointError(f"{path}: 'optimizer' is {type(opt_sd).__name__}, not a dict")
-    if not ckpt.get("torch") and _state_problem(opt_sd.get("state", {})):
-        raise CheckpointError(f"{path}: 'optimizer' {_state_problem(opt_sd.get('state', {}))}")
+    problem = None if ckpt.get("torch") else _state_problem(opt_sd.get("state", {}))
+    if problem:
+        raise CheckpointError(f"{path}: 'optimizer' {problem}")
     state = _torch_adam_state(opt_sd, optimizer, names, path) if ckpt.get("torch") else opt_sd.get("state", {})
     unknown = [n for n in state if n not in params]
     if unknown:

@@ -40,7 +40,7 @@ from util.weights import load_pretrained
 
 
 def load_folder(folder, classes=None, classes_from=None):
-    """The images of an ImageFolder as uint8 (n, H, W, 3) arrays, their labels and classes; with `classes`
+    """The images of an ImageFolder as uint8 (n, H, W, 3) arrays, and their labels; with `classes`
     (those of the folder `classes_from`), the folder must hold exactly those, so that a label means one class
     everywhere. The images must share one size: the baselines compare them pixel by pixel."""
     data = ImageFolder(folder, classes=classes, classes_from=classes_from)
@@ -49,7 +49,7 @@ def load_folder(folder, classes=None, classes_from=None):
         if image.shape != images[0].shape:
             raise DataError(f"{path}: {image.shape[1]}x{image.shape[0]} pixels, where {data.samples[0][0]} has "
                             f"{images[0].shape[1]}x{images[0].shape[0]}")
-    return np.stack(images), np.array([t for _, t in data.samples], dtype=np.int64), data.classes
+    return np.stack(images), np.array([t for _, t in data.samples], dtype=np.int64)
 
 
 def pixels(images):
@@ -256,7 +256,7 @@ def main(argv=None):
     evaluation = eval_transform(args.input_size, args.crop_pct)
 
     def inputs(folder):
-        raw, y, _ = load_folder(folder, classes, args.val)
+        raw, y = load_folder(folder, classes, args.val)
         seen = np.stack([evaluation(image) for image in raw])
         return {"raw": raw, "pixels": pixels(seen), **mae_features(seen, model)}, y
 

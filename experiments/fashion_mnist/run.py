@@ -90,9 +90,8 @@ def baseline_rows(folder):
     return read_baselines(os.path.join(folder, "log.txt"))[0]
 
 
-def last_val(folder):
-    """The validation top-1 of the last epoch of the run in `folder`: what a choice compares."""
-    logs = read_log(folder)
+def last_val(folder, logs):
+    """The validation top-1 of the last epoch in `logs`, the records of the run in `folder`."""
     if not logs or "test_acc1" not in logs[-1]:
         raise Error(f"{os.path.join(folder, 'log.txt')}: its last epoch has no validation top-1 ('test_acc1')")
     return logs[-1]["test_acc1"]
@@ -386,8 +385,9 @@ class Study:
     def score(self, name):
         """What a choice on validation compares: the last epoch's validation top-1, or -1 for a run that
         diverged (an epoch's mean training loss above DIVERGED, twice chance level's)."""
-        val = last_val(self.folder(name))
-        return -1.0 if max(r["train_loss"] for r in read_log(self.folder(name))) > DIVERGED else val
+        logs = read_log(self.folder(name))
+        val = last_val(self.folder(name), logs)
+        return -1.0 if max(r["train_loss"] for r in logs) > DIVERGED else val
 
     def sweep(self, method, percent, recipe, values, key="blr", spell=blr_string, extend=None):
         """The value of `key` (of `values`, numbers, spelled in run names by `spell`) with the best validation
@@ -481,7 +481,7 @@ class Study:
             return float(found[-1])
 
     def val_acc(self, name):
-        return last_val(self.folder(name))  # the scripts' "test" set is the validation split
+        return last_val(self.folder(name), read_log(self.folder(name)))  # the scripts' "test" set is validation
 
     def reported(self, method, percent, pretrain=None):
         """The tested runs of `method` at `percent`, one per draw."""
