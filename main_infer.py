@@ -108,7 +108,9 @@ class ExportedModel:
 
 
 def predict(args):
-    """Top-k (ids, probabilities) per image, and the class names."""
+    """Top-k (ids, probabilities) per image, and the class names. Images are decoded a batch at a time (memory
+    holds one batch, not the folder); nothing is returned before the last one, so a bad file stops the run
+    before any output."""
     paddle.set_device(args.device)
     if args.device == "cpu":
         configure_cpu()
@@ -130,13 +132,18 @@ def predict(args):
                 return model(paddle.to_tensor(x)).numpy()
 
     names = class_names(args.class_names, args.data_path, num_classes, recorded)
-    batch = load_batch(paths, eval_transform(input_size, args.crop_pct or crop_pct))
-    logits = np.concatenate([forward(batch[i:i + args.batch_size]) for i in range(0, len(batch), args.batch_size)])
+    transform, k = eval_transform(input_size, args.crop_pct or crop_pct), min(args.topk, num_classes)
+    step = args.batch_size
+    ranked = [top_k(forward(load_batch(paths[i:i + step], transform)), k) for i in range(0, len(paths), step)]
+    return paths, np.concatenate([r[0] for r in ranked]), np.concatenate([r[1] for r in ranked]), names
+
+
+def top_k(logits, k):
+    """The k most probable classes of each row (ids, softmax probabilities); ties keep the lower id first."""
     logits = logits - logits.max(1, keepdims=True)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    k = min(args.topk, num_classes)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return paths, top, np.take_along_axis(probs, top, 1), names
+    return top, np.take_along_axis(probs, top, 1)
 
 
 def main(argv=None):

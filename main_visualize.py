@@ -174,12 +174,12 @@ def main(argv=None):
     configure_cpu()
     paths = image_paths(args.img_path)
     model, norm_pix = load_mae(args)
+    check_picture(parser, args, len(paths), model.patch_embed)
     size = model.patch_embed.img_size[0]
     imgs = np.stack([
         (np.asarray(load_image(p).resize((size, size), Image.BICUBIC), np.float32).transpose(2, 0, 1) / 255.0
          - np.asarray(IMAGENET_DEFAULT_MEAN, np.float32).reshape(3, 1, 1))
         / np.asarray(IMAGENET_DEFAULT_STD, np.float32).reshape(3, 1, 1) for p in paths])
-    check_picture(parser, args, len(paths), model.patch_embed)
     if norm_pix:
         print("norm_pix_loss model: removed patches are un-normalised with the mean and std of nearby visible patches")
     rows = reconstruct(model, imgs, args.mask_ratio, args.seed, norm_pix)

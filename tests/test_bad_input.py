@@ -387,6 +387,8 @@ def test_integer_weights_are_refused_naming_the_key(data, tmp_path, command):
     ("main_export.py", ["--input_size", "33", "--output", "x"], "--input_size"),
     ("main_visualize.py", ["--model", "mae_vit_tiny_patch4", "--input_size", "33"], "--input_size"),
     ("main_visualize.py", ["--model", "mae_vit_micro_patch4", "--scale", "100000"], "--scale"),
+    ("main_visualize.py", ["--model", "mae_vit_micro_patch4", "--scale", "100000", "--img_path",
+                           os.path.join(ROOT, "README.md")], "--scale"),  # refused before any image is decoded
     ("main_visualize.py", ["--model", "mae_vit_micro_patch4", "--mask_ratio", "0.999"], "--mask_ratio"),
     ("benchmark.py", ["--job", "infer", "--input_size", "33"], "--input_size"),
     ("main_pretrain.py", ["--input_size", "100000"], "--input_size"),

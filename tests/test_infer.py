@@ -98,14 +98,41 @@ def test_odd_image_modes_are_classified(tmp_path):
     assert len([json.loads(line) for line in out.stdout.strip().splitlines()]) == 3
 
 
-@pytest.mark.parametrize("case", ["missing", "not_image", "truncated"])
+def test_a_folder_is_classified_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Memory holds one batch of decoded images, not the folder; the results do not depend on the batch size."""
+    import main_infer
+
+    for i in range(5):
+        load_image(CAT).resize((40 + 8 * i, 48)).save(tmp_path / f"{i}.png")
+    sizes, decode = [], main_infer.load_batch
+
+    def load_batch(paths, transform):
+        sizes.append(len(paths))
+        return decode(paths, transform)
+
+    monkeypatch.setattr(main_infer, "load_batch", load_batch)
+    results = {}
+    for batch_size in (2, 16):
+        args = main_infer.get_args_parser().parse_args(["--model", "vit_micro_patch4", "--resume", VIT, "--img_path",
+                                                        str(tmp_path), "--batch_size", str(batch_size)])
+        results[batch_size] = main_infer.predict(args)
+    assert sizes == [2, 2, 1, 5]
+    (paths, top, probs, _), (paths16, top16, probs16, _) = results[2], results[16]
+    assert paths == paths16 and len(paths) == 5 and top.shape == (5, 5)
+    assert (top == top16).all() and np.allclose(probs, probs16, atol=1e-6)
+    assert (np.diff(probs, axis=1) <= 0).all() and (probs.sum(1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "in_a_later_batch"])
 def test_bad_images_are_named_and_nothing_is_printed(tmp_path, case):
     path = tmp_path / "x.png"
     if case == "not_image":
         path.write_text("hello")
-    elif case == "truncated":
+    elif case in ("truncated", "in_a_later_batch"):
         path.write_bytes(open(CAT, "rb").read()[:2000])
-    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, str(path))
+    batch = ["--batch_size", "1"] if case == "in_a_later_batch" else []
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, str(path),
+                     *batch)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {path}")
 

@@ -80,5 +80,5 @@ def image_paths(paths):
 
 
 def load_batch(paths, transform):
-    """Decode and transform every image first, so that a bad file stops the run before any output; NCHW float32."""
+    """Decode and transform these images (a bad file is named by load_image); NCHW float32."""
     return transform.batch(np.stack([transform(load_image(p)) for p in paths])).numpy()
