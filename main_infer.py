@@ -152,7 +152,8 @@ def main(argv=None):
     check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
     check_environment(parser)
     args.resume = checkpoint_file(parser, "--resume", args.resume, args.cache_dir)
-    paths, top, probs, names = predict(args)
+    with contextlib.redirect_stdout(sys.stderr):  # what loading says goes to the console: stdout holds results
+        paths, top, probs, names = predict(args)
     for path, ids, p in zip(paths, top, probs):
         if args.json:
             print(json.dumps({"path": path, "topk_ids": ids.tolist(), "topk_names": [names[i] for i in ids],

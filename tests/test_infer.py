@@ -59,6 +59,16 @@ def test_evaluation_crop_follows_the_checkpoint(tmp_path):
     assert json.load(open(tmp_path / "export" / "m.info"))["crop_pct"] == 1.0
 
 
+def test_json_output_holds_results_only():
+    """What loading says (here: the position embedding interpolated) goes to stderr; every stdout line of --json
+    is a result (the weights cast from float16: test_bad_input)."""
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", VIT, "--img_path", CAT, CAT,
+                     "--json", "--input_size", "48")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == [CAT, CAT]
+    assert "Position interpolate from 8x8 to 12x12" in out.stderr
+
+
 def test_folder_text_output_and_class_names(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"thing {i}" for i in range(10)))
