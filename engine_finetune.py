@@ -98,7 +98,7 @@ def fit(args, model, model_without_ddp, optimizer, loss_scaler, criterion, loade
         return test_stats
 
     if args.eval:
-        load_weights(args, model_without_ddp)
+        load_weights(args, model_without_ddp, data_loader_val.dataset.classes, data_loader_val.dataset.root)
         evaluate_and_report()
         return
 

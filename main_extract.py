@@ -5,8 +5,8 @@
     python -m paddle.distributed.launch --nproc_per_node 2 main_extract.py ...   # the ranks share the images
 
 --data_path is a folder of class folders (labels are their sorted indices) or a folder of images (labels -1);
-a dataset root (train/ and val/ of class folders) needs --split train or --split val. Images beside folders
-are refused. Every image appears once, in the order of ImageFolder (class folders) or sorted by name.
+a dataset root (train/ and val/ of class folders) needs --split train or --split val (another split's class
+folders must be train/'s, so that a label means one class in both). Images beside folders are refused. Every image appears once, in the order of ImageFolder (class folders) or sorted by name.
 --finetune takes our pre-training, fine-tuning or linear-probing checkpoints, an official .pth, or a released
 name. The file holds `features` (float32, [N, D]), `labels` (int64), `paths` and `class_names`; every rank
 writes its rows as they are computed, rank 0 the .npz. A stop signal (SIGTERM, SIGINT, SIGHUP) ends it with
@@ -27,7 +27,7 @@ from util.cpu import configure_cpu
 from util.datasets import STOP_SIGNALS, ImageFolder
 from util.dist import all_gather, check_launch_environment, get_rank, init_distributed_mode, is_main_process
 from util.factory import checkpoint_img_size, prepare
-from util.image_index import IMG_EXTENSIONS, SampleIndex
+from util.image_index import IMG_EXTENSIONS, SampleIndex, class_folders
 from util.features import POOLS, feature_batches, loaders_over, rank_share
 from util.run_dir import check_writable
 from util.transforms import eval_transform
@@ -76,7 +76,8 @@ SPLITS = ("train", "val")
 def dataset_of(data_path, split, transform):
     """The images to extract, by one rule: --split NAME takes DATA/NAME; a dataset root (train/ or val/
     holding folders) needs --split; a folder of class folders gives each image its class folder's sorted
-    index; a folder of images gives -1. Images beside folders are refused: neither rule covers them all."""
+    index (another split's must be DATA/train's, so that a label means one class in both); a folder of
+    images gives -1. Images beside folders are refused: neither rule covers them all."""
     folder = os.path.join(data_path, split) if split else data_path
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: folder not found")
@@ -94,6 +95,10 @@ def dataset_of(data_path, split, transform):
         raise DataError(f"{folder}: {len(images)} image file(s) beside {len(folders)} folder(s); extraction takes "
                         "a folder of class folders or a folder of images, not both")
     if folders:
+        train = os.path.join(data_path, "train")
+        if split and split != "train" and os.path.isdir(train):  # labels mean train/'s classes, as in training
+            return ImageFolder(folder, transform=transform, classes=[name for name, _ in class_folders(train)],
+                               classes_from=train)
         return ImageFolder(folder, transform=transform)
     if not images:
         raise DataError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)}) and no class folders")

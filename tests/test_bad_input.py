@@ -89,6 +89,40 @@ def test_val_classes_must_match_train(data, tmp_path, change, named, script):
     assert_one_line_error(out, 1, os.path.join(root, "val"), named)
 
 
+def test_a_classifier_meets_only_the_classes_it_was_trained_on(data, tmp_path):
+    """A checkpoint that records its training classes refuses class folders of other names (its label i would
+    be scored as, or trained towards, another class): --eval, --resume, the auto-resume of its run and
+    main_infer --data_path. The official .pth files record none and are taken as they are."""
+    run_dir = str(tmp_path / "run")
+    common = ["--model", "vit_micro_patch4", "--nb_classes", "3", *FLAGS]
+    out = run_script("main_finetune.py", "--finetune", VIT, "--data_path", data, "--output_dir", run_dir, *common)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = os.path.join(run_dir, "checkpoint-last.pd")
+    other = str(tmp_path / "other")
+    shutil.copytree(data, other)
+    for split in ("train", "val"):
+        os.rename(os.path.join(other, split, "class_2"), os.path.join(other, split, "class_x"))
+    before = {k: v for k, v in digest(run_dir).items() if k != ".lock"}  # the lock records its holder
+    for flags in (["--eval", "--resume", ckpt, "--output_dir", ""],
+                  ["--resume", ckpt, "--output_dir", str(tmp_path / "new")],
+                  ["--output_dir", run_dir, "--epochs", "2"]):  # its run continued (auto-resume)
+        out = run_script("main_finetune.py", "--data_path", other, *common, *flags)
+        assert_one_line_error(out, 1, ckpt, f"class folders of {other}{os.sep}",
+                              "missing class_2; extra class_x")
+    assert {k: v for k, v in digest(run_dir).items() if k != ".lock"} == before
+    assert not os.path.exists(tmp_path / "new" / "checkpoint-0.pd")
+    out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", ckpt, "--img_path", CAT,
+                     "--data_path", other)
+    assert_one_line_error(out, 1, os.path.join(other, "train"), "missing class_2; extra class_x")
+    for script, flags in (("main_finetune.py", ["--eval", "--resume", ckpt, "--output_dir", "", *common]),
+                          ("main_infer.py", ["--model", "vit_micro_patch4", "--resume", ckpt, "--img_path", CAT])):
+        out = run_script(script, "--data_path", data, *flags)  # the classes it was trained on
+        assert out.returncode == 0, out.stderr[-2000:]
+    out = run_script("main_finetune.py", "--eval", "--resume", VIT, "--output_dir", "", "--data_path", other,
+                     *common, "--nb_classes", "10")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_eval_with_shifted_classes_stops(data, tmp_path):
     root = str(tmp_path / "d")
     shutil.copytree(data, root)

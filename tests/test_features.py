@@ -234,7 +234,8 @@ def _one_line(res, *words):
 
 def test_extract_takes_labels_from_one_rule(data, tmp_path):
     """A dataset root needs --split; images beside folders are refused; a flat folder gives -1 for each of its
-    images (other files ignored); class folders keep their nested images."""
+    images (other files ignored); class folders keep their nested images; a split whose classes are not
+    train/'s is refused."""
     out = str(tmp_path / "f.npz")
     _one_line(_extract("--finetune", VIT, "--data_path", data, "--output", out), "dataset root", "--split val")
     res = _extract("--finetune", VIT, "--data_path", data, "--split", "val", "--output", out)
@@ -261,6 +262,13 @@ def test_extract_takes_labels_from_one_rule(data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     paths = np.load(out)["paths"].tolist()
     assert len(paths) == len(set(paths)) == len(val) + 4 and sum("deeper" in p for p in paths) == 4
+    shifted = tmp_path / "shifted"  # val/ without a class of train/: its labels would mean other classes
+    shutil.copytree(data, shifted)
+    shutil.rmtree(shifted / "val" / "class_0")
+    _one_line(_extract("--finetune", VIT, "--data_path", str(shifted), "--split", "val", "--output", out),
+              str(shifted / "val"), f"those of {shifted / 'train'}", "missing class_0")
+    res = _extract("--finetune", VIT, "--data_path", str(shifted), "--split", "train", "--output", out)
+    assert res.returncode == 0, res.stderr[-2000:]  # train/ defines the labels
 
 
 def test_extract_class_tokens_of_a_pretraining_checkpoint(data, tmp_path):

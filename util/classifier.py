@@ -5,7 +5,7 @@ import numpy as np
 
 import models_vit
 from util.datasets import load_image
-from util.image_index import IMG_EXTENSIONS
+from util.image_index import IMG_EXTENSIONS, class_difference, class_folders
 from util.factory import checkpoint_img_size
 from util.pos_embed import interpolate_pos_embed
 from util.errors import CheckpointError, DataError
@@ -38,8 +38,9 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
 
 
 def class_names(path=None, data_path=None, num_classes=1000, recorded=None):
-    """Names from a text file (one per line), the class folders of a dataset, those the model recorded (its
-    checkpoint's training classes), or ImageNet's for 1000 classes; else the class numbers."""
+    """Names from a text file (one per line), the class folders of a dataset (they must be those the model
+    recorded, if it did), those the model recorded (its checkpoint's training classes), or ImageNet's for 1000
+    classes; else the class numbers."""
     if path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: class names file not found")
@@ -52,7 +53,10 @@ def class_names(path=None, data_path=None, num_classes=1000, recorded=None):
         root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
         if not os.path.isdir(root):
             raise DataError(f"{root}: dataset folder not found")
-        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        names = [name for name, _ in class_folders(root)]
+        if recorded and names != list(recorded):
+            raise DataError(f"{root}: class folders differ from the classes the model was trained on "
+                            f"({class_difference(names, recorded)})")
     elif recorded and len(recorded) == num_classes:
         return list(recorded)
     elif num_classes == 1000:

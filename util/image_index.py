@@ -52,16 +52,12 @@ def scan_image_folder(root, classes=None, classes_from=None):
     and only links are resolved (no stat per image)."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: dataset folder not found")
-    found = _class_folders(root)
+    found = class_folders(root)
     names = [name for name, _ in found]
     if not names:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
     if classes is not None and names != list(classes):
-        missing = [c for c in classes if c not in names]
-        extra = [c for c in names if c not in classes]
-        raise DataError(f"{root}: class folders differ from those of {classes_from}: "
-                        + "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
-                                                      f"extra {', '.join(extra)}" if extra else "") if part))
+        raise DataError(f"{root}: class folders differ from those of {classes_from}: {class_difference(names, classes)}")
     seen = {os.path.realpath(root)} | {real for _, real in found}
     paths, labels, empty = [], [], []
     for label, (name, real) in enumerate(found):
@@ -84,7 +80,19 @@ def _entries(folder):
         raise DataError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
 
 
-def _class_folders(root):
+def class_difference(names, classes, shown=5):
+    """How class folders `names` differ from the expected `classes`, in a few words (a few names of each kind)."""
+    def some(kind, items):
+        more = f" ({len(items)} in all)" if len(items) > shown else ""
+        return f"{kind} {', '.join(items[:shown])}{', ...' if more else ''}{more}" if items else ""
+
+    have, expected = set(names), set(classes)
+    missing, extra = [c for c in classes if c not in have], [c for c in names if c not in expected]
+    parts = [p for p in (some("missing", missing), some("extra", extra)) if p]
+    return "; ".join(parts) or "the same names in another order"
+
+
+def class_folders(root):
     """[(name, real path)] of root's class folders, sorted by name. A link to a folder already in the dataset
     (another class, anything inside root, or a folder around it) would be a duplicate class: it is skipped
     with a warning; a link to a folder elsewhere is a class. Only links are resolved: a folder's real path is

@@ -55,19 +55,23 @@ def save_rewind_point(flags, *parts):
         save(flags, "last", *parts)
 
 
-def load_weights(flags, model):
-    """--eval: the --resume checkpoint's weights, strictly (its training state is not needed)."""
+def load_weights(flags, model, classes=None, classes_from=None):
+    """--eval: the --resume checkpoint's weights, strictly (its training state is not needed), for a dataset of
+    the classes it was trained on (`classes`, those of `classes_from`)."""
     ckpt = checkpoint.read_on_every_rank(flags.resume, training=False)
+    checkpoint.check_classes(ckpt, flags.resume, classes, classes_from)
     load_model_weights(model, ckpt["model"], flags.resume)
     print(f"Resume checkpoint {flags.resume}")
 
 
-def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None, samples=None):
+def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None, samples=None, classes=None,
+           classes_from=None):
     """The state a run starts from: that of `path` (a rewind's checkpoint-last.pd), --resume, or with
     --auto_resume the newest usable checkpoint in --output_dir as rank 0 sees it; else a new run at
     --start_epoch. The weights load strictly; a training checkpoint also restores the optimizer and scaler.
     `iterations` (the epoch's length here) bounds a position inside an epoch, which also needs the training
-    set of the `samples` it stopped in."""
+    set of the `samples` it stopped in; a classifier continues on the `classes` (of `classes_from`) it was
+    trained on."""
     ckpt = None
     path = path or flags.resume
     if not path and flags.auto_resume:
@@ -78,6 +82,7 @@ def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None, sam
         truncate_log(flags.output_dir, flags.start_epoch)  # lines a run killed before its first checkpoint left
         return RunState(epoch=flags.start_epoch)
     ckpt = checkpoint.read_on_every_rank(path, ckpt)
+    checkpoint.check_classes(ckpt, path, classes, classes_from)
     if checkpoint.is_training_checkpoint(ckpt):
         checkpoint.check_effective_batch(ckpt, flags, path)
     load_model_weights(model, ckpt["model"], path)
