@@ -99,6 +99,9 @@ class ExportedModel:
                                   f"{self.info['num_classes']} classes; the files come from different exports")
 
     def __call__(self, x):
+        """Logits [N, classes] (NumPy) of an NCHW float32 batch (a tensor or an array: Paddle Inference takes host
+        memory)."""
+        x = x.numpy() if isinstance(x, paddle.Tensor) else x
         inp = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         inp.reshape(list(x.shape))
         inp.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
@@ -129,7 +132,7 @@ def predict(args):
 
         def forward(x):
             with paddle.no_grad():
-                return model(paddle.to_tensor(x)).numpy()
+                return model(x).numpy()
 
     names = class_names(args.class_names, args.data_path, num_classes, recorded)
     transform, k = eval_transform(input_size, args.crop_pct or crop_pct), min(args.topk, num_classes)

@@ -1,4 +1,5 @@
 """Inference, reconstruction pictures and export, with bad input."""
+import collections
 import json
 import os
 
@@ -109,24 +110,35 @@ def test_odd_image_modes_are_classified(tmp_path):
 
 
 def test_a_folder_is_classified_a_batch_at_a_time(tmp_path, monkeypatch):
-    """Memory holds one batch of decoded images, not the folder; the results do not depend on the batch size."""
+    """Memory holds one batch of decoded images, not the folder; each batch goes to the device as uint8 and
+    comes back as logits (one upload, one read); the results do not depend on the batch size."""
     import main_infer
 
     for i in range(5):
         load_image(CAT).resize((40 + 8 * i, 48)).save(tmp_path / f"{i}.png")
-    sizes, decode = [], main_infer.load_batch
+    sizes, decode, calls = [], main_infer.load_batch, collections.Counter()
 
     def load_batch(paths, transform):
         sizes.append(len(paths))
         return decode(paths, transform)
 
+    def counted(fn, kind):
+        def call(*args, **kwargs):
+            calls[kind] += 0 < len(sizes) and batch_size == 2  # the first run's batches, its model in place
+            return fn(*args, **kwargs)
+        return call
+
     monkeypatch.setattr(main_infer, "load_batch", load_batch)
+    for name in ("numpy", "item", "tolist", "__float__"):
+        monkeypatch.setattr(paddle.Tensor, name, counted(getattr(paddle.Tensor, name), "reads"))
+    monkeypatch.setattr(paddle, "to_tensor", counted(paddle.to_tensor, "uploads"))
     results = {}
     for batch_size in (2, 16):
         args = main_infer.get_args_parser().parse_args(["--model", "vit_micro_patch4", "--resume", VIT, "--img_path",
                                                         str(tmp_path), "--batch_size", str(batch_size)])
         results[batch_size] = main_infer.predict(args)
     assert sizes == [2, 2, 1, 5]
+    assert calls == {"reads": 3, "uploads": 3}, calls  # per batch: the uint8 images up, the logits down
     (paths, top, probs, _), (paths16, top16, probs16, _) = results[2], results[16]
     assert paths == paths16 and len(paths) == 5 and top.shape == (5, 5)
     assert (top == top16).all() and np.allclose(probs, probs16, atol=1e-6)

@@ -84,5 +84,6 @@ def image_paths(paths):
 
 
 def load_batch(paths, transform):
-    """Decode and transform these images (a bad file is named by load_image); NCHW float32."""
-    return transform.batch(np.stack([transform(load_image(p)) for p in paths])).numpy()
+    """Decode and transform these images (a bad file is named by load_image): an NCHW float32 tensor on the
+    device, uploaded as uint8."""
+    return transform.batch(np.stack([transform(load_image(p)) for p in paths]))
