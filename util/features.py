@@ -16,11 +16,6 @@ from util.dist import all_reduce_sum, get_rank, get_world_size
 POOLS = ("avg", "cls")
 
 
-def has_pool(model, pool):
-    """Whether the model holds the norm that `pool` needs (a global-pool ViT has no final norm)."""
-    return pool == "avg" or isinstance(getattr(model, "norm", None), paddle.nn.Layer)
-
-
 def rank_share(count):
     """The dataset indices this rank takes: every world_size-th, from its rank (none when count is smaller
     than the rank)."""
