@@ -234,8 +234,8 @@ def test_study_baselines_flags_are_checked(tmp_path):
 
 
 def test_study_baselines_flags_are_parsed_whole(tmp_path):
-    """--train, --epochs and --max_iter: each malformed, repeated or missing value named, exit 2."""
-    base = {"--train": ["1:0=d", "10:0=e"], "--epochs": ["1=5", "10=2"], "--max_iter": ["50"]}
+    """--train, --epochs, --max_iter and --input_size: each malformed, repeated or missing value named, exit 2."""
+    base = {"--train": ["1:0=d", "10:0=e"], "--epochs": ["1=5", "10=2"], "--max_iter": ["50"], "--input_size": ["28"]}
     cases = [("--train", ["1:0=d", "1:0=e"], "argument --train: 1:0 given twice"),
              ("--train", ["1-0=d"], "argument --train: 1-0=d: expected PERCENT:DRAW=DIR"),
              ("--epochs", ["1=5"], "argument --epochs: no epochs for 10% (given in --train)"),
@@ -244,7 +244,9 @@ def test_study_baselines_flags_are_parsed_whole(tmp_path):
              ("--epochs", ["1=5", "10"], "argument --epochs: 10: expected PERCENT=N"),
              ("--epochs", ["1=5", "10=2", "1=3"], "argument --epochs: 1=3: expected PERCENT=N, N >= 1, each percent "
               "once"),
-             ("--max_iter", ["0"], "argument --max_iter: must be >= 1, got 0")]
+             ("--max_iter", ["0"], "argument --max_iter: must be >= 1, got 0"),
+             ("--input_size", ["-3"], "argument --input_size: must be >= 1, got -3"),
+             ("--input_size", ["30"], "argument --input_size: img_size 30 is not divisible by patch_size 4")]
     for flag, values, message in cases:
         flags = {**base, flag: values}
         res = run_script(os.path.join("experiments", "fashion_mnist", "baselines.py"), "--val", "v", "--test", "t",

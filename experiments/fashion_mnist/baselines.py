@@ -33,6 +33,7 @@ import cnn  # noqa: E402
 from grids import BASELINE_GRIDS as GRIDS, BASELINE_METHODS as METHODS, EXTEND, beyond_edge  # noqa: E402
 from records import drop_cut_line, read_baselines  # noqa: E402
 import models_vit  # noqa: E402
+from util.args import check_model_input, positive_int  # noqa: E402
 from util.datasets import ImageFolder, load_image  # noqa: E402
 from util.errors import DataError, WriteError, run as run_main  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
@@ -221,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--test", required=True, metavar="DIR", help="ImageFolder of the test images")
     parser.add_argument("--checkpoint", required=True, help="MAE pre-training checkpoint")
     parser.add_argument("--model", default="vit_micro_patch4", choices=models_vit.MODELS)
-    parser.add_argument("--input_size", type=int, default=28)
+    parser.add_argument("--input_size", type=positive_int, default=28)
     parser.add_argument("--epochs", nargs="+", required=True, metavar="PERCENT=N", help="the CNN's epochs")
     parser.add_argument("--crop_pct", type=float, required=True, help="the ViTs' evaluation crop (1: the whole "
                         "image), applied to every image the baselines see")
@@ -230,6 +231,7 @@ def main(argv=None):
     parser.add_argument("--max_iter", type=int, default=5000, help="L-BFGS iterations at most")
     parser.add_argument("--log", required=True, help="JSON lines file, appended to")
     args = parser.parse_args(argv)
+    check_model_input(parser, args.model, args.input_size, models_vit.MODELS)
     for flag in ("crop_pct", "crop_min"):
         if not 0.0 < getattr(args, flag) <= 1.0:
             parser.error(f"argument --{flag}: needs 0 < value <= 1, got {getattr(args, flag)}")
