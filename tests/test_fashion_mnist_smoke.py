@@ -255,6 +255,16 @@ def test_study_baselines_flags_are_parsed_whole(tmp_path):
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (flag, res.stderr)
 
 
+def test_study_pictures_keep_every_point_on_the_accuracy_axis():
+    """The axis starts at 60 unless a point (mean - std) lies lower: then at the multiple of 5 below it, 0 at
+    the lowest; the label states it."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import run
+
+    assert [run.axis_base(points) for points in ([83.7, 91.2], [72.1, 57.3], [55.0], [-3.0, 20.0], [])] == \
+        [60, 55, 55, 0, 60]
+
+
 def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
     """A log line the study computes on that is not a whole record (bad JSON, a field missing or of the wrong
     type, a baseline given twice) is refused naming the file, line and field; a last line cut off by a kill is

@@ -58,7 +58,7 @@ SMOKE = dict(FULL, val_per_class=5, draws=(0, 1), main_pretrain=1, pretrain_epoc
              recipe_steps=({"crop_pct": ("0.875", "1")}, {"drop_path": ("0", "0.1")}, {"longer": ("1", "2")}))
 RECIPE_START = {"crop_pct": "0.875", "crop_min": "0.08", "drop_path": "0", "weight_decay": "0.05", "longer": "1"}
 DIVERGED = 2 * math.log(10)  # twice the loss of a uniform guess over the 10 classes
-BASE = 60  # where the pictures' accuracy axes start
+BASE = 60  # where the pictures' accuracy axes start, unless a point lies lower
 COMMON = ["--print_freq", "100", "--input_size", str(SIZE), "--save_freq", "1000"]
 PRETRAIN = ["main_pretrain.py", "--model", MAE, "--mask_ratio", "0.75", "--blr", "2e-3"]
 SCRIPTED = {"finetune_mae": ["main_finetune.py", "--model", VIT, "--aa", "none", "--reprob", "0", "--nb_classes", "10"],
@@ -718,6 +718,12 @@ def _setting(row):
     return ", ".join(f"{k} {v}" for k, v in row["setting"].items())
 
 
+def axis_base(lowest):
+    """Where an accuracy axis starts: BASE, or the multiple of 5 below the lowest point (mean - std) where one
+    lies lower (0 at the lowest), so that no point falls off the picture."""
+    return max(0, min(BASE, 5 * math.floor(min(lowest, default=BASE) / 5)))
+
+
 def plots(study, table, curve, report):
     """label_efficiency.png and pretrain_epochs.png (mean ± std, the axis base stated), loss_curves.png and
     reconstruction.png (column headings by main_visualize.py)."""
@@ -725,6 +731,7 @@ def plots(study, table, curve, report):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    base = axis_base([s["mean"] - (s["std"] or 0.0) for cells in table.values() for s in cells.values()])
     for m, label in METHODS.items():
         points = sorted(table[m].items())
         if points:
@@ -732,9 +739,9 @@ def plots(study, table, curve, report):
             runs = sorted({s["runs"] for _, s in points})
             ax.errorbar(x, [s["mean"] for _, s in points], yerr=[s["std"] or 0.0 for _, s in points], capsize=3,
                         fmt="o-" if m in COMPARED else "s--", label=f"{label} ({'/'.join(map(str, runs))} runs)")
-    ax.set_ylim(BASE, 100)
+    ax.set_ylim(base, 100)
     ax.set(xscale="log", xticks=PERCENTS, xticklabels=[f"{p}%" for p in PERCENTS],
-           xlabel="labelled training images (of 55,000)", ylabel=f"test top-1 (%), axis from {BASE}",
+           xlabel="labelled training images (of 55,000)", ylabel=f"test top-1 (%), axis from {base}",
            title="Fashion-MNIST: test top-1 vs labels (mean ± std over the runs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -747,8 +754,9 @@ def plots(study, table, curve, report):
         std = np.array([s["std"] or 0.0 for s in curve.values()])
         ax.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std over the draws")
         ax.plot(x, mean, "o-", label=f"mean of {curve[next(iter(curve))]['runs']} label draws")
-        ax.set_ylim(BASE, 100)
-        ax.set(xlabel="MAE pre-training epochs (0: random initialisation)", ylabel=f"test top-1 (%), axis from {BASE}",
+        base = axis_base(mean - std)
+        ax.set_ylim(base, 100)
+        ax.set(xlabel="MAE pre-training epochs (0: random initialisation)", ylabel=f"test top-1 (%), axis from {base}",
                xticks=x, title="fine-tuning with 10% of the labels")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
