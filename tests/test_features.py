@@ -1,6 +1,7 @@
 """Features without masking: the weighted k-NN, the k-NN monitor of pre-training, main_extract.py."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,34 @@ def test_weighted_knn_equals_numpy():
         got = knn_top1(train, train_y, test, test_y, 4, k, t, chunk=17)
         assert got == pytest.approx(numpy_knn(train, train_y, test, test_y, 4, k, t), abs=1e-9)
         assert 30 < got < 100
+
+
+def test_knn_top1_refuses_what_it_would_guess_about():
+    """Labels a vote cannot count (-1 of a folder without class folders, past the classes, not whole numbers),
+    a label count that differs from the rows, other feature widths, no rows, a row not finite, k < 1 or
+    t <= 0: a DataError naming the argument, where a top-1 came out (or an IndexError)."""
+    from util.errors import DataError
+
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(30, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+    train_y, test_y = np.arange(30) % 3, np.arange(6) % 3
+    nan = train.copy()
+    nan[17, 2] = np.nan
+    cases = [((train, np.r_[train_y[:-1], -1], test, test_y, 3), "train_labels: -1 is not a class in [0, 3)"),
+             ((train, train_y, test, np.r_[test_y[:-1], 3], 3), "test_labels: 3 is not a class in [0, 3)"),
+             ((train, train_y + 0.5, test, test_y, 3), "train_labels: not a list of whole numbers (float64"),
+             ((train, train_y[:-1], test, test_y, 3), "train_features: shape [30, 8] for 29 train_labels"),
+             ((train, train_y, test[:, :5], test_y, 3), "test_features: 5 numbers per row, train_features 8"),
+             ((train[:0], train_y[:0], test, test_y, 3), "train_features: no rows"),
+             ((train, train_y, test[:0], test_y[:0], 3), "test_features: no rows"),
+             ((nan, train_y, test, test_y, 3), "train_features: row 17 is not finite"),
+             ((train, train_y, test, test_y, 3, 0), "k: 0 is not a whole number >= 1"),
+             ((train, train_y, test, test_y, 3, 5, 0.0), "t: 0.0 is not a positive number"),
+             ((train, train_y, test, test_y, 3, 5, float("nan")), "t: nan is not a positive number")]
+    for args, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            knn_top1(*args)
+    assert 0 <= knn_top1(train, list(train_y), test, test_y.astype(np.int32), 3, 5) <= 100
 
 
 def test_weighted_knn_at_small_temperatures():

@@ -12,6 +12,7 @@ import paddle
 import paddle.distributed as dist
 
 from util.dist import all_reduce_sum, get_rank, get_world_size
+from util.errors import DataError
 
 POOLS = ("avg", "cls")
 
@@ -155,13 +156,50 @@ def knn_vote(sims, labels, classes, t):
 def knn_top1(train_features, train_labels, test_features, test_labels, classes, k=20, t=0.07, chunk=1024):
     """Top-1 (%) of the weighted k-NN classifier (as in instance discrimination): cosine similarity, the k
     nearest training samples vote with weight exp(similarity / t). The neighbours are those of a float64
-    search (see nearest); `chunk` queries at a time."""
-    train_labels, test_labels = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
+    search (see nearest); `chunk` queries at a time. Inputs it would have to guess about are a DataError
+    (check_knn_inputs)."""
+    train_labels, test_labels = check_knn_inputs(train_features, train_labels, test_features, test_labels, classes,
+                                                 k, t)
     correct = 0
     for i in range(0, len(test_labels), chunk):
         sims, idx = nearest(train_features, test_features[i:i + chunk], k)
         correct += int((knn_vote(sims, train_labels[idx], classes, t) == test_labels[i:i + chunk]).sum())
-    return 100.0 * correct / max(1, len(test_labels))
+    return 100.0 * correct / len(test_labels)
+
+
+def check_knn_inputs(train_features, train_labels, test_features, test_labels, classes, k, t):
+    """The labels as int64 arrays, or a DataError naming the argument: features that are not [rows, D] with
+    one whole-number label per row in [0, classes) (a folder of images without class folders is extracted
+    with labels -1), train and test of different D, no rows, a row not finite, k < 1, t not a positive
+    number."""
+    checked = []
+    for name, features, labels in (("train", train_features, train_labels), ("test", test_features, test_labels)):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+            raise DataError(f"{name}_labels: not a list of whole numbers ({labels.dtype}, shape {list(labels.shape)})")
+        if len(np.shape(features)) != 2 or len(features) != len(labels):
+            raise DataError(f"{name}_features: shape {list(np.shape(features))} for {len(labels)} {name}_labels; "
+                            "one [D] row per label")
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if outside.size:
+            raise DataError(f"{name}_labels: {outside[0]} is not a class in [0, {classes}) (a folder of images "
+                            "without class folders is extracted with labels -1)")
+        checked.append(labels.astype(np.int64))
+    if np.shape(train_features)[1] != np.shape(test_features)[1]:
+        raise DataError(f"test_features: {np.shape(test_features)[1]} numbers per row, train_features "
+                        f"{np.shape(train_features)[1]}")
+    for name, features in (("train_features", train_features), ("test_features", test_features)):
+        if not len(features):
+            raise DataError(f"{name}: no rows")
+        for start in range(0, len(features), BLOCK_ROWS):  # a NaN row would be left out, or vote by chance
+            bad = np.flatnonzero(~np.isfinite(np.asarray(features[start:start + BLOCK_ROWS])).all(axis=1))
+            if bad.size:
+                raise DataError(f"{name}: row {start + bad[0]} is not finite (NaN or infinite)")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DataError(f"k: {k!r} is not a whole number >= 1")
+    if not (isinstance(t, (int, float, np.number)) and np.isfinite(t) and t > 0):
+        raise DataError(f"t: {t!r} is not a positive number")
+    return checked
 
 
 class _Batches:
@@ -189,7 +227,6 @@ def class_subset(data, per_class, seed, strict):
     as a SampleIndex; a class with fewer is a DataError when `strict`, else taken whole."""
     import os
 
-    from util.errors import DataError
     from util.image_index import SampleIndex
 
     labels = data.samples.labels if hasattr(data.samples, "labels") else np.array([t for _, t in data.samples])
