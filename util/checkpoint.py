@@ -18,7 +18,6 @@ import paddle
 from util import compat
 from util.dist import all_gather, from_main_process, get_world_size, is_main_process
 from util.errors import CheckpointError, RunDirError
-from util.image_index import class_difference
 from util.weights import load_checkpoint, save_file
 
 FORMAT = 2
@@ -59,15 +58,6 @@ def recorded_flags(ckpt):
 def recorded_classes(ckpt):
     """The training class names a classifier's checkpoint records, or None."""
     return ckpt.get("classes") or recorded_flags(ckpt).get("classes")
-
-
-def check_classes(ckpt, path, classes, classes_from):
-    """A classifier checkpoint that records other training classes than `classes` (the class folders of
-    `classes_from`) is refused: its label i would be scored as, or trained towards, another class."""
-    recorded = recorded_classes(ckpt)
-    if recorded is not None and classes is not None and list(recorded) != list(classes):
-        raise CheckpointError(f"{path}: trained on other classes than the class folders of {classes_from} "
-                              f"({class_difference(list(classes), list(recorded))})")
 
 
 def _is_int(v):

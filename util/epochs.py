@@ -26,7 +26,7 @@ def train_epochs(flags, model_without_ddp, optimizer, loss_scaler, data_loader, 
     parts = (model_without_ddp, optimizer, loss_scaler)
     record = {"samples": len(data_loader.dataset), **({"classes": list(classes)} if classes is not None else {})}
     state = run_state.resume(flags, *parts, iterations=len(data_loader), samples=record["samples"], classes=classes,
-                             classes_from=data_loader.dataset.root)
+                             classes_from=None if classes is None else data_loader.dataset.root)
     if state.epoch >= flags.epochs:
         print(f"nothing to do: {flags.epochs} of {flags.epochs} epochs done in {flags.output_dir}")
         return

@@ -8,6 +8,7 @@ from util import checkpoint
 from util.dist import get_world_size, is_main_process
 from util.errors import CheckpointError
 from util.files import atomic_write
+from util.image_index import class_difference
 from util.weights import load_model_weights
 
 
@@ -55,11 +56,20 @@ def save_rewind_point(flags, *parts):
         save(flags, "last", *parts)
 
 
+def check_classes(ckpt, path, classes, classes_from):
+    """A classifier checkpoint that records other training classes than `classes` (the class folders of
+    `classes_from`) is refused: its label i would be scored as, or trained towards, another class."""
+    recorded = checkpoint.recorded_classes(ckpt)
+    if recorded is not None and classes is not None and list(recorded) != list(classes):
+        raise CheckpointError(f"{path}: trained on other classes than the class folders of {classes_from} "
+                              f"({class_difference(list(classes), list(recorded))})")
+
+
 def load_weights(flags, model, classes=None, classes_from=None):
     """--eval: the --resume checkpoint's weights, strictly (its training state is not needed), for a dataset of
     the classes it was trained on (`classes`, those of `classes_from`)."""
     ckpt = checkpoint.read_on_every_rank(flags.resume, training=False)
-    checkpoint.check_classes(ckpt, flags.resume, classes, classes_from)
+    check_classes(ckpt, flags.resume, classes, classes_from)
     load_model_weights(model, ckpt["model"], flags.resume)
     print(f"Resume checkpoint {flags.resume}")
 
@@ -82,7 +92,7 @@ def resume(flags, model, optimizer, loss_scaler, iterations=None, path=None, sam
         truncate_log(flags.output_dir, flags.start_epoch)  # lines a run killed before its first checkpoint left
         return RunState(epoch=flags.start_epoch)
     ckpt = checkpoint.read_on_every_rank(path, ckpt)
-    checkpoint.check_classes(ckpt, path, classes, classes_from)
+    check_classes(ckpt, path, classes, classes_from)
     if checkpoint.is_training_checkpoint(ckpt):
         checkpoint.check_effective_batch(ckpt, flags, path)
     load_model_weights(model, ckpt["model"], path)
