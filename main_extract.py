@@ -96,9 +96,10 @@ def dataset_of(data_path, split, transform):
                         "a folder of class folders or a folder of images, not both")
     if folders:
         train = os.path.join(data_path, "train")
-        if split and split != "train" and os.path.isdir(train):  # labels mean train/'s classes, as in training
-            return ImageFolder(folder, transform=transform, classes=[name for name, _ in class_folders(train)],
-                               classes_from=train)
+        other_split = split not in (None, "train") and os.path.isdir(train)
+        classes = [name for name, _ in class_folders(train)] if other_split else []
+        if classes:  # labels mean train/'s classes, as in training
+            return ImageFolder(folder, transform=transform, classes=classes, classes_from=train)
         return ImageFolder(folder, transform=transform)
     if not images:
         raise DataError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)}) and no class folders")

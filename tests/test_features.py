@@ -298,6 +298,13 @@ def test_extract_takes_labels_from_one_rule(data, tmp_path):
               str(shifted / "val"), f"those of {shifted / 'train'}", "missing class_0")
     res = _extract("--finetune", VIT, "--data_path", str(shifted), "--split", "train", "--output", out)
     assert res.returncode == 0, res.stderr[-2000:]  # train/ defines the labels
+    unlabelled = tmp_path / "unlabelled"  # train/ without class folders: val/'s own give the labels
+    shutil.copytree(os.path.join(data, "val"), unlabelled / "val")
+    (unlabelled / "train").mkdir()
+    shutil.copy(val.samples[0][0], unlabelled / "train" / "a.png")
+    res = _extract("--finetune", VIT, "--data_path", str(unlabelled), "--split", "val", "--output", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.load(out)["labels"].tolist() == [t for _, t in val.samples]
 
 
 def test_extract_class_tokens_of_a_pretraining_checkpoint(data, tmp_path):
