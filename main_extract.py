@@ -6,7 +6,8 @@
 
 --data_path is a folder of class folders (labels are their sorted indices) or a folder of images (labels -1);
 a dataset root (train/ and val/ of class folders) needs --split train or --split val (another split's class
-folders must be train/'s, so that a label means one class in both). Images beside folders are refused. Every image appears once, in the order of ImageFolder (class folders) or sorted by name.
+folders must be train/'s, so that a label means one class in both). Images beside folders are refused. Every
+image appears once, in the order of ImageFolder (class folders) or sorted by name.
 --finetune takes our pre-training, fine-tuning or linear-probing checkpoints, an official .pth, or a released
 name. The file holds `features` (float32, [N, D]), `labels` (int64), `paths` and `class_names`; every rank
 writes its rows as they are computed, rank 0 the .npz. A stop signal (SIGTERM, SIGINT, SIGHUP) ends it with

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from data import make_image_folder
 from util.datasets import ImageFolder
-from util.image_index import IMG_EXTENSIONS, SampleIndex
+from util.image_index import IMG_EXTENSIONS, SampleIndex, class_difference
 from util.errors import DataError
 
 
@@ -83,6 +83,15 @@ def test_sample_index_keeps_paths_and_labels():
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_class_difference_names_a_few_of_each_kind():
+    """What the class checks (a split against train/, a checkpoint against its data) print: the missing and the
+    extra names, five of each at most with the count (ImageNet has 1000)."""
+    assert class_difference(["a", "b", "x"], ["a", "b", "c"]) == "missing c; extra x"
+    many = [f"n{i:02d}" for i in range(12)]
+    assert class_difference([], many) == "missing n00, n01, n02, n03, n04, ... (12 in all)"
+    assert class_difference(["b", "a"], ["a", "b"]) == "the same names in another order"
+
+
 def test_no_stat_per_image_file(tmp_path):
     """strace counts the stat-family calls of a scan of 4,000 files in 40 class folders, beyond Python's
     own start-up (the same script without the scan): at most 0.05 per file."""

@@ -57,7 +57,8 @@ def scan_image_folder(root, classes=None, classes_from=None):
     if not names:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
     if classes is not None and names != list(classes):
-        raise DataError(f"{root}: class folders differ from those of {classes_from}: {class_difference(names, classes)}")
+        raise DataError(f"{root}: class folders differ from those of {classes_from}: "
+                        f"{class_difference(names, classes)}")
     seen = {os.path.realpath(root)} | {real for _, real in found}
     paths, labels, empty = [], [], []
     for label, (name, real) in enumerate(found):
