@@ -51,8 +51,8 @@ def test_weighted_knn_equals_numpy():
 
 def test_knn_top1_refuses_what_it_would_guess_about():
     """Labels a vote cannot count (-1 of a folder without class folders, past the classes, not whole numbers),
-    a label count that differs from the rows, other feature widths, no rows, a row not finite, k < 1 or
-    t <= 0: a DataError naming the argument, where a top-1 came out (or an IndexError)."""
+    a label count that differs from the rows, other feature widths, no rows, a row not finite, classes or
+    k < 1, t <= 0: a DataError naming the argument, where a top-1 came out (or an IndexError)."""
     from util.errors import DataError
 
     rng = np.random.default_rng(0)
@@ -68,6 +68,7 @@ def test_knn_top1_refuses_what_it_would_guess_about():
              ((train[:0], train_y[:0], test, test_y, 3), "train_features: no rows"),
              ((train, train_y, test[:0], test_y[:0], 3), "test_features: no rows"),
              ((nan, train_y, test, test_y, 3), "train_features: row 17 is not finite"),
+             ((train, train_y, test, test_y, 3.5), "classes: 3.5 is not a whole number >= 1"),
              ((train, train_y, test, test_y, 3, 0), "k: 0 is not a whole number >= 1"),
              ((train, train_y, test, test_y, 3, 5, 0.0), "t: 0.0 is not a positive number"),
              ((train, train_y, test, test_y, 3, 5, float("nan")), "t: nan is not a positive number")]

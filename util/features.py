@@ -170,8 +170,10 @@ def knn_top1(train_features, train_labels, test_features, test_labels, classes, 
 def check_knn_inputs(train_features, train_labels, test_features, test_labels, classes, k, t):
     """The labels as int64 arrays, or a DataError naming the argument: features that are not [rows, D] with
     one whole-number label per row in [0, classes) (a folder of images without class folders is extracted
-    with labels -1), train and test of different D, no rows, a row not finite, k < 1, t not a positive
-    number."""
+    with labels -1), train and test of different D, no rows, a row not finite, classes or k < 1, t not a
+    positive number."""
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+        raise DataError(f"classes: {classes!r} is not a whole number >= 1")
     checked = []
     for name, features, labels in (("train", train_features, train_labels), ("test", test_features, test_labels)):
         labels = np.asarray(labels)
