@@ -1,4 +1,5 @@
 """The Fashion-MNIST study driver end to end on a few hundred images, one epoch per stage."""
+import importlib
 import json
 import os
 import re
@@ -258,10 +259,9 @@ def test_study_baselines_flags_are_parsed_whole(tmp_path):
 def test_study_pictures_keep_every_point_on_the_accuracy_axis():
     """The axis starts at 60 unless a point (mean - std) lies lower: then at the multiple of 5 below it, 0 at
     the lowest; the label states it."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
-    import run
+    report = _study_module("report")
 
-    assert [run.axis_base(points) for points in ([83.7, 91.2], [72.1, 57.3], [55.0], [-3.0, 20.0], [])] == \
+    assert [report.axis_base(points) for points in ([83.7, 91.2], [72.1, 57.3], [55.0], [-3.0, 20.0], [])] == \
         [60, 55, 55, 0, 60]
 
 
@@ -271,8 +271,8 @@ def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
     left out, and baselines.py cuts it from its log before it appends. So do a broken wall-clock record and
     a run whose last epoch has no validation top-1."""
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import cores
     import records
-    import run
     from util.errors import Error
 
     good = {"method": "knn_mae", "percent": "10", "draw": 1, "train_images": 500,
@@ -297,22 +297,22 @@ def test_study_logs_refuse_what_they_cannot_read_whole(tmp_path):
             records.read_baselines(str(path))
     path.write_text("{\"epoch\": 0, \"train_loss\": 1.5}\nnot json\n")
     with pytest.raises(Error, match=re.escape(f"{path} line 2: not a JSON object")):
-        run.read_log(str(tmp_path))
+        records.read_log(str(tmp_path))
     for row, message in (({"epoch": 0.5, "train_loss": 1.0}, "'epoch'"), ({"epoch": 0}, "'train_loss'"),
                          ({"epoch": 0, "train_loss": 1.0, "test_acc1": None}, "'test_acc1'")):
         path.write_text(json.dumps(row) + "\n")
         with pytest.raises(Error, match=re.escape(f"{path} line 1: {message}")):
-            run.read_log(str(tmp_path))
+            records.read_log(str(tmp_path))
     path.write_text("{\"epoch\": 0, \"train_loss\": 1.5}\n{\"epoch\": 1, \"train_lo")
-    assert run.read_log(str(tmp_path)) == [{"epoch": 0, "train_loss": 1.5}]  # a cut line: that epoch runs again
+    assert records.read_log(str(tmp_path)) == [{"epoch": 0, "train_loss": 1.5}]  # a cut line: that epoch runs again
     with pytest.raises(Error, match=re.escape(f"{path}: its last epoch has no validation top-1")):
-        run.last_val(str(tmp_path), run.read_log(str(tmp_path)))
+        records.last_val(str(tmp_path), records.read_log(str(tmp_path)))
     for text in ("", "12.5\nx\n", "1\n2\n3\n", "-4\n"):
         (tmp_path / "wall_clock.txt").write_text(text)
         with pytest.raises(Error, match=re.escape(f"{tmp_path / 'wall_clock.txt'}: expected the wall clock")):
-            run.clocks(str(tmp_path))
+            cores.clocks(str(tmp_path))
     (tmp_path / "wall_clock.txt").write_text("90.0\n45.0\n")
-    assert run.clocks(str(tmp_path)) == (90.0, 45.0)
+    assert cores.clocks(str(tmp_path)) == (90.0, 45.0)
 
     log = tmp_path / "baselines" / "log.txt"
     log.parent.mkdir()
@@ -550,8 +550,8 @@ def test_study_cnn_fit_refuses_malformed_fields(tmp_path):
 def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     """A run's wall_clock.txt counts the seconds it ran, not the seconds the study was stopped (SIGSTOP)."""
     sleeper = "[sys.executable, '-c', 'import time\\nfor _ in range(30): time.sleep(0.1)']"
-    driver = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.join(ROOT, DRIVER))!r}); import run; "
-              f"run.TICK = 0.2; run.timed_call({sleeper}, "
+    driver = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.join(ROOT, DRIVER))!r}); import run, cores; "
+              f"cores.TICK = 0.2; cores.timed_call({sleeper}, "
               f"{str(tmp_path / 'run')!r}, {str(tmp_path / 'run.stdout')!r})")
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, start_new_session=True)
@@ -566,30 +566,31 @@ def test_study_wall_clock_leaves_out_stopped_time(tmp_path):
     assert machine == counted  # it had all the cores
 
 
-def _driver():
+def _study_module(name="run"):
+    """A module of the study (run.py first: it puts the repository on the path)."""
     sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
-    import run
-    return run
+    importlib.import_module("run")
+    return importlib.import_module(name)
 
 
 def test_study_runs_are_pinned_to_their_cores(tmp_path):
     """A run on some of the cores sees only those (its threads and loader workers inherit them), and its
     machine time is its wall clock times its share."""
-    run = _driver()
+    cores = _study_module("cores")
     everything = sorted(os.sched_getaffinity(0))
     show = [sys.executable, "-c",
             "import os, time; time.sleep(0.5); print('affinity', sorted(os.sched_getaffinity(0)))"]
-    for cores in ([everything[-1]], None):
-        folder, stdout = tmp_path / f"run{cores}", tmp_path / f"run{cores}.stdout"
-        run.timed_call(show, str(folder), str(stdout), cores)
+    for share in ([everything[-1]], None):
+        folder, stdout = tmp_path / f"run{share}", tmp_path / f"run{share}.stdout"
+        cores.timed_call(show, str(folder), str(stdout), share)
         text = stdout.read_text()
-        assert f"affinity {cores or everything}" in text
-        assert text.startswith(f"[cores {','.join(map(str, cores or everything))} of {len(everything)}]")
-        wall, machine = run.clocks(str(folder))
-        assert wall >= 0.5 and machine == pytest.approx(wall * len(cores or everything) / len(everything), abs=0.1)
+        assert f"affinity {share or everything}" in text
+        assert text.startswith(f"[cores {','.join(map(str, share or everything))} of {len(everything)}]")
+        wall, machine = cores.clocks(str(folder))
+        assert wall >= 0.5 and machine == pytest.approx(wall * len(share or everything) / len(everything), abs=0.1)
     (tmp_path / "whole").mkdir()
     (tmp_path / "whole" / "wall_clock.txt").write_text("12.5\n")  # one line: the run had every core
-    assert run.clocks(str(tmp_path / "whole")) == (12.5, 12.5)
+    assert cores.clocks(str(tmp_path / "whole")) == (12.5, 12.5)
 
 
 def _bare_study(run, out, jobs):
@@ -597,7 +598,8 @@ def _bare_study(run, out, jobs):
     would prepare."""
     study = run.Study.__new__(run.Study)
     study.out, study.c, study.jobs = str(out), {"batch": 8, "workers": {10: 0}}, jobs
-    study.shares, study.rank = run.Shares([sorted(os.sched_getaffinity(0))] * jobs), threading.local()
+    study.shares = _study_module("cores").Shares([sorted(os.sched_getaffinity(0))] * jobs)
+    study.rank = threading.local()
     study.runs, study.stage_of, study.current = {}, {}, None
     study.locks, study.locks_lock, study.wanted = {}, threading.Lock(), {}
     study.stopping, study.failure = threading.Event(), None
@@ -612,9 +614,9 @@ def _ranked(rank):
 def test_study_shares_go_to_the_earliest_part_first(monkeypatch):
     """A freed share of the cores goes to the waiting run of the earliest-listed part, whatever the order
     the runs asked in; runs of one part in the order they asked."""
-    run = _driver()
-    monkeypatch.setattr(run, "HOLD", 0.0)
-    shares = run.Shares(["a"])
+    cores = _study_module("cores")
+    monkeypatch.setattr(cores, "HOLD", 0.0)
+    shares = cores.Shares(["a"])
     held = shares.take(_ranked(0))
     given, threads = [], []
     for rank, label in ((5, "curve"), (1, "scratch 1st"), (3, "seeds"), (1, "scratch 2nd")):
@@ -637,9 +639,9 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
     """A chain of runs (a recipe's steps) keeps its share from one run to the next although a later-listed
     part's run was waiting first; a share its part does not ask for again goes to the waiting run after
     HOLD seconds."""
-    run = _driver()
-    monkeypatch.setattr(run, "HOLD", 1.0)
-    shares = run.Shares(["a"])
+    cores = _study_module("cores")
+    monkeypatch.setattr(cores, "HOLD", 1.0)
+    shares = cores.Shares(["a"])
     held = shares.take(_ranked(3))
     got = []
     waiter = threading.Thread(target=lambda: got.append((shares.take(_ranked(6)), time.monotonic())))
@@ -654,7 +656,7 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
     waiter.join(10)
     assert got and got[0][0] == "a" and 0.9 <= got[0][1] - given < 5
 
-    shares = run.Shares(["a"])  # at a start: the shares wait, then go to the earliest-listed part
+    shares = cores.Shares(["a"])  # at a start: the shares wait, then go to the earliest-listed part
     shares.hold(1.0)
     order = []
     late = threading.Thread(target=lambda: order.append(shares.take(_ranked(7))))
@@ -670,8 +672,8 @@ def test_study_a_freed_share_waits_for_its_part_next_run(monkeypatch):
 def test_study_a_run_ranks_as_the_earliest_part_that_needs_it(tmp_path, monkeypatch):
     """A run a later-listed part asked for first (a sweep a second seed's part needs) takes a freed share
     before another part's run once an earlier-listed part (the comparison) comes to wait for it too."""
-    run = _driver()
-    monkeypatch.setattr(run, "HOLD", 0.0)
+    run = _study_module()
+    monkeypatch.setattr(_study_module("cores"), "HOLD", 0.0)
     study = _bare_study(run, tmp_path, 1)
     held = study.shares.take(_ranked(0))
     trained = []
@@ -701,8 +703,8 @@ def test_study_a_run_ranks_as_the_earliest_part_that_needs_it(tmp_path, monkeypa
 def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     """Runs side by side: one that fails ends the call within a tick, the other stopped (not waited for), and
     a run waiting for a share of the cores never starts."""
-    run = _driver()
-    monkeypatch.setattr(run, "TICK", 0.2)
+    run = _study_module()
+    monkeypatch.setattr(_study_module("cores"), "TICK", 0.2)
     study = _bare_study(run, tmp_path, 2)
     marker = f"sleeper-{os.getpid()}-{time.time_ns()}"
     started = tmp_path / "started"
@@ -720,7 +722,7 @@ def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="error: fail failed"):
         study.run_many([("sleep",), ("fail",)])
     assert time.monotonic() - start < 30
-    assert not run.LIVE
+    assert not _study_module("cores").LIVE
     alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert not alive
     assert study.run_many([]) == []
@@ -729,13 +731,13 @@ def test_study_run_many_stops_the_others_on_a_failure(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="error: fail failed"):
         study.together([lambda: fake_run("sleep"), lambda: fake_run("fail"), lambda: fake_run("later")], 3)
     assert (tmp_path / "later.out").read_text().startswith("[cores ")  # it had its share and did not start
-    assert not started.exists() and not run.LIVE
+    assert not started.exists() and not _study_module("cores").LIVE
 
 
 def test_study_tests_each_run_as_soon_as_it_is_trained(tmp_path, monkeypatch):
     """The checkpoint a test reads is not kept with the logs: each run of a comparison is tested before the
     next one trains, so a machine that ends part-way loses no finished run."""
-    run = _driver()
+    run = _study_module()
     study = _bare_study(run, tmp_path, 1)
     events = []
     monkeypatch.setattr(study, "spec", lambda method, percent, draw, *_: (f"{method}{percent}_{draw}",), raising=False)
@@ -751,7 +753,7 @@ def test_study_tests_each_run_as_soon_as_it_is_trained(tmp_path, monkeypatch):
 def test_study_trains_a_run_again_whose_checkpoint_is_gone(tmp_path):
     """A run trained on another machine comes with its logs but not its checkpoint: testing it trains it again
     (its first log kept), then tests the new checkpoint once."""
-    run = _driver()
+    run = _study_module()
     script = tmp_path / "fake_train.py"
     script.write_text(
         "import json, os, sys\n"
@@ -770,14 +772,15 @@ def test_study_trains_a_run_again_whose_checkpoint_is_gone(tmp_path):
     os.remove(tmp_path / "moved" / "checkpoint-last.pd")
     assert study.test("moved") == 77.7
     assert (tmp_path / "moved" / "starts").read_text() == "xx"
-    assert len(run.read_log(str(tmp_path / "moved"))) == 2 and (tmp_path / "moved" / "log.first.txt").is_file()
+    read_log = _study_module("records").read_log
+    assert len(read_log(str(tmp_path / "moved"))) == 2 and (tmp_path / "moved" / "log.first.txt").is_file()
     assert study.test("moved") == 77.7 and (tmp_path / "moved" / "starts").read_text() == "xx"
 
 
 def test_study_parts_side_by_side_train_a_shared_run_once(tmp_path):
     """Two parts of the study that need the same run (the curve's main point is the comparison's run) train
     it once: the second waits for it and finds it done."""
-    run = _driver()
+    run = _study_module()
     script = tmp_path / "fake_train.py"
     script.write_text(
         "import json, os, sys, time\n"
@@ -792,14 +795,15 @@ def test_study_parts_side_by_side_train_a_shared_run_once(tmp_path):
     train = partial(study.train, "shared", [str(script)], 3, 10)
     assert study.together([train, train, partial(study.train, "other", [str(script)], 2, 10)], 3) == [
         "shared", "shared", "other"]
-    assert (tmp_path / "shared" / "starts").read_text() == "x" and len(run.read_log(str(tmp_path / "shared"))) == 3
+    read_log = _study_module("records").read_log
+    assert (tmp_path / "shared" / "starts").read_text() == "x" and len(read_log(str(tmp_path / "shared"))) == 3
     assert (tmp_path / "other" / "starts").read_text() == "x"
 
 
 def test_study_stages_side_by_side_after_the_main_pretraining(tmp_path, monkeypatch):
     """With two shares, parts of different stages train at the same time, all after the main pre-training;
     the pass in order that follows starts from an empty list of runs."""
-    run = _driver()
+    run = _study_module()
     study = _bare_study(run, tmp_path, 2)
     spans = {}
 

@@ -91,3 +91,20 @@ def drop_cut_line(path):
         os.truncate(path, whole)
     except OSError as e:
         raise WriteError(f"{path}: cannot drop its last line, cut off ({e.strerror or e})") from None
+
+
+def read_log(folder):
+    """The epochs' records of the run in `folder` (a cut-off last line is left out)."""
+    return read_records(os.path.join(folder, "log.txt"), epoch_problem)[0]
+
+
+def baseline_rows(folder):
+    """The rows of the baselines' log in `folder`."""
+    return read_baselines(os.path.join(folder, "log.txt"))[0]
+
+
+def last_val(folder, logs):
+    """The validation top-1 of the last epoch in `logs`, the records of the run in `folder`."""
+    if not logs or "test_acc1" not in logs[-1]:
+        raise Error(f"{os.path.join(folder, 'log.txt')}: its last epoch has no validation top-1 ('test_acc1')")
+    return logs[-1]["test_acc1"]
