@@ -16,7 +16,8 @@ import paddle
 import models_vit
 from util.args import (add_cache_arg, check_environment, check_model_input, checkpoint_file, crop_fraction, device,
                        positive_int)
-from util.classifier import class_names, classifier_from_checkpoint, image_paths, load_batch
+from util.classifier import (check_recorded_classes, class_names, classifier_from_checkpoint, image_paths,
+                             load_batch)
 from util.cpu import configure_cpu, cpu_threads
 from util.transforms import eval_transform
 from util.errors import CheckpointError, run
@@ -97,6 +98,7 @@ class ExportedModel:
         if list(out.shape) != [1, int(self.info["num_classes"])]:
             raise CheckpointError(f"{prefix}: the program gives {list(out.shape)} for one image, {info_path} says "
                                   f"{self.info['num_classes']} classes; the files come from different exports")
+        check_recorded_classes(self.info.get("class_names"), int(self.info["num_classes"]), info_path)
 
     def __call__(self, x):
         """Logits [N, classes] (NumPy) of an NCHW float32 batch (a tensor or an array: Paddle Inference takes host

@@ -297,6 +297,41 @@ def test_exported_files_are_checked_against_each_other(tmp_path):
         f"error: cannot write {blocker / 'm'}: File exists"], out.stderr
 
 
+def test_outputs_past_the_recorded_classes_are_named_as_no_class(tmp_path):
+    """A head wider than the class folders it was trained on (--nb_classes 1000, the official default, on a
+    10-class dataset): output i < 10 is class folder i, the others are named <no class i>, never ImageNet's
+    names; the same through --data_path of those folders and through an export. More recorded classes than
+    outputs, or recorded classes that are not names, are refused naming the checkpoint or .info."""
+    demo = os.path.join(ROOT, "demo", "fashion_mnist_small")
+    folders = sorted(os.listdir(os.path.join(demo, "train")))
+    wide = str(tmp_path / "wide.pd")
+    save_file({"model": vit_micro_patch4(num_classes=1000).state_dict(), "classes": folders}, wide)
+    expected = folders + [f"<no class {i}>" for i in range(10, 1000)]
+    prefix = str(tmp_path / "export" / "wide")
+    assert run_script("main_export.py", "--model", "vit_micro_patch4", "--resume", wide, "--output",
+                      prefix).returncode == 0
+    for source in (["--resume", wide], ["--resume", wide, "--data_path", demo], ["--exported", prefix]):
+        out = run_script("main_infer.py", "--model", "vit_micro_patch4", *source, "--img_path", CAT, "--json",
+                         "--topk", "1000")
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout)
+        assert result["topk_names"] == [expected[i] for i in result["topk_ids"]], source
+    head = {k: v for k, v in load_checkpoint(VIT)["model"].items()}
+    for classes in (["a", "b", "c"] * 4, "abcdefghij", [1, 2]):
+        bad = str(tmp_path / "bad.pd")
+        save_file({"model": head, "classes": classes}, bad)
+        out = run_script("main_infer.py", "--model", "vit_micro_patch4", "--resume", bad, "--img_path", CAT)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+            f"error: {bad}: its recorded classes are not a list of at most 10 names, one per output of its "
+            "head"] and out.stdout == "", (classes, out.stderr)
+    info = json.load(open(prefix + ".info"))
+    json.dump(dict(info, class_names=folders * 101), open(prefix + ".info", "w"))
+    out = run_script("main_infer.py", "--exported", prefix, "--img_path", CAT)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: {prefix}.info: its recorded classes are not a list of at most 1000 names, one per output of "
+        "its head"], out.stderr
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 31), "x"])
 def test_bad_seeds_are_flag_errors(seed):
     for script in ("main_visualize.py", "main_pretrain.py"):

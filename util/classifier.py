@@ -33,14 +33,25 @@ def classifier_from_checkpoint(model_name, path, input_size=None):
     load_model_weights(model, state, path)
     model.eval()
     model.class_names = recorded_classes(ckpt)  # recorded by fine-tuning and linear probing
+    check_recorded_classes(model.class_names, model.num_classes, path)
     model.crop_pct = recorded_flags(ckpt).get("crop_pct")  # the evaluation it was trained with (None: the official)
     return model
+
+
+def check_recorded_classes(names, num_classes, path):
+    """Recorded training class names (or None) must be names, at most one per output of the head."""
+    if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)
+                              or len(names) > num_classes):
+        raise CheckpointError(f"{path}: its recorded classes are not a list of at most {num_classes} names, one "
+                              "per output of its head")
 
 
 def class_names(path=None, data_path=None, num_classes=1000, recorded=None):
     """Names from a text file (one per line), the class folders of a dataset (they must be those the model
     recorded, if it did), those the model recorded (its checkpoint's training classes), or ImageNet's for 1000
-    classes; else the class numbers."""
+    classes; else the class numbers. A model with more outputs than the classes it recorded (--nb_classes
+    above the class folders, as the official allows) was trained on label i = class i: its other outputs are
+    named `<no class i>`, never another list's names."""
     if path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: class names file not found")
@@ -57,8 +68,10 @@ def class_names(path=None, data_path=None, num_classes=1000, recorded=None):
         if recorded and names != list(recorded):
             raise DataError(f"{root}: class folders differ from the classes the model was trained on "
                             f"({class_difference(names, recorded)})")
-    elif recorded and len(recorded) == num_classes:
-        return list(recorded)
+        if recorded:
+            return class_names(num_classes=num_classes, recorded=recorded)
+    elif recorded:
+        return list(recorded) + [f"<no class {i}>" for i in range(len(recorded), num_classes)]
     elif num_classes == 1000:
         return class_names(IMAGENET_CLASSES)
     else:
