@@ -122,6 +122,11 @@ def test_study_driver_smoke(tmp_path):
                           r["percent"] == ("10" if row["percent"] == "100" else row["percent"]))
             assert row["setting"] == source["setting"] and "sweep" not in row
         assert row["test_acc1"] in summary[row["method"]][row["percent"]]["values"]
+        if row["percent"] == "100" and row["draw"] > 0 and not row["method"].startswith("cnn"):  # all labels
+            first = next(r for r in baselines if (r["method"], r["percent"], r["draw"]) == (row["method"], "100", 0))
+            assert row["same_as_draw"] == 0 and {**first, "draw": row["draw"], "same_as_draw": 0} == row
+        else:
+            assert "same_as_draw" not in row
         scratch_epochs = max(1, round(2 * float(recipes["finetune_scratch"]["10"]["longer"])))
         assert not row["method"].startswith("cnn") or row["epochs"] == scratch_epochs
     cost = report["cost"]  # every run counted once, in the first stage that needed it
@@ -411,6 +416,23 @@ def test_study_splits_are_finished_or_refused(tmp_path, monkeypatch):
         f.write(b"!")
     with pytest.raises(DataError, match=re.escape(f"{os.path.join(subset, 'train', files[0])}: not ")):
         splits.label_subset_folder(dev, 10, 0)
+
+
+def test_study_baselines_fit_a_method_that_draws_nothing_once_per_folder():
+    """Logistic regression and kNN on a draw with an earlier draw's training folder and setting (at 100% every
+    draw has all the labels) repeat that draw's line; another folder or setting, or the CNN, is fitted."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "fashion_mnist"))
+    import baselines
+
+    setting = {"C": 1.0, "features": "pixels"}
+    first = {"method": "logreg_pixels", "percent": "100", "draw": 0, "setting": setting, "test_acc1": 80.0}
+    fractions = {("100", 0): "d/dev/train", ("100", 1): "d/dev/./train", ("100", 2): "d/other/train"}
+    rows = {("logreg_pixels", "100", 0): first, ("cnn", "100", 0): {**first, "method": "cnn"}}
+    assert baselines.same_fit(rows, "logreg_pixels", "100", 1, setting, fractions) == first
+    assert baselines.same_fit(rows, "logreg_pixels", "100", 2, setting, fractions) is None  # another folder
+    assert baselines.same_fit(rows, "logreg_pixels", "100", 1, {**setting, "C": 10.0}, fractions) is None
+    assert baselines.same_fit(rows, "cnn", "100", 1, setting, fractions) is None  # the CNN draws its seed
+    assert baselines.same_fit(rows, "knn_pixels", "100", 1, setting, fractions) is None  # no earlier line
 
 
 def test_study_baselines_solvers():

@@ -10,9 +10,12 @@ ViTs' evaluation does (util.transforms.eval_transform with --crop_pct), so that 
 classify the same pixels. A method's setting (C, k, the CNN's learning rate; for MAE features also the class
 token or the average-pooled patch tokens) is chosen by top-1 on --val with draw 0 at 1% and at 10%, over the
 grids of grids.py, continued past an end that holds the best; other draws use that choice, and 100% uses the
-10% choice. Only the chosen setting is evaluated on --test. One JSON line per method, fraction and draw goes
-to --log; a line already there is skipped, so the stage resumes. A CNN fit also resumes: it keeps its state
-in fits/ beside --log (every minute, cnn.train), and a line's files go once it is written.
+10% choice. Only the chosen setting is evaluated on --test. A method that draws nothing (logistic
+regression, kNN) is not fitted again for a draw with an earlier draw's training folder and setting (at 100%
+every draw has all the labels): its line repeats that draw's numbers, marked `same_as_draw`. One JSON line
+per method, fraction and draw goes to --log; a line already there is skipped, so the stage resumes. A CNN
+fit also resumes: it keeps its state in fits/ beside --log (every minute, cnn.train), and a line's files go
+once it is written.
 """
 import argparse
 import glob
@@ -187,6 +190,21 @@ def run(method, percent, draw, train, val, test, classes, epochs, chosen, max_it
     return row
 
 
+def same_fit(rows, method, percent, draw, setting, fractions):
+    """The row of an earlier draw that this one would only repeat, or None: a method that draws nothing
+    (logistic regression, kNN) on the same training folder with the same `setting` (at 100% every draw has all
+    the labels) gives the same numbers, so its line is that draw's, marked `same_as_draw`."""
+    if METHODS[method][0].startswith("cnn") or setting is None:
+        return None
+    folder = os.path.realpath(fractions[(percent, draw)])
+    for d in range(draw):
+        row = rows.get((method, percent, d))
+        if row and "same_as_draw" not in row and row["setting"] == setting and (percent, d) in fractions \
+                and os.path.realpath(fractions[(percent, d)]) == folder:
+            return {k: v for k, v in row.items() if k != "sweep"}
+    return None
+
+
 def parse_fractions(parser, items):
     """{(percent, draw): folder} of --train; a fraction and draw given twice is refused."""
     fractions = {}
@@ -274,8 +292,11 @@ def main(argv=None):
                                                                                   else percent, 0))
             if source is None and not (draw == 0 and percent in ("1", "10")):
                 parser.error(f"{method} at {percent}% draw {draw}: its setting comes from draw 0, not given")
-            row = run(method, percent, draw, train, val, test, len(classes), epochs[percent],
-                      None if source is None else source["setting"], args.max_iter, args.crop_min, fits)
+            setting = None if source is None else source["setting"]
+            same = same_fit(rows, method, percent, draw, setting, fractions)
+            row = {**same, "draw": draw, "same_as_draw": same["draw"]} if same else run(
+                method, percent, draw, train, val, test, len(classes), epochs[percent], setting, args.max_iter,
+                args.crop_min, fits)
             rows[(method, percent, draw)] = row
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
             try:
