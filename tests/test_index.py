@@ -82,7 +82,6 @@ def test_sample_index_keeps_paths_and_labels():
         index[4]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_class_difference_names_a_few_of_each_kind():
     """What the class checks (a split against train/, a checkpoint against its data) print: the missing and the
     extra names, five of each at most with the count (ImageNet has 1000)."""
@@ -92,6 +91,7 @@ def test_class_difference_names_a_few_of_each_kind():
     assert class_difference(["b", "a"], ["a", "b"]) == "the same names in another order"
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_no_stat_per_image_file(tmp_path):
     """strace counts the stat-family calls of a scan of 4,000 files in 40 class folders, beyond Python's
     own start-up (the same script without the scan): at most 0.05 per file."""

@@ -282,11 +282,15 @@ def main(argv=None):
 
     val, test = inputs(args.val), inputs(args.test)
     order = sorted(fractions, key=lambda key: (int(key[0]), key[1]))
+    loaded = (None, None)  # (folder, its inputs): the draws of 100% share one folder, read once
     for percent, draw in order:
         todo = [m for m in METHODS if (m, percent, draw) not in rows]
         if not todo:
             continue
-        train = inputs(fractions[(percent, draw)])
+        folder = os.path.realpath(fractions[(percent, draw)])
+        if loaded[0] != folder:
+            loaded = (folder, inputs(fractions[(percent, draw)]))
+        train = loaded[1]
         for method in todo:
             source = None if draw == 0 and percent in ("1", "10") else rows.get((method, "10" if percent == "100"
                                                                                   else percent, 0))
